@@ -1,0 +1,217 @@
+// common.cuh: checked CUDA/cuBLAS calls, device buffers, a counter-based RNG, timers, BF16 helpers.
+//
+// Everything else in the project includes this file. A failed CUDA or cuBLAS call prints the call, the file and
+// the line, and exits non-zero: there is no recovering from a broken device state in a training program.
+//
+// The headers hold kernels and are included by several test files: a kernel that is not a template is declared
+// static, so each file gets its own copy instead of a duplicate symbol.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cublasLt.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#define HD __host__ __device__ __forceinline__
+
+// ---------------------------------------------------------------------------------------------------------------
+// Checked calls
+// ---------------------------------------------------------------------------------------------------------------
+
+inline void cuda_check(cudaError_t err, const char* call, const char* file, int line) {
+    if (err == cudaSuccess) return;
+    std::fprintf(stderr, "CUDA error %d (%s) in %s at %s:%d\n", int(err), cudaGetErrorString(err), call, file, line);
+    std::exit(1);
+}
+
+inline void cublas_check(cublasStatus_t status, const char* call, const char* file, int line) {
+    if (status == CUBLAS_STATUS_SUCCESS) return;
+    std::fprintf(stderr, "cuBLAS error %d (%s) in %s at %s:%d\n", int(status), cublasLtGetStatusString(status), call,
+                 file, line);
+    std::exit(1);
+}
+
+#define CUDA_CHECK(call) cuda_check((call), #call, __FILE__, __LINE__)
+#define CUBLAS_CHECK(call) cublas_check((call), #call, __FILE__, __LINE__)
+// After every kernel launch: launch errors surface here, not at some later unrelated call.
+#define CUDA_CHECK_LAUNCH() cuda_check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+
+// Any error from cudaGetDeviceCount (no driver, driver too old, no device) means "no GPU here".
+inline bool gpu_available() {
+    int n = 0;
+    cudaError_t err = cudaGetDeviceCount(&n);
+    if (err != cudaSuccess) {
+        cudaGetLastError();  // clear the sticky error so later host-only code is unaffected
+        return false;
+    }
+    return n > 0;
+}
+
+inline int ceil_div(long a, long b) { return int((a + b - 1) / b); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Device buffers
+// ---------------------------------------------------------------------------------------------------------------
+
+// An owning device array. Moves, never copies; frees on destruction.
+template <typename T>
+struct DeviceBuffer {
+    T* ptr = nullptr;
+    size_t count = 0;
+
+    DeviceBuffer() = default;
+    explicit DeviceBuffer(size_t n) { resize(n); }
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    DeviceBuffer(DeviceBuffer&& o) noexcept : ptr(o.ptr), count(o.count) { o.ptr = nullptr, o.count = 0; }
+    DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+        std::swap(ptr, o.ptr);
+        std::swap(count, o.count);
+        return *this;
+    }
+    ~DeviceBuffer() {
+        if (ptr) cudaFree(ptr);
+    }
+
+    void resize(size_t n) {
+        if (ptr) CUDA_CHECK(cudaFree(ptr));
+        ptr = nullptr;
+        count = n;
+        if (n) CUDA_CHECK(cudaMalloc(&ptr, n * sizeof(T)));
+    }
+    size_t bytes() const { return count * sizeof(T); }
+    T* data() const { return ptr; }
+
+    void upload(const std::vector<T>& host) {
+        if (host.size() != count) resize(host.size());
+        CUDA_CHECK(cudaMemcpy(ptr, host.data(), bytes(), cudaMemcpyHostToDevice));
+    }
+    std::vector<T> download() const {
+        std::vector<T> host(count);
+        CUDA_CHECK(cudaMemcpy(host.data(), ptr, bytes(), cudaMemcpyDeviceToHost));
+        return host;
+    }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Counter-based RNG: a value is a pure function of (seed, stream, counter), so any element of any step can be
+// regenerated on host or device without carrying state; a resumed run draws exactly the numbers it would have.
+// ---------------------------------------------------------------------------------------------------------------
+
+HD uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+HD uint64_t rng_hash(uint64_t seed, uint64_t stream, uint64_t counter) {
+    return splitmix64(splitmix64(seed ^ splitmix64(stream)) + counter);
+}
+
+// Uniform in [0, 1) with 24 random bits.
+HD float rng_uniform(uint64_t seed, uint64_t stream, uint64_t counter) {
+    return float(rng_hash(seed, stream, counter) >> 40) * (1.0f / 16777216.0f);
+}
+
+// Standard normal by Box-Muller from two counters.
+HD float rng_normal(uint64_t seed, uint64_t stream, uint64_t counter) {
+    uint64_t h = rng_hash(seed, stream, counter);
+    float u1 = (float((h >> 40) & 0xFFFFFF) + 1.0f) * (1.0f / 16777217.0f);
+    float u2 = float(h & 0xFFFFFF) * (1.0f / 16777216.0f);
+    return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+}
+
+// A sequential host generator over the same hash, for code that draws one number after another (data synthesis).
+struct Rng {
+    uint64_t seed, stream, counter = 0;
+    Rng(uint64_t seed_, uint64_t stream_ = 0) : seed(seed_), stream(stream_) {}
+    uint64_t next() { return rng_hash(seed, stream, counter++); }
+    // Uniform integer in [lo, hi], inclusive.
+    long range(long lo, long hi) { return lo + long(next() % uint64_t(hi - lo + 1)); }
+    double uniform() { return double(next() >> 11) * (1.0 / 9007199254740992.0); }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Precision helpers: kernels are templated on the storage type T (float or __nv_bfloat16) and compute in FP32.
+// ---------------------------------------------------------------------------------------------------------------
+
+using bf16 = __nv_bfloat16;
+
+HD float to_float(float x) { return x; }
+HD float to_float(bf16 x) { return __bfloat162float(x); }
+template <typename T>
+HD T from_float(float x);
+template <>
+HD float from_float<float>(float x) { return x; }
+template <>
+HD bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+// Round an FP32 value to BF16 stochastically (the expected value is exact), driven by a random 16-bit word.
+HD bf16 bf16_stochastic_round(float x, uint32_t random16) {
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    bits += random16 & 0xFFFFu;
+    bits &= 0xFFFF0000u;
+    float rounded;
+    memcpy(&rounded, &bits, 4);
+    return __float2bfloat16_rz(rounded);
+}
+
+template <typename T>
+constexpr cudaDataType_t cuda_dtype();
+template <>
+constexpr cudaDataType_t cuda_dtype<float>() { return CUDA_R_32F; }
+template <>
+constexpr cudaDataType_t cuda_dtype<bf16>() { return CUDA_R_16BF; }
+
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xFFFFFFFFu, x, offset);
+    return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+    for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, offset));
+    return x;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Timers
+// ---------------------------------------------------------------------------------------------------------------
+
+struct WallTimer {
+    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+    double seconds() const {
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+};
+
+// Times device work on a stream with events: start(), enqueue work, then milliseconds() waits and reads.
+struct GpuTimer {
+    cudaEvent_t begin, end;
+    GpuTimer() {
+        CUDA_CHECK(cudaEventCreate(&begin));
+        CUDA_CHECK(cudaEventCreate(&end));
+    }
+    ~GpuTimer() {
+        cudaEventDestroy(begin);
+        cudaEventDestroy(end);
+    }
+    GpuTimer(const GpuTimer&) = delete;
+    GpuTimer& operator=(const GpuTimer&) = delete;
+    void start(cudaStream_t stream) { CUDA_CHECK(cudaEventRecord(begin, stream)); }
+    float milliseconds(cudaStream_t stream) {
+        CUDA_CHECK(cudaEventRecord(end, stream));
+        CUDA_CHECK(cudaEventSynchronize(end));
+        float ms = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, begin, end));
+        return ms;
+    }
+};

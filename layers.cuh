@@ -1,0 +1,281 @@
+// layers.cuh: the small kernels of the model, each with its launcher: embedding, RMSNorm, SwiGLU, cross-entropy,
+// deterministic reductions and AdamW. The tests hold a plain CPU reference for every one of them.
+//
+// Storage type T is float (the fp32 precision mode) or bf16; arithmetic is FP32 everywhere. Every reduction runs
+// in a fixed order (no floating-point atomics), so a run, and a resumed run, repeat bit for bit.
+#pragma once
+
+#include "common.cuh"
+
+constexpr int WARPS_PER_BLOCK = 8;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Embedding: x[n] = E[token[n]]
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void embedding_forward_kernel(T* x, const int* tokens, const T* E, int N, int D) {
+    long i = long(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= long(N) * D) return;
+    int n = int(i / D), d = int(i % D);
+    x[i] = E[long(tokens[n]) * D + d];
+}
+
+// dE[v] = sum of dx[n] over the tokens n equal to v. One block per vocabulary row scans all tokens, so each row
+// is summed in token order: deterministic without atomics, and cheap for a small vocabulary.
+template <typename T>
+__global__ void embedding_backward_kernel(float* dE, const T* dx, const int* tokens, int N, int D, bool accumulate) {
+    int v = blockIdx.x;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float sum = accumulate ? dE[long(v) * D + d] : 0.0f;
+        for (int n = 0; n < N; n++)
+            if (tokens[n] == v) sum += to_float(dx[long(n) * D + d]);
+        dE[long(v) * D + d] = sum;
+    }
+}
+
+template <typename T>
+void embedding_forward(T* x, const int* tokens, const T* E, int N, int D, cudaStream_t s) {
+    embedding_forward_kernel<<<ceil_div(long(N) * D, 256), 256, 0, s>>>(x, tokens, E, N, D);
+    CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void embedding_backward(float* dE, const T* dx, const int* tokens, int N, int V, int D, bool accumulate,
+                        cudaStream_t s) {
+    embedding_backward_kernel<<<V, 128, 0, s>>>(dE, dx, tokens, N, D, accumulate);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// RMSNorm: y = w * x / sqrt(mean(x^2) + eps), one warp per row, statistics in FP32.
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void rmsnorm_forward_kernel(T* y, float* rstd, const T* x, int x_stride, const T* w, int N, int D,
+                                       float eps) {
+    int n = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (n >= N) return;
+    const T* xr = x + long(n) * x_stride;
+    float ss = 0.0f;
+    for (int d = lane; d < D; d += 32) ss += to_float(xr[d]) * to_float(xr[d]);
+    float r = rsqrtf(warp_sum(ss) / D + eps);
+    for (int d = lane; d < D; d += 32) y[long(n) * D + d] = from_float<T>(to_float(w[d]) * to_float(xr[d]) * r);
+    if (lane == 0) rstd[n] = r;
+}
+
+// dx = r (w dy - xhat mean(w dy xhat)), xhat = r x. Each block also writes its partial sum of dy * xhat over its
+// rows (the weight gradient), which rmsnorm_dw_reduce_kernel adds up in block order.
+constexpr int RMSNORM_ROWS_PER_BLOCK = 64;
+
+template <typename T>
+__global__ void rmsnorm_backward_kernel(T* dx, float* dw_partial, const T* dy, const T* x, int x_stride, const T* w,
+                                        const float* rstd, int N, int D, bool accumulate_dx) {
+    extern __shared__ float warp_dw[];  // [WARPS_PER_BLOCK][D]
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int d = lane; d < D; d += 32) warp_dw[warp * D + d] = 0.0f;
+    int first = blockIdx.x * RMSNORM_ROWS_PER_BLOCK;
+    for (int n = first + warp; n < min(first + RMSNORM_ROWS_PER_BLOCK, N); n += WARPS_PER_BLOCK) {
+        const T* xr = x + long(n) * x_stride;
+        const T* dyr = dy + long(n) * D;
+        float r = rstd[n], dot = 0.0f;
+        for (int d = lane; d < D; d += 32) dot += to_float(w[d]) * to_float(dyr[d]) * to_float(xr[d]) * r;
+        float mean_dot = warp_sum(dot) / D;
+        T* dxr = dx + long(n) * x_stride;
+        for (int d = lane; d < D; d += 32) {
+            float xhat = to_float(xr[d]) * r;
+            float g = r * (to_float(w[d]) * to_float(dyr[d]) - xhat * mean_dot);
+            dxr[d] = from_float<T>(accumulate_dx ? to_float(dxr[d]) + g : g);
+            warp_dw[warp * D + d] += to_float(dyr[d]) * xhat;
+        }
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float sum = 0.0f;
+        for (int k = 0; k < WARPS_PER_BLOCK; k++) sum += warp_dw[k * D + d];
+        dw_partial[long(blockIdx.x) * D + d] = sum;
+    }
+}
+
+static __global__ void rmsnorm_dw_reduce_kernel(float* dw, const float* dw_partial, int blocks, int D, bool accumulate) {
+    int d = blockIdx.x * blockDim.x + threadIdx.x;
+    if (d >= D) return;
+    float sum = 0.0f;
+    for (int b = 0; b < blocks; b++) sum += dw_partial[long(b) * D + d];
+    dw[d] = accumulate ? dw[d] + sum : sum;
+}
+
+// x may be a column slice of a wider matrix (x_stride >= D): MLA normalizes the first kv_lora_rank columns of
+// kv_a in place of a copy.
+template <typename T>
+void rmsnorm_forward(T* y, float* rstd, const T* x, int x_stride, const T* w, int N, int D, float eps,
+                     cudaStream_t s) {
+    rmsnorm_forward_kernel<<<ceil_div(N, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(y, rstd, x, x_stride, w, N,
+                                                                                        D, eps);
+    CUDA_CHECK_LAUNCH();
+}
+
+// Scratch floats needed by rmsnorm_backward for N rows of width D.
+inline long rmsnorm_scratch_size(int N, int D) { return long(ceil_div(N, RMSNORM_ROWS_PER_BLOCK)) * D; }
+
+template <typename T>
+void rmsnorm_backward(T* dx, float* dw, float* scratch, const T* dy, const T* x, int x_stride, const T* w,
+                      const float* rstd, int N, int D, bool accumulate_dx, bool accumulate_dw, cudaStream_t s) {
+    int blocks = ceil_div(N, RMSNORM_ROWS_PER_BLOCK);
+    size_t smem = sizeof(float) * WARPS_PER_BLOCK * D;
+    rmsnorm_backward_kernel<<<blocks, WARPS_PER_BLOCK * 32, smem, s>>>(dx, scratch, dy, x, x_stride, w, rstd, N, D,
+                                                                        accumulate_dx);
+    CUDA_CHECK_LAUNCH();
+    rmsnorm_dw_reduce_kernel<<<ceil_div(D, 128), 128, 0, s>>>(dw, scratch, blocks, D, accumulate_dw);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// SwiGLU: a = silu(g) * u, where gu = [g | u] is one GEMM's output [N, 2I] (gate_proj and up_proj are stored
+// one after the other, so they run as one projection).
+// ---------------------------------------------------------------------------------------------------------------
+
+HD float silu(float x) { return x / (1.0f + expf(-x)); }
+
+template <typename T>
+__global__ void swiglu_forward_kernel(T* a, const T* gu, int N, int I) {
+    long i = long(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= long(N) * I) return;
+    long n = i / I, j = i % I;
+    float g = to_float(gu[n * 2 * I + j]), u = to_float(gu[n * 2 * I + I + j]);
+    a[i] = from_float<T>(silu(g) * u);
+}
+
+template <typename T>
+__global__ void swiglu_backward_kernel(T* dgu, const T* da, const T* gu, int N, int I) {
+    long i = long(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= long(N) * I) return;
+    long n = i / I, j = i % I;
+    float g = to_float(gu[n * 2 * I + j]), u = to_float(gu[n * 2 * I + I + j]), d = to_float(da[i]);
+    float sig = 1.0f / (1.0f + expf(-g));
+    dgu[n * 2 * I + j] = from_float<T>(d * u * sig * (1.0f + g * (1.0f - sig)));
+    dgu[n * 2 * I + I + j] = from_float<T>(d * g * sig);
+}
+
+template <typename T>
+void swiglu_forward(T* a, const T* gu, int N, int I, cudaStream_t s) {
+    swiglu_forward_kernel<<<ceil_div(long(N) * I, 256), 256, 0, s>>>(a, gu, N, I);
+    CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void swiglu_backward(T* dgu, const T* da, const T* gu, int N, int I, cudaStream_t s) {
+    swiglu_backward_kernel<<<ceil_div(long(N) * I, 256), 256, 0, s>>>(dgu, da, gu, N, I);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Cross-entropy with its gradient in the same pass, one warp per token. A negative target (padding, a prompt
+// token in SFT) contributes neither loss nor gradient. dlogits = scale (softmax - onehot); scale = 1 / #targets.
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void cross_entropy_kernel(float* loss, T* dlogits, const float* logits, const int* targets, int N, int V,
+                                     float scale) {
+    int n = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (n >= N) return;
+    const float* row = logits + long(n) * V;
+    int target = targets[n];
+    float mx = -INFINITY;
+    for (int v = lane; v < V; v += 32) mx = fmaxf(mx, row[v]);
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int v = lane; v < V; v += 32) sum += expf(row[v] - mx);
+    sum = warp_sum(sum);
+    float g = target < 0 ? 0.0f : scale;
+    for (int v = lane; v < V; v += 32)
+        dlogits[long(n) * V + v] = from_float<T>(g * (expf(row[v] - mx) / sum - (v == target ? 1.0f : 0.0f)));
+    if (lane == 0) loss[n] = target < 0 ? 0.0f : logf(sum) + mx - row[target];
+}
+
+template <typename T>
+void cross_entropy(float* loss, T* dlogits, const float* logits, const int* targets, int N, int V, float scale,
+                   cudaStream_t s) {
+    cross_entropy_kernel<<<ceil_div(N, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(loss, dlogits, logits, targets,
+                                                                                      N, V, scale);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Deterministic sums: a fixed grid writes per-block partials, one block adds them in order.
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int REDUCE_BLOCKS = 264, REDUCE_THREADS = 512;
+
+__device__ __forceinline__ float block_sum(float x) {
+    __shared__ float warp_sums[32];
+    x = warp_sum(x);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = x;
+    __syncthreads();
+    x = threadIdx.x < blockDim.x / 32 ? warp_sums[threadIdx.x] : 0.0f;
+    return warp_sum(x);
+}
+
+static __global__ void partial_sums_kernel(float* partial, const float* x, long n, bool squared) {
+    float sum = 0.0f;
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x)
+        sum += squared ? x[i] * x[i] : x[i];
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) partial[blockIdx.x] = sum;
+}
+
+static __global__ void final_sum_kernel(float* out, const float* partial, int n) {
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sum += partial[i];
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) *out = sum;
+}
+
+// *out = sum of x (or of x^2); scratch holds REDUCE_BLOCKS floats.
+inline void sum_reduce(float* out, float* scratch, const float* x, long n, bool squared, cudaStream_t s) {
+    partial_sums_kernel<<<REDUCE_BLOCKS, REDUCE_THREADS, 0, s>>>(scratch, x, n, squared);
+    CUDA_CHECK_LAUNCH();
+    final_sum_kernel<<<1, REDUCE_THREADS, 0, s>>>(out, scratch, REDUCE_BLOCKS);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// AdamW on FP32 master weights with BF16 moments (V3 §3.3.4). The moments are rounded stochastically, so small
+// updates are kept on average rather than lost to BF16's 8-bit mantissa. Weight decay applies to the first
+// n_decay parameters: the parameter layout puts every matrix before every norm weight.
+// ---------------------------------------------------------------------------------------------------------------
+
+struct AdamW {
+    float lr, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
+};
+
+template <typename T>
+__global__ void adamw_kernel(float* master, T* weights, bf16* m, bf16* v, const float* grad, const float* grad_norm,
+                             long n, long n_decay, AdamW opt, float max_grad_norm, int step, uint64_t seed) {
+    long i = long(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float norm = sqrtf(*grad_norm);
+    float clip = (max_grad_norm > 0.0f && norm > max_grad_norm) ? max_grad_norm / norm : 1.0f;
+    float g = grad[i] * clip;
+    float m_new = opt.beta1 * to_float(m[i]) + (1.0f - opt.beta1) * g;
+    float v_new = opt.beta2 * to_float(v[i]) + (1.0f - opt.beta2) * g * g;
+    float m_hat = m_new / (1.0f - powf(opt.beta1, float(step)));
+    float v_hat = v_new / (1.0f - powf(opt.beta2, float(step)));
+    float p = master[i];
+    float decay = i < n_decay ? opt.weight_decay * p : 0.0f;
+    p -= opt.lr * (m_hat / (sqrtf(v_hat) + opt.eps) + decay);
+    master[i] = p;
+    weights[i] = from_float<T>(p);
+    uint64_t r = rng_hash(seed, uint64_t(step), uint64_t(i));
+    m[i] = bf16_stochastic_round(m_new, uint32_t(r));
+    v[i] = bf16_stochastic_round(v_new, uint32_t(r >> 32));
+}
+
+// grad_norm points at the sum of squared gradients (on the device, so the step needs no host round trip).
+template <typename T>
+void adamw_update(float* master, T* weights, bf16* m, bf16* v, const float* grad, const float* grad_norm, long n,
+                  long n_decay, const AdamW& opt, float max_grad_norm, int step, uint64_t seed, cudaStream_t s) {
+    adamw_kernel<<<ceil_div(n, 256), 256, 0, s>>>(master, weights, m, v, grad, grad_norm, n, n_decay, opt,
+                                                  max_grad_norm, step, seed);
+    CUDA_CHECK_LAUNCH();
+}

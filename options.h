@@ -1,0 +1,180 @@
+// options.h: the command line of train: a stage, then --flag value pairs, each flag declared once with its help.
+// An unknown flag, a missing or malformed value, or an unknown stage is an error that says what was wrong.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <functional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+struct Flag {
+    std::string name, help;
+    bool is_switch;  // a switch takes no value
+    std::function<void(const std::string&)> set;
+    std::string default_text;
+};
+
+// Parses a whole string as a number, or throws naming the flag.
+template <typename V>
+V parse_number(const std::string& flag, const std::string& text) {
+    std::istringstream in(text);
+    V value;
+    in >> value;
+    if (text.empty() || in.fail() || !in.eof())
+        throw std::invalid_argument("--" + flag + " expects a number, got '" + text + "'");
+    return value;
+}
+
+class FlagSet {
+   public:
+    template <typename V>
+    void add(const std::string& name, V* target, const std::string& help) {
+        std::ostringstream def;
+        def << *target;
+        flags_.push_back({name, help, false,
+                          [name, target](const std::string& v) {
+                              if constexpr (std::is_same_v<V, std::string>)
+                                  *target = v;
+                              else
+                                  *target = parse_number<V>(name, v);
+                          },
+                          def.str()});
+    }
+    void add_switch(const std::string& name, bool* target, const std::string& help) {
+        flags_.push_back({name, help, true, [target](const std::string&) { *target = true; }, ""});
+    }
+
+    // Parses args (without the program name and stage); throws std::invalid_argument on any error.
+    void parse(const std::vector<std::string>& args) const {
+        for (size_t i = 0; i < args.size(); i++) {
+            const std::string& arg = args[i];
+            if (arg.rfind("--", 0) != 0) throw std::invalid_argument("unexpected argument '" + arg + "'");
+            const Flag* flag = find(arg.substr(2));
+            if (!flag) throw std::invalid_argument("unknown flag '" + arg + "' (see --help)");
+            if (flag->is_switch) {
+                flag->set("");
+                continue;
+            }
+            if (i + 1 >= args.size()) throw std::invalid_argument(arg + " needs a value");
+            flag->set(args[++i]);
+        }
+    }
+
+    std::string help() const {
+        std::ostringstream out;
+        for (const Flag& f : flags_) {
+            std::string left = "  --" + f.name + (f.is_switch ? "" : " V");
+            out << left << std::string(left.size() < 24 ? 24 - left.size() : 1, ' ') << f.help;
+            if (!f.is_switch) out << " (default " << (f.default_text.empty() ? "none" : f.default_text) << ")";
+            out << "\n";
+        }
+        return out.str();
+    }
+
+   private:
+    const Flag* find(const std::string& name) const {
+        for (const Flag& f : flags_)
+            if (f.name == name) return &f;
+        return nullptr;
+    }
+    std::vector<Flag> flags_;
+};
+
+// Everything train can be told. Model shape comes from the Config defaults or --config (a config.json).
+struct Options {
+    std::string stage;
+    std::string out = "runs/pretrain", init, config_path, precision = "bf16", text;
+    int steps = 2000, batch = 64, seq = 512, warmup = 100, eval_every = 250, ckpt_every = 500, eval_batches = 4;
+    int log_every = 10, samples = 8;
+    float lr = 2e-3f, min_lr_frac = 0.1f, weight_decay = 0.1f, grad_clip = 1.0f, beta2 = 0.95f;
+    long seed = 1234;
+    bool resume = false, help = false;
+
+    static const std::vector<std::string>& stages() {
+        static const std::vector<std::string> names = {"pretrain", "eval", "logits"};
+        return names;
+    }
+
+    FlagSet flags() {
+        FlagSet f;
+        f.add("out", &out, "run folder: checkpoints, log.jsonl");
+        f.add("init", &init, "checkpoint folder to start from (eval, logits; pretrain from scratch if empty)");
+        f.add("config", &config_path, "config.json with the model shape (default: the demo model)");
+        f.add("precision", &precision, "fp32 | bf16");
+        f.add("steps", &steps, "optimizer steps");
+        f.add("batch", &batch, "sequences per step");
+        f.add("seq", &seq, "tokens per sequence");
+        f.add("lr", &lr, "peak learning rate");
+        f.add("min-lr-frac", &min_lr_frac, "final learning rate as a fraction of the peak (cosine)");
+        f.add("warmup", &warmup, "linear warm-up steps");
+        f.add("weight-decay", &weight_decay, "AdamW decoupled weight decay (matrices only)");
+        f.add("beta2", &beta2, "AdamW beta2");
+        f.add("grad-clip", &grad_clip, "clip the global gradient norm to this (0: off)");
+        f.add("seed", &seed, "seed of initialization, data and rounding");
+        f.add("eval-every", &eval_every, "steps between held-out loss evaluations");
+        f.add("eval-batches", &eval_batches, "batches in a held-out loss evaluation");
+        f.add("ckpt-every", &ckpt_every, "steps between checkpoints (and one at the end)");
+        f.add("log-every", &log_every, "steps between progress lines");
+        f.add("samples", &samples, "held-out problems per task shown and scored after training / in eval");
+        f.add("text", &text, "input text of the logits stage");
+        f.add_switch("resume", &resume, "continue from the checkpoint in --out, bit for bit");
+        f.add_switch("help", &help, "print this help");
+        return f;
+    }
+
+    // argv[1] is the stage (or --help); throws std::invalid_argument on any error.
+    void parse(int argc, char** argv) {
+        std::vector<std::string> args(argv + 1, argv + argc);
+        if (!args.empty() && args[0].rfind("--", 0) != 0) {
+            stage = args[0];
+            args.erase(args.begin());
+        }
+        flags().parse(args);
+        if (help) return;
+        validate();
+    }
+
+    void validate() const {
+        bool known = false;
+        for (const std::string& s : stages()) known |= s == stage;
+        if (stage.empty()) throw std::invalid_argument("missing stage (one of: pretrain, eval, logits)");
+        if (!known) throw std::invalid_argument("unknown stage '" + stage + "' (one of: pretrain, eval, logits)");
+        if (precision != "fp32" && precision != "bf16")
+            throw std::invalid_argument("--precision must be fp32 or bf16, got '" + precision + "'");
+        auto positive = [](long v, const char* name) {
+            if (v <= 0) throw std::invalid_argument(std::string("--") + name + " must be positive");
+        };
+        positive(steps, "steps"), positive(batch, "batch"), positive(seq, "seq"), positive(eval_every, "eval-every");
+        positive(ckpt_every, "ckpt-every"), positive(log_every, "log-every"), positive(eval_batches, "eval-batches");
+        if (!(lr > 0.0f)) throw std::invalid_argument("--lr must be positive");
+        if (warmup < 0) throw std::invalid_argument("--warmup must not be negative");
+        if (!(min_lr_frac >= 0.0f && min_lr_frac <= 1.0f)) throw std::invalid_argument("--min-lr-frac must be in [0, 1]");
+        if (!(beta2 > 0.0f && beta2 < 1.0f)) throw std::invalid_argument("--beta2 must be in (0, 1)");
+        if ((stage == "eval" || stage == "logits") && init.empty())
+            throw std::invalid_argument("stage " + stage + " needs --init CHECKPOINT");
+        if (stage == "logits" && text.empty()) throw std::invalid_argument("stage logits needs --text");
+    }
+
+    static std::string usage() {
+        Options defaults;
+        return "usage: train STAGE [--flag value ...]\n"
+               "stages:\n"
+               "  pretrain  train the base model on the synthetic reasoning corpus\n"
+               "  eval      held-out loss and greedy-decoding accuracy of a checkpoint\n"
+               "  logits    write the logits of --text under --init to OUT/logits.bin (for tests/hf_parity.py)\n"
+               "flags:\n" +
+               defaults.flags().help();
+    }
+};
+
+// Learning rate at step (1-based): linear warm-up, then cosine decay to min_lr_frac * lr.
+inline float learning_rate(const Options& o, int step) {
+    if (step <= o.warmup) return o.lr * float(step) / float(std::max(o.warmup, 1));
+    float progress = float(step - o.warmup) / float(std::max(o.steps - o.warmup, 1));
+    float cosine = 0.5f * (1.0f + std::cos(3.14159265f * std::min(progress, 1.0f)));
+    return o.lr * (o.min_lr_frac + (1.0f - o.min_lr_frac) * cosine);
+}

@@ -1,0 +1,533 @@
+// tests/test_data.cu: the tokenizer and its tokenizer.json, the tasks and their verifiers, the held-out split and
+// the pretraining stream.
+#include <doctest/doctest.h>
+
+#include <cctype>
+#include <cstring>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "../data/corpus.h"
+
+using namespace data;
+
+namespace {
+
+// A strict check of JSON syntax (objects, arrays, strings with their escapes, literals; numbers loosely), enough
+// to know that a generated tokenizer.json parses.
+struct JsonChecker {
+    const std::string& text;
+    size_t pos = 0;
+
+    bool document() { return value() && pos == text.size(); }
+
+    void skip_whitespace() {
+        while (pos < text.size() && std::strchr(" \n\r\t", text[pos]) && text[pos] != '\0') ++pos;
+    }
+    bool literal(const char* word) {
+        size_t n = std::strlen(word);
+        if (text.compare(pos, n, word) != 0) return false;
+        pos += n;
+        return true;
+    }
+    bool string() {
+        if (pos >= text.size() || text[pos] != '"') return false;
+        for (++pos; pos < text.size(); ++pos) {
+            unsigned char c = text[pos];
+            if (c == '"') return ++pos, true;
+            if (c < 0x20) return false;
+            if (c != '\\') continue;
+            if (++pos >= text.size()) return false;
+            if (text[pos] == 'u') {
+                for (int i = 0; i < 4; ++i)
+                    if (++pos >= text.size() || !std::isxdigit((unsigned char)text[pos])) return false;
+            } else if (text[pos] == '\0' || !std::strchr("\"\\/bfnrt", text[pos])) {
+                return false;
+            }
+        }
+        return false;
+    }
+    bool number() {
+        size_t start = pos;
+        while (pos < text.size() && (std::isdigit((unsigned char)text[pos]) || std::strchr("-+.eE", text[pos]))) ++pos;
+        return pos > start;
+    }
+    bool members(char close, bool keyed) {
+        ++pos;
+        skip_whitespace();
+        if (pos < text.size() && text[pos] == close) return ++pos, true;
+        for (;;) {
+            if (keyed) {
+                skip_whitespace();
+                if (!string()) return false;
+                skip_whitespace();
+                if (pos >= text.size() || text[pos++] != ':') return false;
+            }
+            if (!value() || pos >= text.size()) return false;
+            char c = text[pos++];
+            if (c == close) return true;
+            if (c != ',') return false;
+        }
+    }
+    bool value() {
+        skip_whitespace();
+        if (pos >= text.size()) return false;
+        char c = text[pos];
+        bool ok = c == '{'   ? members('}', true)
+                  : c == '[' ? members(']', false)
+                  : c == '"' ? string()
+                             : literal("true") || literal("false") || literal("null") || number();
+        skip_whitespace();
+        return ok;
+    }
+};
+
+int char_id(char c) {
+    Tokenizer tok;
+    std::vector<int> ids = tok.encode(std::string(1, c));
+    REQUIRE(ids.size() == 1);
+    return ids[0];
+}
+
+std::string random_text(Rng& rng, size_t length) {
+    std::string text;
+    for (size_t i = 0; i < length; ++i) text += rng.range(0, 20) == 0 ? '\n' : char(rng.range(32, 126));
+    return text;
+}
+
+size_t count_occurrences(const std::string& text, const std::string& piece) {
+    size_t count = 0;
+    for (size_t at = text.find(piece); at != std::string::npos; at = text.find(piece, at + 1)) ++count;
+    return count;
+}
+
+std::vector<std::string> lines_of(const std::string& text) {
+    std::vector<std::string> lines;
+    size_t start = 0;
+    for (size_t end; (end = text.find('\n', start)) != std::string::npos; start = end + 1)
+        lines.push_back(text.substr(start, end - start));
+    lines.push_back(text.substr(start));
+    return lines;
+}
+
+bool ends_with(const std::string& text, const std::string& suffix) {
+    return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+std::string between(const std::string& text, const std::string& open, const std::string& close) {
+    size_t begin = text.find(open);
+    REQUIRE(begin != std::string::npos);
+    begin += open.size();
+    size_t end = text.find(close, begin);
+    REQUIRE(end != std::string::npos);
+    return text.substr(begin, end - begin);
+}
+
+// The decimal digits of 2^64 + n: a number that wraps around to n in 64-bit arithmetic.
+std::string two_to_the_64_plus(long n) {
+    std::string digits = "18446744073709551616";
+    int carry = 0;
+    for (size_t i = digits.size(); i-- > 0;) {
+        int sum = digits[i] - '0' + int(n % 10) + carry;
+        digits[i] = char('0' + sum % 10);
+        carry = sum / 10;
+        n /= 10;
+    }
+    return digits;
+}
+
+// Rebuilds the problem from a document's question alone and checks the document's answer with it: the answer in
+// the stream must be right, not only well placed.
+void check_document(const std::string& doc) {
+    REQUIRE(doc.rfind("<|bos|><|user|>", 0) == 0);
+    REQUIRE(ends_with(doc, "</answer><|eos|>"));
+    const std::string question = between(doc, "<|user|>", "<|assistant|>");
+    REQUIRE(doc.find("<|assistant|><think>") != std::string::npos);
+    const std::string answer = between(doc, "</think><answer>", "</answer>");
+    Problem p{};
+    if (question.rfind("Make ", 0) == 0) {
+        p.kind = TaskKind::Countdown;
+        size_t from = question.find(" from ");
+        REQUIRE(from != std::string::npos);
+        p.target = std::stol(question.substr(5, from - 5));
+        for (size_t at = from + 6; at < question.size();) {
+            size_t end = question.find(' ', at);
+            if (end == std::string::npos) end = question.size();
+            p.numbers.push_back(std::stol(question.substr(at, end - at)));
+            at = end + 1;
+        }
+    } else {
+        REQUIRE(ends_with(question, "="));
+        size_t op = question.find_first_of("+*");
+        REQUIRE(op != std::string::npos);
+        long a = std::stol(question.substr(0, op)), b = std::stol(question.substr(op + 1));
+        p.kind = question[op] == '+' ? TaskKind::Add : TaskKind::Mul;
+        p.target = question[op] == '+' ? a + b : a * b;
+    }
+    CHECK_MESSAGE(verify(p, answer), doc);
+}
+
+// The complete documents of a decoded row (the last one is usually cut by the row's end).
+std::vector<std::string> complete_documents(const std::string& row_text) {
+    std::vector<std::string> docs;
+    for (size_t start = row_text.find("<|bos|>"); start != std::string::npos;) {
+        size_t end = row_text.find("<|eos|>", start);
+        if (end == std::string::npos) break;
+        end += std::strlen("<|eos|>");
+        docs.push_back(row_text.substr(start, end - start));
+        start = row_text.find("<|bos|>", end);
+    }
+    return docs;
+}
+
+const TaskKind kAllKinds[] = {TaskKind::Add, TaskKind::Mul, TaskKind::Countdown};
+
+}  // namespace
+
+TEST_SUITE("data") {
+    TEST_CASE("tokenizer: id layout") {
+        Tokenizer tok;
+        const char* named[] = {"<|pad|>", "<|bos|>",  "<|eos|>",    "<|user|>", "<|assistant|>",
+                               "<think>", "</think>", "<answer>", "</answer>", "<|system|>"};
+        for (int id = 0; id < 10; ++id) CHECK(tok.token_string(id) == named[id]);
+        CHECK(tok.token_string(THINK) == "<think>");
+        CHECK(tok.token_string(SYSTEM) == "<|system|>");
+        CHECK(tok.token_string(16) == "\n");
+        CHECK(tok.token_string(17) == " ");
+        CHECK(tok.token_string(111) == "~");
+        CHECK(char_id('0') == 33);
+        CHECK(tok.token_string(10) == "<|reserved_10|>");
+        CHECK(tok.token_string(127) == "<|reserved_127|>");
+        std::set<std::string> distinct;
+        int reserved = 0;
+        for (int id = 0; id < Tokenizer::vocab_size; ++id) {
+            distinct.insert(tok.token_string(id));
+            reserved += Tokenizer::is_reserved(id);
+            CHECK(Tokenizer::is_reserved(id) == (tok.token_string(id).rfind("<|reserved_", 0) == 0));
+        }
+        CHECK(distinct.size() == 128);
+        CHECK(reserved == 6 + 16);
+    }
+
+    TEST_CASE("tokenizer: round trips") {
+        Tokenizer tok;
+        Rng rng(11);
+        for (int i = 0; i < 300; ++i) {
+            std::string text = random_text(rng, size_t(rng.range(0, 80)));
+            std::vector<int> ids = tok.encode(text);
+            CHECK(tok.decode(ids) == text);
+            CHECK(tok.decode(ids.data(), ids.size()) == text);
+            CHECK(ids.size() == text.size());
+            for (int id : ids) CHECK((id >= 16 && !Tokenizer::is_reserved(id)));
+        }
+        CHECK(tok.encode("<think>12</think>") == std::vector<int>{THINK, char_id('1'), char_id('2'), THINK_END});
+        const std::string doc = "<|bos|><|user|>12+34=<|assistant|><think>2+4+0=6 -> 6\n1+3+0=4 -> 46</think>"
+                                "<answer>46</answer><|eos|>";
+        std::vector<int> ids = tok.encode(doc);
+        CHECK(tok.decode(ids) == doc);
+        CHECK(ids.front() == BOS);
+        CHECK(ids.back() == EOS);
+        CHECK(std::count(ids.begin(), ids.end(), ANSWER) == 1);
+        // Pieces of specials and reserved names stay characters.
+        CHECK(tok.encode("<thin").size() == 5);
+        CHECK(tok.encode("<|reserved_10|>").size() == std::strlen("<|reserved_10|>"));
+        CHECK(tok.encode("</think").size() == 7);
+        CHECK(tok.decode(std::vector<int>{10}) == "<|reserved_10|>");
+    }
+
+    TEST_CASE("tokenizer: bad input throws with a useful message") {
+        Tokenizer tok;
+        auto message_of_encode = [&](const std::string& text) {
+            try {
+                tok.encode(text);
+            } catch (const std::invalid_argument& e) {
+                return std::string(e.what());
+            }
+            return std::string("no exception");
+        };
+        std::string tab = message_of_encode("ab\tc");
+        CHECK(tab.find("0x09") != std::string::npos);
+        CHECK(tab.find("offset 2") != std::string::npos);
+        std::string accent = message_of_encode("x\xc3\xa9");
+        CHECK(accent.find("0xc3") != std::string::npos);
+        CHECK(accent.find("offset 1") != std::string::npos);
+        CHECK(message_of_encode(std::string("a\0b", 3)).find("0x00") != std::string::npos);
+        CHECK_THROWS_AS(tok.encode("\r\n"), std::invalid_argument);
+        CHECK_THROWS_AS(tok.encode("\x7f"), std::invalid_argument);
+        CHECK_THROWS_AS(tok.decode(std::vector<int>{5, 128}), std::invalid_argument);
+        CHECK_THROWS_AS(tok.decode(std::vector<int>{-1}), std::invalid_argument);
+        CHECK_THROWS_WITH_AS(tok.decode(std::vector<int>{300}), doctest::Contains("300"), std::invalid_argument);
+        CHECK_THROWS_AS(tok.token_string(128), std::invalid_argument);
+    }
+
+    TEST_CASE("tokenizer: tokenizer.json") {
+        Tokenizer tok;
+        const std::string json = tok.to_json();
+        CHECK(JsonChecker{json}.document());
+        CHECK(json.find("\"version\": \"1.0\"") != std::string::npos);
+        CHECK(json.find("\"type\": \"BPE\"") != std::string::npos);
+        CHECK(json.find("\"merges\": []") != std::string::npos);
+        CHECK(json.find("\"pre_tokenizer\": null") != std::string::npos);
+        CHECK(json.find("\"normalizer\": null") != std::string::npos);
+        // The characters JSON escapes: newline, quote, backslash.
+        CHECK(json.find("\"\\n\": 16,") != std::string::npos);
+        CHECK(json.find("\" \": 17,") != std::string::npos);
+        CHECK(json.find("\"\\\"\": 19,") != std::string::npos);
+        CHECK(json.find("\"\\\\\": 77,") != std::string::npos);
+        CHECK(json.find("\"~\": 111,") != std::string::npos);
+        CHECK(json.find("\"<|reserved_127|>\": 127\n") != std::string::npos);
+        CHECK(json.find("{\"id\": 5, \"content\": \"<think>\"") != std::string::npos);
+        CHECK(json.find("{\"id\": 112, \"content\": \"<|reserved_112|>\"") != std::string::npos);
+        CHECK(count_occurrences(json, "\"special\": true") == 32);
+        CHECK(count_occurrences(json, "{\"id\": ") == 32);
+        for (int id = 0; id < Tokenizer::vocab_size; ++id)
+            CHECK(json.find(json_quote(tok.token_string(id)) + ": " + std::to_string(id)) != std::string::npos);
+        CHECK(json_quote("a\"b\\c\nd\x01") == "\"a\\\"b\\\\c\\nd\\u0001\"");
+    }
+
+    TEST_CASE("tasks: names and difficulties") {
+        for (TaskKind kind : kAllKinds) {
+            CHECK(task_from_name(task_name(kind)) == kind);
+            Rng rng(1);
+            CHECK_THROWS_AS(make_problem(kind, 0, rng), std::invalid_argument);
+            CHECK_THROWS_AS(make_problem(kind, max_difficulty(kind) + 1, rng), std::invalid_argument);
+        }
+        CHECK(std::string(task_name(TaskKind::Countdown)) == "countdown");
+        CHECK_THROWS_AS(task_from_name("division"), std::invalid_argument);
+    }
+
+    TEST_CASE("tasks: every problem has the promised shape and its own answer verifies") {
+        for (TaskKind kind : kAllKinds) {
+            for (int d = 1; d <= max_difficulty(kind); ++d) {
+                Rng rng(2, uint64_t(d));
+                for (int i = 0; i < 100; ++i) {
+                    Problem p = make_problem(kind, d, rng);
+                    CAPTURE(p.question);
+                    CHECK(p.kind == kind);
+                    CHECK(p.difficulty == d);
+                    CHECK(verify(p, p.answer));
+                    CHECK(verify(p, "  " + p.answer + " "));
+                    std::vector<std::string> lines = lines_of(p.reasoning);
+                    if (kind == TaskKind::Countdown) {
+                        CHECK(p.numbers.size() == size_t(d + 2));
+                        for (long n : p.numbers) CHECK((n >= 1 && n <= kCountdownMaxNumber));
+                        CHECK(p.target > 0);
+                        CHECK(std::count(p.numbers.begin(), p.numbers.end(), p.target) == 0);
+                        CHECK(ends_with(lines.back(), "=" + std::to_string(p.target) + ", yes"));
+                        for (size_t l = 0; l + 1 < lines.size(); ++l) CHECK(ends_with(lines[l], ", no"));
+                        CHECK(lines.size() <= size_t(kCountdownMaxWrongTries + 1));
+                    } else {
+                        const int second_digits = kind == TaskKind::Add ? d + 1 : (d + 2) / 2;
+                        CHECK(std::to_string(p.numbers[0]).size() == size_t(d + 1));
+                        CHECK(std::to_string(p.numbers[1]).size() == size_t(second_digits));
+                        const long a = p.numbers[0], b = p.numbers[1];
+                        const long expected = kind == TaskKind::Add ? a + b : a * b;
+                        CHECK(p.target == expected);
+                        CHECK(p.answer == std::to_string(expected));
+                        CHECK(ends_with(lines.back(), (kind == TaskKind::Add ? " -> " : "=") + p.answer));
+                    }
+                }
+            }
+        }
+    }
+
+    TEST_CASE("tasks: the reasoning shows each step") {
+        Problem add{TaskKind::Add, 2, {478, 356}, 834, "478+356=", addition_steps(478, 356), "834"};
+        CHECK(add.reasoning == "8+6+0=14 -> 4\n7+5+1=13 -> 34\n4+3+1=8 -> 834");
+        CHECK(addition_steps(95, 17) == "5+7+0=12 -> 2\n9+1+1=11 -> 12\n0+0+1=1 -> 112");
+        CHECK(multiplication_steps(4721, 36) == "4721*6=28326\n4721*30=141630\n28326+141630=169956");
+        CHECK(multiplication_steps(12, 7) == "12*7=84");
+        Term sum = combine({3, "3", 3}, '+', {5, "5", 3});
+        Term product = combine(sum, '*', {2, "2", 3});
+        CHECK(combine(product, '-', {7, "7", 3}).text == "(3+5)*2-7");
+        CHECK(combine({9, "9", 3}, '-', combine({5, "5", 3}, '-', {2, "2", 3})).text == "9-(5-2)");
+        CHECK(combine({8, "8", 3}, '/', combine({4, "4", 3}, '/', {2, "2", 3})).text == "8/(4/2)");
+    }
+
+    TEST_CASE("tasks: wrong answers are rejected and never throw") {
+        Rng bytes(5);
+        for (TaskKind kind : kAllKinds) {
+            for (int d = 1; d <= max_difficulty(kind); ++d) {
+                Rng rng(3, uint64_t(d));
+                for (int i = 0; i < 20; ++i) {
+                    Problem p = make_problem(kind, d, rng);
+                    std::vector<std::string> wrong = {"", "   ", "12abc", "--3", "+-3", "1 2", "0x10", "nan",
+                                                      "99999999999999999999999", std::string(10000, '('),
+                                                      std::string(10000, '9'), p.answer + p.answer + "=",
+                                                      "<answer>" + p.answer};
+                    if (kind == TaskKind::Countdown) {
+                        wrong.insert(wrong.end(), {p.answer + "+", "(" + p.answer, p.answer + ")", "()",
+                                                   p.answer + "+1000", "(" + p.answer + ")*" + p.answer,
+                                                   std::to_string(p.target)});
+                    } else {
+                        wrong.insert(wrong.end(), {std::to_string(p.target + 1), std::to_string(p.target - 1),
+                                                   "-" + p.answer, p.answer + "0", p.answer + ".", p.answer + "+0",
+                                                   "1" + p.answer, two_to_the_64_plus(p.target)});
+                    }
+                    for (int r = 0; r < 5; ++r) {
+                        std::string noise(size_t(rng.range(1, 30)), ' ');
+                        for (char& c : noise) c = char(bytes.range(0, 255));
+                        noise[size_t(bytes.range(0, long(noise.size()) - 1))] = char(0x80 + bytes.range(0, 127));
+                        wrong.push_back(noise);
+                    }
+                    for (const std::string& answer : wrong) {
+                        bool accepted = true;
+                        CHECK_NOTHROW(accepted = verify(p, answer));
+                        CHECK_MESSAGE(!accepted, p.question, " accepted ", answer.substr(0, 40));
+                    }
+                }
+            }
+        }
+    }
+
+    TEST_CASE("countdown: the verifier accepts any correct expression and nothing else") {
+        Problem p{TaskKind::Countdown, 2, {3, 5, 2, 7}, 9, "Make 9 from 3 5 2 7", "", "(3+5)*2-7"};
+        for (const char* right : {"(3+5)*2-7", "7+2", "2+7", " 5 + 7 - 3 ", "3*(5-2)", "((7))+((2))", "7*2-5"})
+            CHECK_MESSAGE(verify(p, right), right);
+        for (const char* wrong : {"3*3",          // 3 used twice
+                                  "9",            // not a given number
+                                  "18/2", "7+2+0", "7/2*3",  // 7/2 is not exact, even though 3*3 = 9
+                                  "5+7-3=9", "7+2)", "(7+2", "7++2", "7 2", "-7+16", "7+2 x", "(7+2)()",
+                                  "3*5-2-7+3", "99999999999999999999+1"})
+            CHECK_MESSAGE(!verify(p, wrong), wrong);
+
+        Problem zero{TaskKind::Countdown, 2, {4, 4, 9, 2}, 9, "Make 9 from 4 4 9 2", "", "9"};
+        CHECK_FALSE(verify(zero, "9/(4-4)"));
+        CHECK_FALSE(verify(zero, "(4+4)/2+9-4"));  // uses 4 three times
+        CHECK(verify(zero, "4/4*9"));
+
+        auto nested = [](int depth) {
+            return std::string(size_t(depth), '(') + "7" + std::string(size_t(depth), ')') + "+2";
+        };
+        CHECK(verify(p, nested(10)));
+        CHECK(verify(p, "7" + std::string(200, ' ') + "+2"));
+        CHECK_FALSE(verify(p, "7" + std::string(kMaxExpressionChars, ' ') + "+2"));  // too long to read
+        CHECK_FALSE(verify(p, nested(kMaxExpressionDepth + 1)));
+
+        Rng rng(9);
+        const std::string alphabet = "0123456789+-*/() ";
+        int accepted = 0;
+        for (int i = 0; i < 3000; ++i) {
+            std::string text(size_t(rng.range(0, 24)), ' ');
+            for (char& c : text) c = alphabet[size_t(rng.range(0, long(alphabet.size()) - 1))];
+            bool ok = false;
+            CHECK_NOTHROW(ok = verify(p, text));
+            accepted += ok;
+        }
+        CHECK(accepted < 30);
+    }
+
+    TEST_CASE("held-out split: evaluation problems never appear in training") {
+        std::set<std::string> eval_keys;
+        for (TaskKind kind : kAllKinds)
+            for (int d = 1; d <= 2; ++d)
+                for (const Problem& p : eval_set(kind, d, 64, 42)) {
+                    CHECK(is_heldout(p));
+                    eval_keys.insert(problem_key(p));
+                }
+        CorpusConfig cfg;
+        cfg.max_difficulty[0] = cfg.max_difficulty[1] = cfg.max_difficulty[2] = 2;
+        Rng rng(77);
+        int collisions = 0;
+        for (int i = 0; i < 10000; ++i) {
+            Problem p = corpus_problem(cfg, rng, false);
+            collisions += eval_keys.count(problem_key(p)) > 0 || is_heldout(p);
+        }
+        CHECK(collisions == 0);
+        for (int i = 0; i < 1000; ++i) CHECK(is_heldout(corpus_problem(cfg, rng, true)));
+
+        int heldout = 0;
+        for (int i = 0; i < 8000; ++i) heldout += is_heldout(make_problem(TaskKind::Add, 3, rng));
+        CHECK((heldout > 800 && heldout < 1200));  // about 1 in 8
+        Problem swapped{TaskKind::Add, 1, {34, 12}, 46, "34+12=", "", "46"};
+        Problem original{TaskKind::Add, 1, {12, 34}, 46, "12+34=", "", "46"};
+        CHECK(problem_key(swapped) == problem_key(original));
+    }
+
+    TEST_CASE("held-out split: evaluation sets are deterministic and distinct") {
+        auto keys = [](const std::vector<Problem>& problems) {
+            std::vector<std::string> out;
+            for (const Problem& p : problems) out.push_back(problem_key(p));
+            return out;
+        };
+        std::vector<std::string> first = keys(eval_set(TaskKind::Countdown, 2, 100, 7));
+        CHECK(first == keys(eval_set(TaskKind::Countdown, 2, 100, 7)));
+        CHECK(first != keys(eval_set(TaskKind::Countdown, 2, 100, 8)));
+        CHECK(first != keys(eval_set(TaskKind::Countdown, 3, 100, 7)));
+        CHECK(std::set<std::string>(first.begin(), first.end()).size() == 100);
+        std::vector<std::string> add = keys(eval_set(TaskKind::Add, 1, 200, 7));
+        CHECK(std::set<std::string>(add.begin(), add.end()).size() == 200);
+        // mul at difficulty 1 has about a hundred held-out problems: the set still fills, with repeats.
+        std::vector<Problem> small = eval_set(TaskKind::Mul, 1, 150, 7);
+        CHECK(small.size() == 150);
+        for (const Problem& p : small) CHECK(is_heldout(p));
+    }
+
+    TEST_CASE("pretrain_batch: deterministic, valid, and made of whole formatted documents") {
+        Tokenizer tok;
+        CorpusConfig cfg;
+        const int B = 4, T = 300;
+        std::vector<int32_t> batch, again, next;
+        pretrain_batch(tok, cfg, 5, B, T, batch);
+        pretrain_batch(tok, cfg, 5, B, T, again);
+        pretrain_batch(tok, cfg, 6, B, T, next);
+        REQUIRE(batch.size() == size_t(B) * (T + 1));
+        CHECK(batch == again);
+        CHECK(batch != next);
+        std::vector<int32_t> heldout;
+        heldout_batch(tok, cfg, 5, B, T, heldout);
+        CHECK(heldout.size() == batch.size());
+        CHECK(heldout != batch);
+        for (int32_t id : batch) CHECK((id >= 0 && id < Tokenizer::vocab_size && !Tokenizer::is_reserved(id)));
+
+        std::set<std::string> rows;
+        for (int row = 0; row < B; ++row) {
+            const int32_t* ids = batch.data() + size_t(row) * (T + 1);
+            CHECK(ids[0] == BOS);
+            std::vector<int> row_ids(ids, ids + T + 1);
+            std::string text = tok.decode(row_ids);
+            rows.insert(text);
+            Rng rng(rng_hash(cfg.seed, 5, uint64_t(row)));
+            CHECK(text.rfind(corpus_document(cfg, rng, false), 0) == 0);  // the row is regenerated from its own seed
+            std::vector<std::string> docs = complete_documents(text);
+            CHECK(docs.size() >= 1);
+            for (const std::string& doc : docs) {
+                check_document(doc);
+                CHECK(doc.find("<think></think>") == std::string::npos);
+            }
+        }
+        CHECK(rows.size() == size_t(B));
+
+        CorpusConfig direct;
+        direct.direct_fraction = 1.0;
+        direct.kind_weight[0] = direct.kind_weight[1] = 0;
+        pretrain_batch(tok, direct, 0, 2, T, batch);
+        std::vector<int> row_ids(batch.begin(), batch.begin() + T + 1);
+        for (const std::string& doc : complete_documents(tok.decode(row_ids))) {
+            check_document(doc);
+            CHECK(doc.find("<|user|>Make ") != std::string::npos);
+            CHECK(doc.find("<think></think><answer>") != std::string::npos);
+        }
+
+        CorpusConfig bad;
+        bad.max_difficulty[1] = max_difficulty(TaskKind::Mul) + 1;
+        CHECK_THROWS_AS(pretrain_batch(tok, bad, 0, 1, T, batch), std::invalid_argument);
+    }
+
+    TEST_CASE("formatted examples fit the context at the largest difficulty") {
+        Tokenizer tok;
+        for (TaskKind kind : kAllKinds) {
+            Rng rng(13, uint64_t(kind));
+            size_t longest = 0;
+            for (int i = 0; i < 500; ++i) {
+                Problem p = make_problem(kind, max_difficulty(kind), rng);
+                std::string example = format_example(p, true);
+                CHECK(example == format_prompt(p) + format_response(p, true));
+                longest = std::max({longest, example.size(), tok.encode(example).size()});
+                CHECK(format_response(p, false) == "<think></think><answer>" + p.answer + "</answer><|eos|>");
+            }
+            CHECK(longest <= size_t(kMaxExampleTokens));
+        }
+    }
+}
