@@ -17,8 +17,10 @@ struct MatmulKey {
     int batch;
     long stride_a, stride_b, stride_c;
     int lda, ldb, ldc;
+    uint32_t align_a, align_b, align_c;  // byte alignment of the pointers: some algorithms need 256
     auto tie() const {
-        return std::tie(M, N, K, trans_a, trans_b, ab_type, c_type, batch, stride_a, stride_b, stride_c, lda, ldb, ldc);
+        return std::tie(M, N, K, trans_a, trans_b, ab_type, c_type, batch, stride_a, stride_b, stride_c, lda, ldb, ldc,
+                        align_a, align_b, align_c);
     }
     bool operator<(const MatmulKey& o) const { return tie() < o.tie(); }
 };
@@ -83,6 +85,14 @@ inline const MatmulPlan& Blas::plan(const MatmulKey& k) {
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     size_t ws = workspace.bytes();
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    // Our A and B are cuBLASLt's B and A.
+    const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> alignments[] = {
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, k.align_b},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, k.align_a},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, k.align_c},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, k.align_c}};
+    for (const auto& [attribute, bytes] : alignments)
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attribute, &bytes, sizeof(bytes)));
     cublasLtMatmulHeuristicResult_t result;
     int found_count = 0;
     CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found_count));
@@ -107,12 +117,19 @@ struct Matmul {
     int lda = 0, ldb = 0, ldc = 0;
 };
 
+inline uint32_t pointer_alignment(const void* p) {
+    uintptr_t address = reinterpret_cast<uintptr_t>(p);
+    uint32_t align = 256;
+    while (align > 1 && address % align != 0) align /= 2;
+    return align;
+}
+
 template <typename TAB, typename TC>
 void matmul(Blas& blas, cudaStream_t stream, TC* C, const TAB* A, const TAB* B, const Matmul& m) {
     MatmulKey key{m.M,      m.N,      m.K,      m.trans_a, m.trans_b, cuda_dtype<TAB>(), cuda_dtype<TC>(),
                   m.batch,  m.stride_a, m.stride_b, m.stride_c,
                   m.lda ? m.lda : (m.trans_a ? m.M : m.K), m.ldb ? m.ldb : (m.trans_b ? m.K : m.N),
-                  m.ldc ? m.ldc : m.N};
+                  m.ldc ? m.ldc : m.N, pointer_alignment(A), pointer_alignment(B), pointer_alignment(C)};
     const MatmulPlan& p = blas.plan(key);
     CUBLAS_CHECK(cublasLtMatmul(blas.handle, p.desc, &m.alpha, B, p.a, A, p.b, &m.beta, C, p.c, C, p.c, &p.algo,
                                 blas.workspace.data(), blas.workspace.bytes(), stream));

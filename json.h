@@ -24,7 +24,7 @@ struct Json {
     Json() = default;
     Json(bool b) : type_(Type::Bool), boolean_(b) {}
     template <typename Integer, typename = std::enable_if_t<std::is_integral_v<Integer>>>
-    Json(Integer x) : type_(Type::Number), number_(double(x)) {}
+    Json(Integer x) : type_(Type::Number), number_(double(x)), integer_(true) {}
     Json(double x) : type_(Type::Number), number_(x) {}
     Json(const char* s) : type_(Type::String), string_(s) {}
     Json(std::string s) : type_(Type::String), string_(std::move(s)) {}
@@ -120,6 +120,7 @@ private:
     Type type_ = Type::Null;
     bool boolean_ = false;
     double number_ = 0;
+    bool integer_ = false;  // written without a fraction; a double keeps one ("1.0"), as typed readers expect
     std::string string_;
     Array array_;
     Object object_;
@@ -145,13 +146,15 @@ private:
         return nullptr;
     }
 
-    // Integers are exact in a double up to 2^53: write those as integers. Other values take the fewest significant
-    // digits that read back to the same double (0.1 stays "0.1", not "0.10000000000000001").
-    static std::string format_number(double x) {
-        char buf[32];
+    // Integers (exact in a double up to 2^53) are written as integers. Other values take the fewest significant
+    // digits that read back to the same double (0.1 stays "0.1", not "0.10000000000000001"), and a whole-valued
+    // double keeps a fraction ("1.0"): strict readers such as transformers' configs tell 1 from 1.0.
+    static std::string format_number(double x, bool integer = true) {
+        char buf[40];
         if (!std::isfinite(x)) return "null";  // JSON has no NaN or infinity; null keeps a log line parseable
-        if (x == std::trunc(x) && std::fabs(x) <= 9007199254740992.0) {
-            std::snprintf(buf, sizeof buf, "%lld", (long long)x);
+        bool whole = x == std::trunc(x) && std::fabs(x) <= 9007199254740992.0;
+        if (whole) {
+            std::snprintf(buf, sizeof buf, integer ? "%lld" : "%lld.0", (long long)x);
             return buf;
         }
         for (int digits = 15; digits <= 17; digits++) {
@@ -195,7 +198,7 @@ private:
         switch (type_) {
             case Type::Null: out += "null"; break;
             case Type::Bool: out += boolean_ ? "true" : "false"; break;
-            case Type::Number: out += format_number(number_); break;
+            case Type::Number: out += format_number(number_, integer_); break;
             case Type::String: dump_string(out, string_); break;
             case Type::Array:
                 out += '[';
@@ -336,7 +339,10 @@ struct Json::Parser {
             if (pos < text.size() && (text[pos] == '+' || text[pos] == '-')) pos++;
             digits();
         }
-        return Json(std::strtod(text.substr(start, pos - start).c_str(), nullptr));
+        std::string literal = text.substr(start, pos - start);
+        Json number(std::strtod(literal.c_str(), nullptr));
+        number.integer_ = literal.find_first_of(".eE") == std::string::npos;
+        return number;
     }
 
     uint32_t parse_hex4() {

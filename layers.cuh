@@ -106,7 +106,7 @@ static __global__ void rmsnorm_dw_reduce_kernel(float* dw, const float* dw_parti
 }
 
 // x may be a column slice of a wider matrix (x_stride >= D): MLA normalizes the first kv_lora_rank columns of
-// kv_a in place of a copy.
+// kv_a in place of a copy. In the backward pass dx has x's row stride, and y and dy are dense.
 template <typename T>
 void rmsnorm_forward(T* y, float* rstd, const T* x, int x_stride, const T* w, int N, int D, float eps,
                      cudaStream_t s) {
@@ -123,6 +123,9 @@ void rmsnorm_backward(T* dx, float* dw, float* scratch, const T* dy, const T* x,
                       const float* rstd, int N, int D, bool accumulate_dx, bool accumulate_dw, cudaStream_t s) {
     int blocks = ceil_div(N, RMSNORM_ROWS_PER_BLOCK);
     size_t smem = sizeof(float) * WARPS_PER_BLOCK * D;
+    if (smem > 48 * 1024)  // wide rows need more than the default dynamic shared memory
+        CUDA_CHECK(cudaFuncSetAttribute(rmsnorm_backward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(smem)));
     rmsnorm_backward_kernel<<<blocks, WARPS_PER_BLOCK * 32, smem, s>>>(dx, scratch, dy, x, x_stride, w, rstd, N, D,
                                                                         accumulate_dx);
     CUDA_CHECK_LAUNCH();

@@ -37,7 +37,7 @@ constexpr cudaStream_t stream = nullptr;
 
 // Relative tolerance of a result stored in T, against a reference fed the same (rounded) inputs. An FP32 result
 // (GEMMs in FP32 compute, no TF32) is off by a few roundings of 6e-8, grown over sums of at most a few hundred
-// terms: 1e-5 leaves a margin of ten. A BF16 result carries its own rounding (2^-9 = 2e-3) and often that of a BF16
+// terms: 1e-5 leaves a wide margin. A BF16 result carries its own rounding (2^-9 = 2e-3) and often that of a BF16
 // intermediate or two: 1e-2.
 template <typename T>
 constexpr double tolerance() {
@@ -82,20 +82,28 @@ void poison(DeviceBuffer<T>& device) {
     CUDA_CHECK(cudaMemset(device.data(), 0xFF, device.bytes()));
 }
 
-// An output buffer and the values it starts from: random (rounded to T) where the kernel adds to it, poison on the
-// device where the kernel must overwrite it (the host copy is then unused by the reference).
+// Values on the host (as float, what the reference reads and updates) and their device copy in storage type T.
 template <typename T>
-struct Output {
-    std::vector<float> initial;
+struct Tensor {
+    std::vector<float> host;
     DeviceBuffer<T> device;
+    T* data() const { return device.data(); }
 };
 
+// A random input, rounded to T.
 template <typename T>
-Output<T> output(Rng& rng, size_t n, bool accumulate) {
-    Output<T> out{round_to<T>(random_uniform(rng, n)), {}};
-    out.device = upload<T>(out.initial);
-    if (!accumulate) poison(out.device);
-    return out;
+Tensor<T> input(Rng& rng, size_t n, double lo = -1.0, double hi = 1.0) {
+    Tensor<T> x{round_to<T>(random_uniform(rng, n, lo, hi)), {}};
+    x.device = upload<T>(x.host);
+    return x;
+}
+
+// An output: random initial values where the kernel adds to it, poison on the device where it must overwrite it.
+template <typename T>
+Tensor<T> output(Rng& rng, size_t n, bool accumulate) {
+    Tensor<T> y = input<T>(rng, n);
+    if (!accumulate) poison(y.device);
+    return y;
 }
 
 // ||got - want|| / ||want||: the error of a result as a whole.
