@@ -89,7 +89,7 @@ struct Options {
     std::string stage;
     std::string out = "runs/pretrain", init, config_path, precision = "bf16", text;
     int steps = 2000, batch = 64, seq = 512, warmup = 100, eval_every = 250, ckpt_every = 500, eval_batches = 4;
-    int log_every = 10, samples = 8;
+    int log_every = 10, samples = 64;
     float lr = 2e-3f, min_lr_frac = 0.1f, weight_decay = 0.1f, grad_clip = 1.0f, beta2 = 0.95f;
     long seed = 1234;
     bool resume = false, help = false;
