@@ -69,7 +69,7 @@ class FlagSet {
         for (const Flag& f : flags_) {
             std::string left = "  --" + f.name + (f.is_switch ? "" : " V");
             out << left << std::string(left.size() < 24 ? 24 - left.size() : 1, ' ') << f.help;
-            if (!f.is_switch) out << " (default " << (f.default_text.empty() ? "none" : f.default_text) << ")";
+            if (!f.is_switch && !f.default_text.empty()) out << " (default " << f.default_text << ")";
             out << "\n";
         }
         return out.str();
@@ -119,7 +119,7 @@ struct Options {
         f.add("eval-batches", &eval_batches, "batches in a held-out loss evaluation");
         f.add("ckpt-every", &ckpt_every, "steps between checkpoints (and one at the end)");
         f.add("log-every", &log_every, "steps between progress lines");
-        f.add("samples", &samples, "held-out problems per task shown and scored after training / in eval");
+        f.add("samples", &samples, "held-out problems per task and difficulty scored after training and by eval");
         f.add("text", &text, "input text of the logits stage");
         f.add_switch("resume", &resume, "continue from the checkpoint in --out, bit for bit");
         f.add_switch("help", &help, "print this help");
