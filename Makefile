@@ -13,11 +13,14 @@ TEST_OBJS = $(patsubst tests/%.cu,$(BUILD)/tests/%.o,$(TEST_SRCS))
 # The main job's settings; override on the command line, e.g. make train TRAIN_ARGS="--steps 500".
 TRAIN_ARGS ?=
 
-.PHONY: all test train clean
-all: $(BUILD)/train $(BUILD)/run_tests
+.PHONY: all test train bench clean
+all: $(BUILD)/train $(BUILD)/run_tests $(BUILD)/bench_sampler
 
 $(BUILD)/train: train.cu $(HEADERS) | $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -o $@ train.cu $(LIBS)
+
+$(BUILD)/bench_%: bench/bench_%.cu $(HEADERS) | $(BUILD)
+	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -o $@ $< $(LIBS)
 
 $(BUILD)/tests/%.o: tests/%.cu $(HEADERS) $(wildcard tests/*.h) | $(BUILD)
 	@mkdir -p $(BUILD)/tests
@@ -34,6 +37,10 @@ test: $(BUILD)/run_tests
 
 train: $(BUILD)/train
 	./$(BUILD)/train pretrain --out runs/pretrain $(TRAIN_ARGS)
+
+# Benchmarks print tables; run them on the GPU machine.
+bench: $(BUILD)/bench_sampler
+	./$(BUILD)/bench_sampler 256 256
 
 clean:
 	rm -rf $(BUILD)

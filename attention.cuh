@@ -19,7 +19,7 @@ struct MlaDims {
     HD int d_qk() const { return d_nope + d_rope; }
     HD int N() const { return B * T; }
     HD long heads() const { return long(B) * H; }
-    float softmax_scale() const { return 1.0f / sqrtf(float(d_qk())); }
+    HD float softmax_scale() const { return 1.0f / sqrtf(float(d_qk())); }
 };
 
 // RoPE on the pair (x0, x1) = (x_2i, x_2i+1) of a d_rope-wide vector at position pos: V3's interleaved pairs,

@@ -182,6 +182,15 @@ __device__ __forceinline__ float warp_max(float x) {
     return x;
 }
 
+// The largest value of the warp and its index (the smallest index among equals), in every lane.
+__device__ __forceinline__ void warp_argmax(float& best, int& best_index) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        float other = __shfl_xor_sync(0xFFFFFFFFu, best, offset);
+        int other_index = __shfl_xor_sync(0xFFFFFFFFu, best_index, offset);
+        if (other > best || (other == best && other_index < best_index)) best = other, best_index = other_index;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Timers
 // ---------------------------------------------------------------------------------------------------------------

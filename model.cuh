@@ -155,11 +155,7 @@ static __global__ void argmax_kernel(int* out, const float* logits, const int* r
     int best_v = 0;
     for (int v = lane; v < V; v += 32)
         if (row[v] > best) best = row[v], best_v = v;
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        float other = __shfl_xor_sync(0xFFFFFFFFu, best, offset);
-        int other_v = __shfl_xor_sync(0xFFFFFFFFu, best_v, offset);
-        if (other > best || (other == best && other_v < best_v)) best = other, best_v = other_v;
-    }
+    warp_argmax(best, best_v);
     if (lane == 0) out[r] = best_v;
 }
 

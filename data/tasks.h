@@ -1,5 +1,7 @@
 // data/tasks.h: synthetic reasoning tasks (addition, multiplication, countdown) with a difficulty knob, a written
-// chain of thought for every problem, exact verifiers for the rule-based rewards, and the held-out split.
+// chain of thought for every problem, exact verifiers for the rule-based rewards, and the held-out split. A problem
+// is written in one of the two languages of language.h; the math, its verifier and its held-out status do not
+// depend on which.
 //
 // Each task is hard in one forward pass and easy as a sequence of local steps: long carries in addition and
 // multiplication, a search over expressions in countdown. A model that answers directly has to do the whole
@@ -21,6 +23,7 @@
 #include <vector>
 
 #include "../common.cuh"
+#include "language.h"
 
 namespace data {
 
@@ -61,15 +64,26 @@ struct Problem {
     int difficulty;
     std::vector<long> numbers;  // the operands, or countdown's given numbers
     long target;                // the sum, the product, or countdown's value to reach
+    // The texts, all three written in `language`.
     std::string question;
-    std::string reasoning;  // the worked steps that go between <think> and </think>
+    std::string reasoning;  // the worked steps that go between <think> and </think>, one a line
     std::string answer;     // the reference answer (countdown: one expression among possibly many)
+    Language language = Language::En;
 };
 
 inline std::string join(const std::vector<std::string>& parts, const std::string& separator) {
     std::string out;
     for (size_t i = 0; i < parts.size(); ++i) out += (i ? separator : "") + parts[i];
     return out;
+}
+
+inline std::vector<std::string> split_lines(const std::string& text) {
+    std::vector<std::string> lines;
+    size_t start = 0;
+    for (size_t end; (end = text.find('\n', start)) != std::string::npos; start = end + 1)
+        lines.push_back(text.substr(start, end - start));
+    lines.push_back(text.substr(start));
+    return lines;
 }
 
 inline std::string join_numbers(const std::vector<long>& numbers, const std::string& separator) {
@@ -266,19 +280,30 @@ inline Problem make_countdown(int difficulty, Rng& rng) {
     }
     lines.push_back(join(solution.steps, ", ") + ", yes");
     return {TaskKind::Countdown, difficulty, numbers, target,
-            "Make " + std::to_string(target) + " from " + join_numbers(numbers, " "), join(lines, "\n"),
+            "make " + std::to_string(target) + " from " + join_numbers(numbers, " "), join(lines, "\n"),
             solution.result.text};
 }
 
-inline Problem make_problem(TaskKind kind, int difficulty, Rng& rng) {
+// The same problem written in another language.
+inline Problem in_language(Problem p, Language language) {
+    p.question = to_language(p.question, language);
+    p.reasoning = to_language(p.reasoning, language);
+    p.answer = to_language(p.answer, language);
+    p.language = language;
+    return p;
+}
+
+// The generators write En; the numbers drawn do not depend on the language, so the same generator state gives the
+// same problem in either one.
+inline Problem make_problem(TaskKind kind, int difficulty, Rng& rng, Language language = Language::En) {
     if (difficulty < 1 || difficulty > max_difficulty(kind))
         throw std::invalid_argument(std::string("make_problem: difficulty ") + std::to_string(difficulty) +
                                     " is outside 1.." + std::to_string(max_difficulty(kind)) + " for " +
                                     task_name(kind));
     switch (kind) {
-        case TaskKind::Add: return make_add(difficulty, rng);
-        case TaskKind::Mul: return make_mul(difficulty, rng);
-        default: return make_countdown(difficulty, rng);
+        case TaskKind::Add: return in_language(make_add(difficulty, rng), language);
+        case TaskKind::Mul: return in_language(make_mul(difficulty, rng), language);
+        default: return in_language(make_countdown(difficulty, rng), language);
     }
 }
 
@@ -400,9 +425,13 @@ class ExpressionEvaluator {
 };
 
 // Checks the text the model wrote between <answer> and </answer>. Spaces around it are allowed; add and mul want
-// the integer, countdown any expression that reaches the target, not only the reference one.
+// the integer, countdown any expression that reaches the target, not only the reference one. The answer may be in
+// either language, whatever the question's (accuracy is about the math; consistency has its own reward), but in one
+// only: "4G" is a number in neither.
 inline bool verify(const Problem& p, const std::string& answer_text) {
-    const std::string text = strip_spaces(answer_text);
+    const LanguageCounts counts = count_language_chars(answer_text);
+    if (counts.en > 0 && counts.alt > 0) return false;
+    const std::string text = strip_spaces(to_language(answer_text, Language::En));
     long value = 0;
     if (p.kind != TaskKind::Countdown) return parse_integer(text, value) && value == p.target;
     if (text.empty() || text.size() > kMaxExpressionChars) return false;
@@ -416,7 +445,8 @@ inline bool verify(const Problem& p, const std::string& answer_text) {
 
 constexpr uint64_t kHeldoutOneIn = 8;
 
-// The numbers are sorted: 12+34 and 34+12 are one problem, and countdown's numbers are a multiset.
+// The numbers are sorted: 12+34 and 34+12 are one problem, and countdown's numbers are a multiset. The key holds no
+// text, so a problem and its translation are held out together.
 inline std::string problem_key(const Problem& p) {
     std::vector<long> sorted = p.numbers;
     std::sort(sorted.begin(), sorted.end());
@@ -431,9 +461,10 @@ inline uint64_t string_hash(const std::string& text) {
 
 inline bool is_heldout(const Problem& p) { return string_hash(problem_key(p)) % kHeldoutOneIn == 0; }
 
-inline Problem sample_problem(TaskKind kind, int difficulty, Rng& rng, bool heldout) {
+inline Problem sample_problem(TaskKind kind, int difficulty, Rng& rng, bool heldout,
+                              Language language = Language::En) {
     for (int attempt = 0; attempt < 10000; ++attempt) {
-        Problem p = make_problem(kind, difficulty, rng);
+        Problem p = make_problem(kind, difficulty, rng, language);
         if (is_heldout(p) == heldout) return p;
     }
     throw std::runtime_error(std::string("sample_problem: no ") + (heldout ? "held-out" : "training") + " " +

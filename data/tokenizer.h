@@ -16,6 +16,26 @@
 namespace data {
 
 enum Special : int { PAD = 0, BOS, EOS, USER, ASSISTANT, THINK, THINK_END, ANSWER, ANSWER_END, SYSTEM };
+constexpr int kNumNamedSpecials = 10;  // <|pad|> .. <|system|>; ids 10..15 are reserved
+constexpr const char* kNamedSpecials[kNumNamedSpecials] = {
+    "<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>",
+    "<think>", "</think>", "<answer>", "</answer>", "<|system|>"};
+
+// The id of the named special token whose text starts at `pos`, or -1. Only the named specials are recognized in
+// text: reserved ids must never appear in training data.
+inline int named_special_at(const std::string& text, size_t pos) {
+    if (pos >= text.size() || text[pos] != '<') return -1;
+    for (int id = 0; id < kNumNamedSpecials; ++id)
+        if (text.compare(pos, std::char_traits<char>::length(kNamedSpecials[id]), kNamedSpecials[id]) == 0)
+            return id;
+    return -1;
+}
+
+// The length of the named special token whose text starts at `pos`, or 0.
+inline size_t named_special_length(const std::string& text, size_t pos) {
+    const int id = named_special_at(text, pos);
+    return id < 0 ? 0 : std::char_traits<char>::length(kNamedSpecials[id]);
+}
 
 // Writes `text` as a JSON string literal, quotes included.
 inline std::string json_quote(const std::string& text) {
@@ -39,17 +59,14 @@ inline std::string json_quote(const std::string& text) {
 
 struct Tokenizer {
     static constexpr int vocab_size = 128;  // a multiple of 128, as the model's GEMMs need
-    static constexpr int num_named_specials = 10;  // <|pad|> .. <|system|>; ids 10..15 are reserved
+    static constexpr int num_named_specials = kNumNamedSpecials;
     static constexpr int first_char_id = 16;       // '\n', then ' ' .. '~'
     static constexpr int num_chars = 1 + 95;
 
     Tokenizer() {
-        static const char* const named[num_named_specials] = {
-            "<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>",
-            "<think>", "</think>", "<answer>", "</answer>", "<|system|>"};
         byte_to_id_.fill(-1);
         for (int id = 0; id < vocab_size; ++id) strings_[id] = "<|reserved_" + std::to_string(id) + "|>";
-        for (int id = 0; id < num_named_specials; ++id) strings_[id] = named[id];
+        for (int id = 0; id < num_named_specials; ++id) strings_[id] = kNamedSpecials[id];
         set_char('\n', first_char_id);
         for (int c = 32; c <= 126; ++c) set_char(char(c), first_char_id + 1 + (c - 32));
     }
@@ -63,7 +80,7 @@ struct Tokenizer {
         std::vector<int> ids;
         ids.reserve(text.size());
         for (size_t pos = 0; pos < text.size();) {
-            int special = special_at(text, pos);
+            int special = named_special_at(text, pos);
             if (special >= 0) {
                 ids.push_back(special);
                 pos += strings_[special].size();
@@ -135,14 +152,6 @@ struct Tokenizer {
         byte_to_id_[(unsigned char)c] = id;
     }
     static bool is_char(int id) { return id >= first_char_id && id < first_char_id + num_chars; }
-
-    // Only the named specials are recognized in text: reserved ids must never appear in training data.
-    int special_at(const std::string& text, size_t pos) const {
-        if (text[pos] != '<') return -1;
-        for (int id = 0; id < num_named_specials; ++id)
-            if (text.compare(pos, strings_[id].size(), strings_[id]) == 0) return id;
-        return -1;
-    }
 
     static void check_id(int id, const char* where) {
         if (id < 0 || id >= vocab_size)

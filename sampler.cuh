@@ -1,0 +1,295 @@
+// sampler.cuh: batched autoregressive sampling with MLA's latent KV cache (V2 §2.1.1-2.1.2, V3 §2.1.1).
+//
+// Only c_kv (after its RMSNorm) and the rotated k_rope are cached: (d_c + d_rope) values per token and layer,
+// shared by all heads, instead of H (d_nope + d_rope + d_v) for standard attention. At decode time the
+// up-projections are absorbed (V2 §2.1.2): with W_kvb split per head into W_uk_i [d_nope, d_c] and
+// W_uv_i [d_v, d_c],
+//   score_ij = (W_uk_i^T q_nope_i) . c_kv_j + q_rope_i . k_rope_j      (q_abs_i = W_uk_i^T q_nope_i, one GEMM)
+//   o_i      = W_uv_i (sum_j p_ij c_kv_j)                             (attention runs in the latent space)
+// so no per-head key or value is ever materialized.
+//
+// All sequences advance one position per step in lockstep. A prompt is fed through the same decode step, its
+// tokens forced one by one, so prefill and decode share one code path (prompts are short next to the answers).
+#pragma once
+
+#include "model.cuh"
+
+// Writes c_kv and the rotated k_rope of position pos into the caches [S, max_len, *].
+template <typename T>
+__global__ void latent_cache_append_kernel(T* cache_ckv, T* cache_kr, const T* ckv, const T* kva, int S, int pos,
+                                           int max_len, int d_c, int d_rope, float theta) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x, width = d_c + d_rope / 2;
+    if (idx >= S * width) return;
+    int s = idx / width, c = idx % width;
+    long row = long(s) * max_len + pos;
+    if (c < d_c) {
+        cache_ckv[row * d_c + c] = ckv[long(s) * d_c + c];
+    } else {
+        int i = c - d_c;
+        const T* kr = kva + long(s) * (d_c + d_rope) + d_c;
+        float x0 = to_float(kr[2 * i]), x1 = to_float(kr[2 * i + 1]);
+        rope_rotate(x0, x1, pos, i, d_rope, theta, false);
+        cache_kr[row * d_rope + 2 * i] = from_float<T>(x0);
+        cache_kr[row * d_rope + 2 * i + 1] = from_float<T>(x1);
+    }
+}
+
+// Absorbed attention of one new query per sequence over positions 0..pos, one block per sequence (the cache of
+// a sequence is read by all its heads). ctx [S, H, d_c] = sum_j p_ij c_kv_j. q_rope is rotated here.
+template <typename T>
+__global__ void latent_attention_decode_kernel(T* ctx, const T* q_abs, const T* q, const T* cache_ckv,
+                                               const T* cache_kr, int pos, int max_len, MlaDims m) {
+    extern __shared__ float smem[];
+    int H = m.H, dc = m.d_c, dr = m.d_rope, L = pos + 1;
+    float* qa = smem;              // [H, d_c]
+    float* qr = qa + H * dc;       // [H, d_rope], rotated
+    float* p = qr + H * dr;        // [H, L] scores, then probabilities
+    int s = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int i = threadIdx.x; i < H * dc; i += blockDim.x) qa[i] = to_float(q_abs[long(s) * H * dc + i]);
+    for (int i = threadIdx.x; i < H * dr / 2; i += blockDim.x) {
+        int h = i / (dr / 2), k = i % (dr / 2);
+        const T* qh = q + long(s) * H * m.d_qk() + h * m.d_qk() + m.d_nope;
+        float x0 = to_float(qh[2 * k]), x1 = to_float(qh[2 * k + 1]);
+        rope_rotate(x0, x1, pos, k, dr, m.rope_theta, false);
+        qr[h * dr + 2 * k] = x0, qr[h * dr + 2 * k + 1] = x1;
+    }
+    __syncthreads();
+
+    const T* ckv = cache_ckv + long(s) * max_len * dc;
+    const T* kr = cache_kr + long(s) * max_len * dr;
+    float scale = m.softmax_scale();
+    for (int j = warp; j < L; j += warps)  // a warp per cached position: coalesced reads of its row
+        for (int h = 0; h < H; h++) {
+            float dot = 0.0f;
+            for (int e = lane; e < dc; e += 32) dot += qa[h * dc + e] * to_float(ckv[long(j) * dc + e]);
+            for (int e = lane; e < dr; e += 32) dot += qr[h * dr + e] * to_float(kr[long(j) * dr + e]);
+            dot = warp_sum(dot);
+            if (lane == 0) p[h * L + j] = dot * scale;
+        }
+    __syncthreads();
+
+    for (int h = warp; h < H; h += warps) {
+        float mx = -INFINITY, sum = 0.0f;
+        for (int j = lane; j < L; j += 32) mx = fmaxf(mx, p[h * L + j]);
+        mx = warp_max(mx);
+        for (int j = lane; j < L; j += 32) sum += (p[h * L + j] = expf(p[h * L + j] - mx));
+        float inv = 1.0f / warp_sum(sum);
+        for (int j = lane; j < L; j += 32) p[h * L + j] *= inv;
+    }
+    __syncthreads();
+
+    for (int i = threadIdx.x; i < H * dc; i += blockDim.x) {
+        int h = i / dc, e = i % dc;
+        float acc = 0.0f;
+        for (int j = 0; j < L; j++) acc += p[h * L + j] * to_float(ckv[long(j) * dc + e]);
+        ctx[long(s) * H * dc + i] = from_float<T>(acc);
+    }
+}
+
+// The smallest logit among the top_k largest of a row: an element is in the top k when fewer than k elements are
+// larger than it (ties at the boundary are all kept). O(V^2 / 32) per warp, nothing for a small vocabulary.
+__device__ float top_k_threshold(const float* row, int V, int top_k, int lane) {
+    float threshold = INFINITY;
+    for (int v = lane; v < V; v += 32) {
+        int larger = 0;
+        for (int u = 0; u < V; u++) larger += row[u] > row[v];
+        if (larger < top_k) threshold = fminf(threshold, row[v]);
+    }
+    for (int offset = 16; offset > 0; offset >>= 1)
+        threshold = fminf(threshold, __shfl_xor_sync(0xFFFFFFFFu, threshold, offset));
+    return threshold;
+}
+
+// One token per sequence from logits [S, V]: greedy when temperature is 0, else a sample of
+// softmax(logits / temperature) restricted to the top_k logits (0: all), drawn by the Gumbel-max trick with the
+// counter RNG, so a (seed, step, sequence) always draws the same token. One warp per sequence.
+static __global__ void sample_kernel(int* sampled, const float* logits, int S, int V, float temperature, int top_k,
+                                     uint64_t seed, int step) {
+    int s = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (s >= S) return;
+    const float* row = logits + long(s) * V;
+    bool greedy = temperature <= 0.0f;
+    float threshold = !greedy && top_k > 0 && top_k < V ? top_k_threshold(row, V, top_k, lane) : -INFINITY;
+    float best = -INFINITY;
+    int best_v = V;
+    for (int v = lane; v < V; v += 32) {
+        if (row[v] < threshold) continue;
+        float score = row[v];
+        if (!greedy) {
+            float u = rng_uniform(seed, uint64_t(step), uint64_t(s) * V + v);
+            score = score / temperature - logf(-logf(fmaxf(u, 1e-20f)));
+        }
+        if (score > best || (score == best && v < best_v)) best = score, best_v = v;
+    }
+    warp_argmax(best, best_v);
+    if (lane == 0) sampled[s] = best_v;
+}
+
+// After the step at position pos: the token at pos + 1 is the prompt's while the prompt lasts, else the sample
+// (padding, id 0, once a sequence has finished). A sampled stop token finishes its sequence.
+static __global__ void advance_kernel(int* seqs, int* current, int* done, const int* sampled, const int* prompt_len,
+                                      int S, int pos, int max_len, int stop_a, int stop_b) {
+    int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= S) return;
+    int next = pos + 1;
+    int token;
+    if (next < prompt_len[s]) {
+        token = seqs[long(s) * max_len + next];
+    } else {
+        token = done[s] ? 0 : sampled[s];
+        seqs[long(s) * max_len + next] = token;
+        if (!done[s] && (token == stop_a || token == stop_b)) done[s] = 1;
+    }
+    current[s] = token;
+}
+
+struct SamplingOptions {
+    float temperature = 1.0f;
+    int top_k = 0;
+    uint64_t seed = 0;
+    int stop_a = -1, stop_b = -1;  // token ids that end a sequence (e.g. </answer> and <|eos|>)
+};
+
+template <typename T>
+struct Sampler {
+    Model<T>& model;
+    int max_S, max_len;
+    std::vector<T*> cache_ckv, cache_kr;  // per layer: [max_S, max_len, d_c], [max_S, max_len, d_rope]
+    T *x, *h, *cq_pre, *cq, *q, *kva, *ckv, *q_abs, *ctx, *o, *gu, *a, *xf;
+    float *rstd, *logits;
+    int *seqs, *current, *done, *sampled, *prompt_len;
+    std::vector<DeviceBuffer<uint8_t>> storage;
+
+    Sampler(Model<T>& m, int S, int len) : model(m), max_S(S), max_len(len) {
+        const Config& c = m.cfg;
+        if (len > c.max_position_embeddings)
+            throw std::invalid_argument("sampler length " + std::to_string(len) + " exceeds max_position_embeddings");
+        long H = c.num_attention_heads, dc = c.kv_lora_rank;
+        for (int l = 0; l < c.num_hidden_layers; l++) {
+            cache_ckv.push_back(take<T>(long(S) * len * dc));
+            cache_kr.push_back(take<T>(long(S) * len * c.qk_rope_head_dim));
+        }
+        x = take<T>(S * c.hidden_size), h = take<T>(S * c.hidden_size), xf = take<T>(S * c.hidden_size);
+        cq_pre = take<T>(S * c.q_lora_rank), cq = take<T>(S * c.q_lora_rank), q = take<T>(S * H * c.qk_head_dim());
+        kva = take<T>(S * (dc + c.qk_rope_head_dim)), ckv = take<T>(S * dc), q_abs = take<T>(S * H * dc);
+        ctx = take<T>(S * H * dc), o = take<T>(S * H * c.v_head_dim);
+        gu = take<T>(S * 2L * c.intermediate_size), a = take<T>(S * long(c.intermediate_size));
+        rstd = take<float>(S), logits = take<float>(long(S) * c.vocab_size);
+        seqs = take<int>(long(S) * len), current = take<int>(S), done = take<int>(S), sampled = take<int>(S);
+        prompt_len = take<int>(S);
+        size_t smem = attention_smem(len);
+        if (smem > 48 * 1024)
+            CUDA_CHECK(cudaFuncSetAttribute(latent_attention_decode_kernel<T>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    }
+
+    template <typename U>
+    U* take(long n) {
+        storage.emplace_back(size_t(n) * sizeof(U));
+        return reinterpret_cast<U*>(storage.back().data());
+    }
+
+    size_t attention_smem(int L) const {
+        const Config& c = model.cfg;
+        return sizeof(float) * c.num_attention_heads * (c.kv_lora_rank + c.qk_rope_head_dim + L);
+    }
+
+    // One decode step at position pos for S sequences: their tokens in `current` -> logits [S, V].
+    void step(int S, int pos) {
+        const Config& c = model.cfg;
+        const LayerOffsets* layers = model.layout.layers.data();
+        const T* W = model.weights;
+        Blas& blas = model.blas;
+        cudaStream_t st = model.stream;
+        int d = c.hidden_size, H = c.num_attention_heads, dc = c.kv_lora_rank, dn = c.qk_nope_head_dim;
+        int dqk = c.qk_head_dim(), dv = c.v_head_dim, I = c.intermediate_size, kva_w = dc + c.qk_rope_head_dim;
+        float eps = c.rms_norm_eps;
+        MlaDims m = model.mla_dims(S, 1);
+
+        embedding_forward(x, current, W + model.layout.embed, S, d, st);
+        for (int l = 0; l < c.num_hidden_layers; l++) {
+            const LayerOffsets& P = layers[l];
+            rmsnorm_forward(h, rstd, x, d, W + P.input_norm, S, d, eps, st);
+            linear_forward(blas, st, cq_pre, h, W + P.q_a, S, c.q_lora_rank, d);
+            rmsnorm_forward(cq, rstd, cq_pre, c.q_lora_rank, W + P.q_a_norm, S, c.q_lora_rank, eps, st);
+            linear_forward(blas, st, q, cq, W + P.q_b, S, H * dqk, c.q_lora_rank);
+            linear_forward(blas, st, kva, h, W + P.kv_a, S, kva_w, d);
+            rmsnorm_forward(ckv, rstd, kva, kva_w, W + P.kv_a_norm, S, dc, eps, st);
+            int append_n = S * (dc + c.qk_rope_head_dim / 2);
+            latent_cache_append_kernel<<<ceil_div(append_n, 256), 256, 0, st>>>(
+                cache_ckv[l], cache_kr[l], ckv, kva, S, pos, max_len, dc, c.qk_rope_head_dim, c.rope_theta);
+            CUDA_CHECK_LAUNCH();
+            // q_abs_i = q_nope_i W_uk_i for every head i: one GEMM batched over heads
+            long w_head = long(dn + dv) * dc;
+            matmul(blas, st, q_abs, q, W + P.kv_b, Matmul{S, dc, dn, false, false, 1.0f, 0.0f, H, dqk, w_head, dc,
+                                                          H * dqk, dc, H * dc});
+            latent_attention_decode_kernel<<<S, 128, attention_smem(pos + 1), st>>>(ctx, q_abs, q, cache_ckv[l],
+                                                                                 cache_kr[l], pos, max_len, m);
+            CUDA_CHECK_LAUNCH();
+            // o_i = ctx_i W_uv_i^T for every head i
+            matmul(blas, st, o, ctx, W + P.kv_b + long(dn) * dc,
+                   Matmul{S, dv, dc, false, true, 1.0f, 0.0f, H, dc, w_head, dv, H * dc, dc, H * dv});
+            linear_forward(blas, st, x, o, W + P.o, S, d, H * dv, true);
+            rmsnorm_forward(h, rstd, x, d, W + P.post_norm, S, d, eps, st);
+            linear_forward(blas, st, gu, h, W + P.gate_up, S, 2 * I, d);
+            swiglu_forward(a, gu, S, I, st);
+            linear_forward(blas, st, x, a, W + P.down, S, d, I, true);
+        }
+        rmsnorm_forward(xf, rstd, x, d, W + model.layout.final_norm, S, d, eps, st);
+        matmul(blas, st, logits, xf, W + model.layout.lm_head, Matmul{S, c.vocab_size, d, false, true});
+    }
+
+    // Loads prompts (each at least one token, shorter than max_len) and resets the sequences.
+    void start(const std::vector<std::vector<int>>& prompts) {
+        int S = int(prompts.size());
+        if (S < 1 || S > max_S) throw std::invalid_argument("sampler: between 1 and " + std::to_string(max_S) + " prompts");
+        std::vector<int> host(size_t(S) * max_len, 0), lens(S), first(S);
+        for (int s = 0; s < S; s++) {
+            if (prompts[s].empty() || int(prompts[s].size()) >= max_len)
+                throw std::invalid_argument("sampler: a prompt must hold 1 to " + std::to_string(max_len - 1) +
+                                            " tokens");
+            std::copy(prompts[s].begin(), prompts[s].end(), host.begin() + long(s) * max_len);
+            lens[s] = int(prompts[s].size()), first[s] = prompts[s][0];
+        }
+        cudaStream_t st = model.stream;
+        CUDA_CHECK(cudaMemcpyAsync(seqs, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice, st));
+        CUDA_CHECK(cudaMemcpyAsync(prompt_len, lens.data(), S * sizeof(int), cudaMemcpyHostToDevice, st));
+        CUDA_CHECK(cudaMemcpyAsync(current, first.data(), S * sizeof(int), cudaMemcpyHostToDevice, st));
+        CUDA_CHECK(cudaMemsetAsync(done, 0, S * sizeof(int), st));
+    }
+
+    // Samples every prompt until a stop token or max_len tokens in all; returns the generated tokens of each
+    // (stop token included).
+    std::vector<std::vector<int>> generate(const std::vector<std::vector<int>>& prompts, const SamplingOptions& opt) {
+        int S = int(prompts.size());
+        start(prompts);
+        cudaStream_t st = model.stream;
+        std::vector<int> done_host(S);
+        for (int pos = 0; pos + 1 < max_len; pos++) {
+            step(S, pos);
+            sample_kernel<<<ceil_div(S, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, st>>>(
+                sampled, logits, S, model.cfg.vocab_size, opt.temperature, opt.top_k, opt.seed, pos);
+            CUDA_CHECK_LAUNCH();
+            advance_kernel<<<ceil_div(S, 128), 128, 0, st>>>(seqs, current, done, sampled, prompt_len, S, pos,
+                                                             max_len, opt.stop_a, opt.stop_b);
+            CUDA_CHECK_LAUNCH();
+            if (pos % 16 == 15) {  // a host check now and then, not a sync per token
+                CUDA_CHECK(cudaMemcpyAsync(done_host.data(), done, S * sizeof(int), cudaMemcpyDeviceToHost, st));
+                CUDA_CHECK(cudaStreamSynchronize(st));
+                if (std::all_of(done_host.begin(), done_host.end(), [](int x) { return x != 0; })) break;
+            }
+        }
+        std::vector<int> host(size_t(S) * max_len);
+        CUDA_CHECK(cudaMemcpyAsync(host.data(), seqs, host.size() * sizeof(int), cudaMemcpyDeviceToHost, st));
+        CUDA_CHECK(cudaStreamSynchronize(st));
+        std::vector<std::vector<int>> out(S);
+        for (int s = 0; s < S; s++) {
+            for (int t = int(prompts[s].size()); t < max_len; t++) {
+                int token = host[size_t(s) * max_len + t];
+                out[s].push_back(token);
+                if (token == opt.stop_a || token == opt.stop_b) break;
+            }
+        }
+        return out;
+    }
+};
