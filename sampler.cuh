@@ -16,9 +16,9 @@
 
 // Writes c_kv and the rotated k_rope of position pos into the caches [S, max_len, *].
 template <typename T>
-__global__ void latent_cache_append_kernel(T* cache_ckv, T* cache_kr, const T* ckv, const T* kva, int S, int pos,
-                                           int max_len, int d_c, int d_rope, float theta) {
-    int idx = blockIdx.x * blockDim.x + threadIdx.x, width = d_c + d_rope / 2;
+__global__ void latent_cache_append_kernel(T* cache_ckv, T* cache_kr, const T* ckv, const T* kva, int S,
+                                           const int* position, int max_len, int d_c, int d_rope, float theta) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x, width = d_c + d_rope / 2, pos = *position;
     if (idx >= S * width) return;
     int s = idx / width, c = idx % width;
     long row = long(s) * max_len + pos;
@@ -38,9 +38,9 @@ __global__ void latent_cache_append_kernel(T* cache_ckv, T* cache_kr, const T* c
 // a sequence is read by all its heads). ctx [S, H, d_c] = sum_j p_ij c_kv_j. q_rope is rotated here.
 template <typename T>
 __global__ void latent_attention_decode_kernel(T* ctx, const T* q_abs, const T* q, const T* cache_ckv,
-                                               const T* cache_kr, int pos, int max_len, MlaDims m) {
+                                               const T* cache_kr, const int* position, int max_len, MlaDims m) {
     extern __shared__ float smem[];
-    int H = m.H, dc = m.d_c, dr = m.d_rope, L = pos + 1;
+    int pos = *position, H = m.H, dc = m.d_c, dr = m.d_rope, L = pos + 1;
     float* qa = smem;              // [H, d_c]
     float* qr = qa + H * dc;       // [H, d_rope], rotated
     float* p = qr + H * dr;        // [H, L] scores, then probabilities
@@ -104,7 +104,7 @@ __device__ float top_k_threshold(const float* row, int V, int top_k, int lane) {
 // softmax(logits / temperature) restricted to the top_k logits (0: all), drawn by the Gumbel-max trick with the
 // counter RNG, so a (seed, step, sequence) always draws the same token. One warp per sequence.
 static __global__ void sample_kernel(int* sampled, const float* logits, int S, int V, float temperature, int top_k,
-                                     uint64_t seed, int step) {
+                                     uint64_t seed, const int* step) {
     int s = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (s >= S) return;
     const float* row = logits + long(s) * V;
@@ -116,7 +116,7 @@ static __global__ void sample_kernel(int* sampled, const float* logits, int S, i
         if (row[v] < threshold) continue;
         float score = row[v];
         if (!greedy) {
-            float u = rng_uniform(seed, uint64_t(step), uint64_t(s) * V + v);
+            float u = rng_uniform(seed, uint64_t(*step), uint64_t(s) * V + v);
             score = score / temperature - logf(-logf(fmaxf(u, 1e-20f)));
         }
         if (score > best || (score == best && v < best_v)) best = score, best_v = v;
@@ -128,10 +128,10 @@ static __global__ void sample_kernel(int* sampled, const float* logits, int S, i
 // After the step at position pos: the token at pos + 1 is the prompt's while the prompt lasts, else the sample
 // (padding, id 0, once a sequence has finished). A sampled stop token finishes its sequence.
 static __global__ void advance_kernel(int* seqs, int* current, int* done, const int* sampled, const int* prompt_len,
-                                      int S, int pos, int max_len, int stop_a, int stop_b) {
+                                      int S, const int* position, int max_len, int stop_a, int stop_b) {
     int s = blockIdx.x * blockDim.x + threadIdx.x;
     if (s >= S) return;
-    int next = pos + 1;
+    int next = *position + 1;
     int token;
     if (next < prompt_len[s]) {
         token = seqs[long(s) * max_len + next];
@@ -142,6 +142,8 @@ static __global__ void advance_kernel(int* seqs, int* current, int* done, const 
     }
     current[s] = token;
 }
+
+static __global__ void next_position_kernel(int* position) { ++*position; }
 
 struct SamplingOptions {
     float temperature = 1.0f;
@@ -157,8 +159,15 @@ struct Sampler {
     std::vector<T*> cache_ckv, cache_kr;  // per layer: [max_S, max_len, d_c], [max_S, max_len, d_rope]
     T *x, *h, *cq_pre, *cq, *q, *kva, *ckv, *q_abs, *ctx, *o, *gu, *a, *xf;
     float *rstd, *logits;
-    int *seqs, *current, *done, *sampled, *prompt_len;
+    int *seqs, *current, *done, *sampled, *prompt_len, *position;
     std::vector<DeviceBuffer<uint8_t>> storage;
+    // A decode step is ~15 launches per layer: replaying them as one CUDA graph removes the launch overhead that
+    // otherwise dominates a small model's decoding. The position lives in device memory so that one graph
+    // serves every step.
+    cudaStream_t stream;
+    cudaGraphExec_t graph = nullptr;
+    int graph_S = 0;
+    SamplingOptions graph_opt;
 
     Sampler(Model<T>& m, int S, int len) : model(m), max_S(S), max_len(len) {
         const Config& c = m.cfg;
@@ -176,7 +185,8 @@ struct Sampler {
         gu = take<T>(S * 2L * c.intermediate_size), a = take<T>(S * long(c.intermediate_size));
         rstd = take<float>(S), logits = take<float>(long(S) * c.vocab_size);
         seqs = take<int>(long(S) * len), current = take<int>(S), done = take<int>(S), sampled = take<int>(S);
-        prompt_len = take<int>(S);
+        prompt_len = take<int>(S), position = take<int>(1);
+        CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
         size_t smem = attention_smem(len);
         if (smem > 48 * 1024)
             CUDA_CHECK(cudaFuncSetAttribute(latent_attention_decode_kernel<T>,
@@ -189,18 +199,25 @@ struct Sampler {
         return reinterpret_cast<U*>(storage.back().data());
     }
 
+    ~Sampler() {
+        if (graph) cudaGraphExecDestroy(graph);
+        cudaStreamDestroy(stream);
+    }
+    Sampler(const Sampler&) = delete;
+    Sampler& operator=(const Sampler&) = delete;
+
     size_t attention_smem(int L) const {
         const Config& c = model.cfg;
         return sizeof(float) * c.num_attention_heads * (c.kv_lora_rank + c.qk_rope_head_dim + L);
     }
 
-    // One decode step at position pos for S sequences: their tokens in `current` -> logits [S, V].
-    void step(int S, int pos) {
+    // One decode step for S sequences at the position in device memory: their tokens in `current` -> logits [S, V].
+    void step(int S) {
         const Config& c = model.cfg;
         const LayerOffsets* layers = model.layout.layers.data();
         const T* W = model.weights;
         Blas& blas = model.blas;
-        cudaStream_t st = model.stream;
+        cudaStream_t st = stream;
         int d = c.hidden_size, H = c.num_attention_heads, dc = c.kv_lora_rank, dn = c.qk_nope_head_dim;
         int dqk = c.qk_head_dim(), dv = c.v_head_dim, I = c.intermediate_size, kva_w = dc + c.qk_rope_head_dim;
         float eps = c.rms_norm_eps;
@@ -217,14 +234,14 @@ struct Sampler {
             rmsnorm_forward(ckv, rstd, kva, kva_w, W + P.kv_a_norm, S, dc, eps, st);
             int append_n = S * (dc + c.qk_rope_head_dim / 2);
             latent_cache_append_kernel<<<ceil_div(append_n, 256), 256, 0, st>>>(
-                cache_ckv[l], cache_kr[l], ckv, kva, S, pos, max_len, dc, c.qk_rope_head_dim, c.rope_theta);
+                cache_ckv[l], cache_kr[l], ckv, kva, S, position, max_len, dc, c.qk_rope_head_dim, c.rope_theta);
             CUDA_CHECK_LAUNCH();
             // q_abs_i = q_nope_i W_uk_i for every head i: one GEMM batched over heads
             long w_head = long(dn + dv) * dc;
             matmul(blas, st, q_abs, q, W + P.kv_b, Matmul{S, dc, dn, false, false, 1.0f, 0.0f, H, dqk, w_head, dc,
                                                           H * dqk, dc, H * dc});
-            latent_attention_decode_kernel<<<S, 128, attention_smem(pos + 1), st>>>(ctx, q_abs, q, cache_ckv[l],
-                                                                                 cache_kr[l], pos, max_len, m);
+            latent_attention_decode_kernel<<<S, 128, attention_smem(max_len), st>>>(ctx, q_abs, q, cache_ckv[l],
+                                                                                 cache_kr[l], position, max_len, m);
             CUDA_CHECK_LAUNCH();
             // o_i = ctx_i W_uv_i^T for every head i
             matmul(blas, st, o, ctx, W + P.kv_b + long(dn) * dc,
@@ -251,11 +268,44 @@ struct Sampler {
             std::copy(prompts[s].begin(), prompts[s].end(), host.begin() + long(s) * max_len);
             lens[s] = int(prompts[s].size()), first[s] = prompts[s][0];
         }
-        cudaStream_t st = model.stream;
+        CUDA_CHECK(cudaStreamSynchronize(model.stream));  // the weights' last update, on the model's stream
+        cudaStream_t st = stream;
         CUDA_CHECK(cudaMemcpyAsync(seqs, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice, st));
         CUDA_CHECK(cudaMemcpyAsync(prompt_len, lens.data(), S * sizeof(int), cudaMemcpyHostToDevice, st));
         CUDA_CHECK(cudaMemcpyAsync(current, first.data(), S * sizeof(int), cudaMemcpyHostToDevice, st));
         CUDA_CHECK(cudaMemsetAsync(done, 0, S * sizeof(int), st));
+        CUDA_CHECK(cudaMemsetAsync(position, 0, sizeof(int), st));
+    }
+
+    // A full decode step: forward, sample, choose each next token, move to the next position.
+    void decode(int S, const SamplingOptions& opt) {
+        step(S);
+        sample_kernel<<<ceil_div(S, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, stream>>>(
+            sampled, logits, S, model.cfg.vocab_size, opt.temperature, opt.top_k, opt.seed, position);
+        CUDA_CHECK_LAUNCH();
+        advance_kernel<<<ceil_div(S, 128), 128, 0, stream>>>(seqs, current, done, sampled, prompt_len, S, position,
+                                                             max_len, opt.stop_a, opt.stop_b);
+        CUDA_CHECK_LAUNCH();
+        next_position_kernel<<<1, 1, 0, stream>>>(position);
+        CUDA_CHECK_LAUNCH();
+    }
+
+    // The decode step as a graph for S sequences and these options, captured on first use.
+    void decode_graph(int S, const SamplingOptions& opt) {
+        bool same = graph && graph_S == S && graph_opt.temperature == opt.temperature &&
+                    graph_opt.top_k == opt.top_k && graph_opt.seed == opt.seed && graph_opt.stop_a == opt.stop_a &&
+                    graph_opt.stop_b == opt.stop_b;
+        if (!same) {
+            if (graph) CUDA_CHECK(cudaGraphExecDestroy(graph));
+            cudaGraph_t captured;
+            CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+            decode(S, opt);
+            CUDA_CHECK(cudaStreamEndCapture(stream, &captured));
+            CUDA_CHECK(cudaGraphInstantiate(&graph, captured, 0));
+            CUDA_CHECK(cudaGraphDestroy(captured));
+            graph_S = S, graph_opt = opt;
+        }
+        CUDA_CHECK(cudaGraphLaunch(graph, stream));
     }
 
     // Samples every prompt until a stop token or max_len tokens in all; returns the generated tokens of each
@@ -263,16 +313,13 @@ struct Sampler {
     std::vector<std::vector<int>> generate(const std::vector<std::vector<int>>& prompts, const SamplingOptions& opt) {
         int S = int(prompts.size());
         start(prompts);
-        cudaStream_t st = model.stream;
+        cudaStream_t st = stream;
         std::vector<int> done_host(S);
         for (int pos = 0; pos + 1 < max_len; pos++) {
-            step(S, pos);
-            sample_kernel<<<ceil_div(S, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, st>>>(
-                sampled, logits, S, model.cfg.vocab_size, opt.temperature, opt.top_k, opt.seed, pos);
-            CUDA_CHECK_LAUNCH();
-            advance_kernel<<<ceil_div(S, 128), 128, 0, st>>>(seqs, current, done, sampled, prompt_len, S, pos,
-                                                             max_len, opt.stop_a, opt.stop_b);
-            CUDA_CHECK_LAUNCH();
+            if (pos == 0)
+                decode(S, opt);  // the first step plans the GEMMs outside the capture
+            else
+                decode_graph(S, opt);
             if (pos % 16 == 15) {  // a host check now and then, not a sync per token
                 CUDA_CHECK(cudaMemcpyAsync(done_host.data(), done, S * sizeof(int), cudaMemcpyDeviceToHost, st));
                 CUDA_CHECK(cudaStreamSynchronize(st));

@@ -1,8 +1,11 @@
-// tests/test_data.cu: the tokenizer and its tokenizer.json, the tasks and their verifiers, the held-out split and
-// the pretraining stream.
+// tests/test_data.cu: the tokenizer and its tokenizer.json, the two languages, the tasks and their verifiers, the
+// held-out split, the pretraining stream, the R1-Zero prompt and the cold-start SFT data.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cctype>
+#include <cmath>
+#include <iterator>
 #include <cstring>
 #include <set>
 #include <string>
@@ -102,15 +105,6 @@ size_t count_occurrences(const std::string& text, const std::string& piece) {
     return count;
 }
 
-std::vector<std::string> lines_of(const std::string& text) {
-    std::vector<std::string> lines;
-    size_t start = 0;
-    for (size_t end; (end = text.find('\n', start)) != std::string::npos; start = end + 1)
-        lines.push_back(text.substr(start, end - start));
-    lines.push_back(text.substr(start));
-    return lines;
-}
-
 bool ends_with(const std::string& text, const std::string& suffix) {
     return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
@@ -137,16 +131,32 @@ std::string two_to_the_64_plus(long n) {
     return digits;
 }
 
-// Rebuilds the problem from a document's question alone and checks the document's answer with it: the answer in
-// the stream must be right, not only well placed.
+// The language a whole text is written in; the text must use one only (or none: then En).
+Language only_language(const std::string& text) {
+    const LanguageCounts counts = count_language_chars(text);
+    REQUIRE_MESSAGE((counts.en == 0 || counts.alt == 0), text);
+    return counts.alt > 0 ? Language::Alt : Language::En;
+}
+
+// En text has no uppercase letter; Alt text no digit and no lowercase letter outside the special tokens.
+bool has_uppercase(const std::string& text) {
+    return std::any_of(text.begin(), text.end(), [](char c) { return std::isupper((unsigned char)c); });
+}
+
+bool is_pure_alt(const std::string& text) { return count_language_chars(text).en == 0; }
+
+// Rebuilds the problem from a document's question alone (in either language) and checks the document's answer
+// with it: the answer in the stream must be right, not only well placed, and in the question's language.
 void check_document(const std::string& doc) {
     REQUIRE(doc.rfind("<|bos|><|user|>", 0) == 0);
     REQUIRE(ends_with(doc, "</answer><|eos|>"));
-    const std::string question = between(doc, "<|user|>", "<|assistant|>");
+    const std::string written = between(doc, "<|user|>", "<|assistant|>");
     REQUIRE(doc.find("<|assistant|><think>") != std::string::npos);
     const std::string answer = between(doc, "</think><answer>", "</answer>");
+    CHECK_MESSAGE(only_language(answer) == only_language(written), doc);
+    const std::string question = to_language(written, Language::En);
     Problem p{};
-    if (question.rfind("Make ", 0) == 0) {
+    if (question.rfind("make ", 0) == 0) {
         p.kind = TaskKind::Countdown;
         size_t from = question.find(" from ");
         REQUIRE(from != std::string::npos);
@@ -308,7 +318,7 @@ TEST_SUITE("data") {
                     CHECK(p.difficulty == d);
                     CHECK(verify(p, p.answer));
                     CHECK(verify(p, "  " + p.answer + " "));
-                    std::vector<std::string> lines = lines_of(p.reasoning);
+                    std::vector<std::string> lines = split_lines(p.reasoning);
                     if (kind == TaskKind::Countdown) {
                         CHECK(p.numbers.size() == size_t(d + 2));
                         for (long n : p.numbers) CHECK((n >= 1 && n <= kCountdownMaxNumber));
@@ -371,6 +381,13 @@ TEST_SUITE("data") {
                         noise[size_t(bytes.range(0, long(noise.size()) - 1))] = char(0x80 + bytes.range(0, 127));
                         wrong.push_back(noise);
                     }
+                    // Every wrong answer stays wrong in Alt, and a right one written half in each language is wrong.
+                    for (size_t w = 0, n = wrong.size(); w < n; ++w)
+                        wrong.push_back(to_language(wrong[w], Language::Alt));
+                    std::string mixed = p.answer;
+                    const size_t last_digit = mixed.find_last_of("0123456789");
+                    mixed[last_digit] = to_language(mixed.substr(last_digit, 1), Language::Alt)[0];
+                    wrong.push_back(mixed);
                     for (const std::string& answer : wrong) {
                         bool accepted = true;
                         CHECK_NOTHROW(accepted = verify(p, answer));
@@ -382,7 +399,7 @@ TEST_SUITE("data") {
     }
 
     TEST_CASE("countdown: the verifier accepts any correct expression and nothing else") {
-        Problem p{TaskKind::Countdown, 2, {3, 5, 2, 7}, 9, "Make 9 from 3 5 2 7", "", "(3+5)*2-7"};
+        Problem p{TaskKind::Countdown, 2, {3, 5, 2, 7}, 9, "make 9 from 3 5 2 7", "", "(3+5)*2-7"};
         for (const char* right : {"(3+5)*2-7", "7+2", "2+7", " 5 + 7 - 3 ", "3*(5-2)", "((7))+((2))", "7*2-5"})
             CHECK_MESSAGE(verify(p, right), right);
         for (const char* wrong : {"3*3",          // 3 used twice
@@ -392,7 +409,7 @@ TEST_SUITE("data") {
                                   "3*5-2-7+3", "99999999999999999999+1"})
             CHECK_MESSAGE(!verify(p, wrong), wrong);
 
-        Problem zero{TaskKind::Countdown, 2, {4, 4, 9, 2}, 9, "Make 9 from 4 4 9 2", "", "9"};
+        Problem zero{TaskKind::Countdown, 2, {4, 4, 9, 2}, 9, "make 9 from 4 4 9 2", "", "9"};
         CHECK_FALSE(verify(zero, "9/(4-4)"));
         CHECK_FALSE(verify(zero, "(4+4)/2+9-4"));  // uses 4 three times
         CHECK(verify(zero, "4/4*9"));
@@ -462,6 +479,10 @@ TEST_SUITE("data") {
         std::vector<Problem> small = eval_set(TaskKind::Mul, 1, 150, 7);
         CHECK(small.size() == 150);
         for (const Problem& p : small) CHECK(is_heldout(p));
+        // The same problems, written in Alt.
+        std::vector<Problem> alt = eval_set(TaskKind::Countdown, 2, 100, 7, Language::Alt);
+        CHECK(keys(alt) == first);
+        for (const Problem& p : alt) CHECK((p.language == Language::Alt && is_pure_alt(p.question)));
     }
 
     TEST_CASE("pretrain_batch: deterministic, valid, and made of whole formatted documents") {
@@ -506,7 +527,7 @@ TEST_SUITE("data") {
         std::vector<int> row_ids(batch.begin(), batch.begin() + T + 1);
         for (const std::string& doc : complete_documents(tok.decode(row_ids))) {
             check_document(doc);
-            CHECK(doc.find("<|user|>Make ") != std::string::npos);
+            CHECK(to_language(between(doc, "<|user|>", "<|assistant|>"), Language::En).rfind("make ", 0) == 0);
             CHECK(doc.find("<think></think><answer>") != std::string::npos);
         }
 
@@ -515,19 +536,255 @@ TEST_SUITE("data") {
         CHECK_THROWS_AS(pretrain_batch(tok, bad, 0, 1, T, batch), std::invalid_argument);
     }
 
-    TEST_CASE("formatted examples fit the context at the largest difficulty") {
+    TEST_CASE("formatted examples fit the context at the largest difficulty, in both languages") {
         Tokenizer tok;
         for (TaskKind kind : kAllKinds) {
-            Rng rng(13, uint64_t(kind));
-            size_t longest = 0;
-            for (int i = 0; i < 500; ++i) {
-                Problem p = make_problem(kind, max_difficulty(kind), rng);
-                std::string example = format_example(p, true);
-                CHECK(example == format_prompt(p) + format_response(p, true));
-                longest = std::max({longest, example.size(), tok.encode(example).size()});
-                CHECK(format_response(p, false) == "<think></think><answer>" + p.answer + "</answer><|eos|>");
+            for (Language language : {Language::En, Language::Alt}) {
+                Rng rng(13, uint64_t(kind));
+                size_t longest = 0;
+                for (int i = 0; i < 500; ++i) {
+                    Problem p = make_problem(kind, max_difficulty(kind), rng, language);
+                    std::string example = format_example(p, true);
+                    CHECK(example == format_prompt(p) + format_response(p, true));
+                    CHECK(format_response(p, false) == "<think></think><answer>" + p.answer + "</answer><|eos|>");
+                    for (const std::string& text : {example, format_prompt(p) + format_cold_start_response(p),
+                                                    r1zero_prompt(p) + format_response(p, true)})
+                        longest = std::max({longest, text.size(), tok.encode(text).size()});
+                }
+                CHECK(longest <= size_t(kMaxExampleTokens));
             }
-            CHECK(longest <= size_t(kMaxExampleTokens));
+        }
+    }
+
+    TEST_CASE("language: names, vocabulary and the mapping") {
+        for (Language language : {Language::En, Language::Alt}) {
+            CHECK(language_from_name(language_name(language)) == language);
+            CHECK(other_language(other_language(language)) == language);
+        }
+        CHECK(other_language(Language::En) == Language::Alt);
+        CHECK_THROWS_AS(language_from_name("fr"), std::invalid_argument);
+        std::set<std::string> words;
+        for (const WordPair& word : kVocabulary) {
+            const std::string en = word.en, alt = word.alt;
+            for (char c : en) CHECK(is_en_word_letter((unsigned char)c));
+            for (char c : alt) CHECK(is_alt_word_letter((unsigned char)c));
+            words.insert({en, alt});
+            CHECK(to_language(en, Language::Alt) == alt);
+            CHECK(to_language(alt, Language::En) == en);
+            CHECK(to_language(en, Language::En) == en);
+            CHECK(to_language(alt, Language::Alt) == alt);
+        }
+        CHECK(words.size() == 2 * std::size(kVocabulary));
+        for (int d = 0; d < 10; ++d) {
+            const std::string en(1, char('0' + d)), alt(1, char('A' + d));
+            CHECK(to_language(en, Language::Alt) == alt);
+            CHECK(to_language(alt, Language::En) == en);
+        }
+        CHECK(to_language("make 25 from 6 15 19 12", Language::Alt) == "MOKX CF RYOM G BF BJ BC");
+        CHECK(to_language("<think>19-6=13, no</think><answer>19-6+12</answer><|eos|>", Language::Alt) ==
+              "<think>BJ-G=BD, NOP</think><answer>BJ-G+BC</answer><|eos|>");
+        CHECK(to_language("NOPB", Language::En) == "no1");           // a word, then a digit
+        CHECK(to_language("B2 NOP yes", Language::En) == "12 no yes");  // mixed text comes out in one language
+        CHECK(to_language("B2 NOP yes", Language::Alt) == "BC NOP YUP");
+        CHECK(to_language("maybe QQ 7", Language::Alt) == "maybe QQ H");  // unknown words are kept
+        CHECK(to_language("", Language::Alt).empty());
+    }
+
+    TEST_CASE("language: language_share of pure, mixed and empty texts") {
+        CHECK(language_share("12+34=46", Language::En) == 1.0);
+        CHECK(language_share("12+34=46", Language::Alt) == 0.0);
+        CHECK(language_share("BC+DE=EG, YUP", Language::Alt) == 1.0);
+        CHECK(language_share("BC+DE=EG, YUP", Language::En) == 0.0);
+        CHECK(language_share("BC+34", Language::Alt) == doctest::Approx(0.5));
+        CHECK(language_share("6+15=21, NOP", Language::En) == doctest::Approx(5.0 / 8));
+        CHECK(language_share("", Language::En) == 1.0);
+        CHECK(language_share("", Language::Alt) == 1.0);
+        CHECK(language_share(" +-*/()=,\n", Language::Alt) == 1.0);
+        // Special tokens belong to neither language; a broken tag is plain text.
+        CHECK(language_share("<think>AB</think><|eos|><|assistant|>", Language::Alt) == 1.0);
+        CHECK(count_language_chars("<thinkAB").en == 5);
+        CHECK(count_language_chars("<thinkAB").alt == 2);
+    }
+
+    TEST_CASE("language: every problem round-trips between En and Alt and verifies in both") {
+        for (TaskKind kind : kAllKinds) {
+            for (int d = 1; d <= max_difficulty(kind); ++d) {
+                Rng en_rng(21, uint64_t(d)), alt_rng(21, uint64_t(d));
+                for (int i = 0; i < 50; ++i) {
+                    const Problem en = make_problem(kind, d, en_rng);
+                    const Problem alt = make_problem(kind, d, alt_rng, Language::Alt);
+                    CAPTURE(alt.question);
+                    CHECK(en.language == Language::En);
+                    CHECK(alt.language == Language::Alt);
+                    CHECK(alt.numbers == en.numbers);
+                    CHECK(alt.target == en.target);
+                    CHECK(problem_key(alt) == problem_key(en));
+                    CHECK(is_heldout(alt) == is_heldout(en));
+                    for (auto text : {&Problem::question, &Problem::reasoning, &Problem::answer}) {
+                        CHECK(alt.*text == to_language(en.*text, Language::Alt));
+                        CHECK(to_language(alt.*text, Language::En) == en.*text);
+                        CHECK(only_language(en.*text) == Language::En);
+                        CHECK(only_language(alt.*text) == Language::Alt);
+                    }
+                    for (const std::string& text : {format_example(en, true), format_cold_start_response(en),
+                                                    r1zero_prompt(en)})
+                        CHECK_FALSE(has_uppercase(text));
+                    CHECK(is_pure_alt(format_example(alt, true)));
+                    CHECK(is_pure_alt(format_cold_start_response(alt)));
+                    for (const Problem& p : {en, alt})
+                        for (const std::string& answer : {en.answer, alt.answer}) CHECK(verify(p, answer));
+                }
+            }
+        }
+        Problem add{TaskKind::Add, 1, {12, 34}, 46, "12+34=", "", "46"};
+        CHECK(verify(add, "EG"));
+        CHECK(verify(add, " EG "));
+        CHECK_FALSE(verify(add, "4G"));
+        CHECK_FALSE(verify(add, "E6"));
+        CHECK_FALSE(verify(add, "EGA"));
+        CHECK_FALSE(verify(add, "E G"));
+        Problem countdown{TaskKind::Countdown, 2, {3, 5, 2, 7}, 9, "make 9 from 3 5 2 7", "", "7+2"};
+        CHECK(verify(countdown, "H+C"));
+        CHECK(verify(countdown, "D*(F-C)"));
+        CHECK_FALSE(verify(countdown, "H+2"));
+        CHECK_FALSE(verify(countdown, "J"));
+    }
+
+    TEST_CASE("corpus: the languages mix as configured") {
+        CorpusConfig cfg;
+        Rng rng(31);
+        const int n = 8000;
+        int alt_questions = 0, other_language_reasoning = 0, multi_step = 0, switched = 0;
+        for (int i = 0; i < n; ++i) {
+            const std::string doc = corpus_document(cfg, rng, false);
+            check_document(doc);
+            const Language question = only_language(between(doc, "<|user|>", "<|assistant|>"));
+            std::vector<Language> steps;
+            for (const std::string& step : split_lines(between(doc, "<think>", "</think>")))
+                steps.push_back(only_language(step));
+            int changes = 0;
+            for (size_t s = 1; s < steps.size(); ++s) changes += steps[s] != steps[s - 1];
+            CHECK(changes <= 1);
+            alt_questions += question == Language::Alt;
+            other_language_reasoning += steps.front() != question;
+            multi_step += steps.size() > 1;
+            switched += changes;
+        }
+        // Each tolerance is over 5 standard deviations of the measured share.
+        CHECK(std::fabs(double(alt_questions) / n - cfg.alt_fraction) < 0.03);
+        CHECK(std::fabs(double(other_language_reasoning) / n - cfg.other_language_reasoning) < 0.025);
+        CHECK(std::fabs(double(switched) / multi_step - cfg.code_switch) < 0.02);
+
+        CorpusConfig en_only;
+        en_only.alt_fraction = en_only.other_language_reasoning = en_only.code_switch = 0;
+        CorpusConfig alt_only = en_only;
+        alt_only.alt_fraction = 1;
+        CorpusConfig translated = en_only;
+        translated.other_language_reasoning = 1;
+        for (int i = 0; i < 300; ++i) {
+            CHECK_FALSE(has_uppercase(corpus_document(en_only, rng, false)));
+            CHECK(is_pure_alt(corpus_document(alt_only, rng, true)));
+            const std::string doc = corpus_document(translated, rng, false);
+            CHECK_FALSE(has_uppercase(between(doc, "<|user|>", "<|assistant|>")));
+            CHECK(is_pure_alt(between(doc, "<think>", "</think>")));
+            CHECK_FALSE(has_uppercase(between(doc, "<answer>", "</answer>")));
+        }
+
+        Tokenizer tok;
+        std::vector<int32_t> batch;
+        for (auto fraction :
+             {&CorpusConfig::alt_fraction, &CorpusConfig::other_language_reasoning, &CorpusConfig::code_switch})
+            for (double bad : {-0.1, 1.5, std::nan("")}) {
+                CorpusConfig broken;
+                broken.*fraction = bad;
+                CHECK_THROWS_AS(pretrain_batch(tok, broken, 0, 1, 16, batch), std::invalid_argument);
+            }
+    }
+
+    TEST_CASE("r1zero_prompt: the R1-Zero instruction in the project's short form") {
+        Tokenizer tok;
+        Rng rng(41);
+        for (Language language : {Language::En, Language::Alt}) {
+            const Problem p = make_problem(TaskKind::Countdown, 2, rng, language);
+            const std::string prompt = r1zero_prompt(p);
+            CHECK(prompt.rfind("<|bos|><|system|>", 0) == 0);
+            CHECK(ends_with(prompt, "<|user|>" + p.question + "<|assistant|>"));
+            const std::string instruction = between(prompt, "<|system|>", "<|user|>");
+            CHECK_FALSE(has_uppercase(instruction));
+            CHECK(instruction.find("<think></think>") != std::string::npos);
+            CHECK(instruction.find("<answer></answer>") != std::string::npos);
+            const std::vector<int> ids = tok.encode(prompt);
+            CHECK(ids.back() == ASSISTANT);
+            CHECK(ids.size() < 100);
+        }
+    }
+
+    TEST_CASE("cold start: single-language reasoning with a summary") {
+        Problem add{TaskKind::Add, 1, {12, 34}, 46, "12+34=", addition_steps(12, 34), "46"};
+        CHECK(format_cold_start_response(add) ==
+              "<think>2+4+0=6 -> 6\n1+3+0=4 -> 46\nso 12+34=46</think><answer>46</answer><|eos|>");
+        CHECK(format_cold_start_response(in_language(add, Language::Alt)) ==
+              "<think>C+E+A=G -> G\nB+D+A=E -> EG\nZO BC+DE=EG</think><answer>EG</answer><|eos|>");
+        Problem countdown{TaskKind::Countdown, 2, {3, 5, 2, 7}, 9, "make 9 from 3 5 2 7", "3+5=8, no\n7+2=9, yes",
+                          "7+2"};
+        CHECK(format_cold_start_response(countdown) ==
+              "<think>3+5=8, no\n7+2=9, yes\nso 7+2=9</think><answer>7+2</answer><|eos|>");
+        CHECK(format_cold_start_response(in_language(countdown, Language::Alt)) ==
+              "<think>D+F=I, NOP\nH+C=J, YUP\nZO H+C=J</think><answer>H+C</answer><|eos|>");
+
+        CorpusConfig cfg;
+        cfg.max_difficulty[0] = cfg.max_difficulty[1] = cfg.max_difficulty[2] = 2;
+        const std::vector<Problem> set = cold_start_set(2000, cfg, 5);
+        REQUIRE(set.size() == 2000);
+        int alt = 0;
+        for (const Problem& p : set) {
+            CHECK_FALSE(is_heldout(p));
+            alt += p.language == Language::Alt;
+            const std::string response = format_cold_start_response(p);
+            check_document(format_prompt(p) + response);
+            CHECK(only_language(response) == p.language);
+            CHECK(only_language(p.question) == p.language);
+            CHECK(ends_with(between(response, "<think>", "</think>"), "\n" + summary_line(p)));
+        }
+        CHECK((alt > 900 && alt < 1100));
+        auto keys = [](const std::vector<Problem>& problems) {
+            std::vector<std::string> out;
+            for (const Problem& p : problems) out.push_back(problem_key(p) + language_name(p.language));
+            return out;
+        };
+        CHECK(keys(cold_start_set(100, cfg, 5)) == keys(std::vector<Problem>(set.begin(), set.begin() + 100)));
+        CHECK(keys(cold_start_set(100, cfg, 6)) != keys(cold_start_set(100, cfg, 5)));
+    }
+
+    TEST_CASE("sft_example: targets only on the assistant's tokens, padded to T") {
+        Tokenizer tok;
+        Rng rng(51);
+        for (Language language : {Language::En, Language::Alt}) {
+            const Problem p = make_problem(TaskKind::Countdown, 2, rng, language);
+            const std::vector<int> prompt = tok.encode(format_prompt(p));
+            const std::vector<int> full = tok.encode(format_prompt(p) + format_cold_start_response(p));
+            const int T = 256;
+            REQUIRE(full.size() < size_t(T));
+            const SftExample example = sft_example(tok, p, T);
+            REQUIRE(example.tokens.size() == size_t(T));
+            REQUIRE(example.targets.size() == size_t(T));
+            for (size_t i = 0; i < size_t(T); ++i) {
+                CHECK(example.tokens[i] == (i < full.size() ? full[i] : int(PAD)));
+                const bool assistant_next = i + 1 >= prompt.size() && i + 1 < full.size();
+                CHECK(example.targets[i] == (assistant_next ? full[i + 1] : -1));
+            }
+            CHECK(example.targets[prompt.size() - 2] == -1);
+            CHECK(example.targets[prompt.size() - 1] == THINK);
+            CHECK(example.targets[full.size() - 2] == EOS);
+            CHECK(example.targets[full.size() - 1] == -1);
+            const long counted = std::count_if(example.targets.begin(), example.targets.end(),
+                                               [](int t) { return t >= 0; });
+            CHECK(counted == long(full.size() - prompt.size()));
+
+            const SftExample exact = sft_example(tok, p, int(full.size()));
+            CHECK(exact.tokens == full);
+            CHECK(exact.targets.back() == -1);
+            CHECK_THROWS_AS(sft_example(tok, p, int(full.size()) - 1), std::invalid_argument);
         }
     }
 }

@@ -46,13 +46,12 @@ double decode_vs_forward_error(uint64_t seed) {
     int S = int(prompts.size());
     sampler.start(prompts);
     std::vector<std::vector<float>> step_logits;
+    SamplingOptions greedy;
+    greedy.temperature = 0.0f;
     for (int pos = 0; pos + 1 < L; pos++) {
-        sampler.step(S, pos);
+        sampler.decode(S, greedy);
+        CUDA_CHECK(cudaStreamSynchronize(sampler.stream));
         step_logits.push_back(download(sampler.logits, size_t(S) * V));
-        sample_kernel<<<1, WARPS_PER_BLOCK * 32>>>(sampler.sampled, sampler.logits, S, V, 0.0f, 0, 0, pos);
-        advance_kernel<<<1, 32>>>(sampler.seqs, sampler.current, sampler.done, sampler.sampled, sampler.prompt_len,
-                                  S, pos, L, -1, -1);
-        CUDA_CHECK_LAUNCH();
     }
     std::vector<int> seqs(size_t(S) * L);
     CUDA_CHECK(cudaMemcpy(seqs.data(), sampler.seqs, seqs.size() * sizeof(int), cudaMemcpyDeviceToHost));
@@ -119,12 +118,13 @@ TEST_SUITE("gpu") {
         for (float& x : row) x = float(rng.uniform() * 4.0);
         DeviceBuffer<float> logits(V);
         logits.upload(row);
-        DeviceBuffer<int> token(1);
+        DeviceBuffer<int> token(1), step_buf(1);
         auto draw_counts = [&](float temperature, int top_k) {
             std::map<int, int> counts;
             for (int step = 0; step < draws; step++) {
+                step_buf.upload({step});
                 sample_kernel<<<1, WARPS_PER_BLOCK * 32>>>(token.data(), logits.data(), S, V, temperature, top_k, 3,
-                                                           step);
+                                                           step_buf.data());
                 CUDA_CHECK_LAUNCH();
                 counts[token.download()[0]]++;
             }
