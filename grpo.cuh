@@ -12,7 +12,10 @@
 #include <cmath>
 #include <vector>
 
+#include "data/corpus.h"
 #include "layers.cuh"
+#include "rewards.h"
+#include "sampler.cuh"
 
 // ---------------------------------------------------------------------------------------------------------------
 // Host: advantages from rewards
@@ -116,3 +119,159 @@ void grpo_loss(float* loss, float* kl, float* clipped, T* dlogits, const float* 
         loss, kl, clipped, dlogits, logits, targets, weight, advantage, logp_old, logp_ref, N, V, cfg);
     CUDA_CHECK_LAUNCH();
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// One GRPO step: sample G responses per prompt, score them by rule, and update the policy on its own samples
+// ---------------------------------------------------------------------------------------------------------------
+
+enum class Normalization {
+    Sequence,  // GRPO: 1/|o_i| per response, then the mean over responses
+    Token,     // DAPO: every response token of the batch weighs the same
+    Constant,  // Dr. GRPO: one constant, samples * max_new, for every token
+};
+
+struct GrpoOptions {
+    int group = 8;            // G samples per prompt
+    int updates = 2;          // policy updates per batch of samples (pi_old is the policy that sampled)
+    int max_new = 320;        // response tokens at most
+    float temperature = 1.0f;
+    GrpoConfig loss;
+    bool scale_by_std = true;  // false: Dr. GRPO's unscaled advantages
+    Normalization norm = Normalization::Sequence;
+    bool skip_uniform_groups = false;  // DAPO's dynamic sampling, as a filter: equal-reward groups drop out
+    bool r1zero_template = false;      // R1-Zero's instruction prompt instead of the chat prompt
+    rewards::RewardConfig reward;
+};
+
+struct GrpoStats {
+    double reward = 0, accuracy = 0, format = 0, language = 0, mixing = 0, response_tokens = 0;
+    double kl = 0, clip_fraction = 0;
+    int samples = 0, uniform_groups = 0;
+};
+
+// The prompts, responses and per-token arrays of one batch of samples, laid out [S, T] for the training forward.
+struct SampleBatch {
+    int S = 0, T = 0;
+    std::vector<int> tokens, targets;
+    std::vector<float> weight, advantage;
+};
+
+template <typename T>
+struct GrpoTrainer {
+    Model<T>& policy;
+    Model<T>& reference;  // frozen: the KL anchor
+    Sampler<T> sampler;
+    data::Tokenizer tok;
+    DeviceBuffer<int> targets;
+    DeviceBuffer<float> weight, advantage, logp_old, logp_ref, token_loss, token_kl, token_clipped, sums{3};
+
+    // policy and reference hold max_sequences x max_len tokens (prompt and response).
+    GrpoTrainer(Model<T>& p, Model<T>& ref, int max_sequences, int max_len)
+        : policy(p), reference(ref), sampler(p, max_sequences, max_len) {}
+
+    std::string prompt_text(const data::Problem& p, const GrpoOptions& o) const {
+        return o.r1zero_template ? data::r1zero_prompt(p) : data::format_prompt(p);
+    }
+
+    // Samples G responses per problem, scores them, updates the policy `updates` times on them.
+    GrpoStats step(const std::vector<data::Problem>& problems, const GrpoOptions& o, const AdamW& opt,
+                   float max_grad_norm, int& optimizer_step, uint64_t seed, int rl_step) {
+        std::vector<std::vector<int>> prompts;
+        for (const data::Problem& p : problems)
+            for (int g = 0; g < o.group; g++) prompts.push_back(tok.encode(prompt_text(p, o)));
+        SamplingOptions sampling;
+        sampling.temperature = o.temperature;
+        sampling.seed = rng_hash(seed, 0x67727030ull, uint64_t(rl_step));
+        sampling.stop_a = data::ANSWER_END, sampling.stop_b = data::EOS;
+        std::vector<std::vector<int>> responses = sampler.generate(prompts, sampling);
+
+        GrpoStats stats;
+        std::vector<float> totals(responses.size());
+        for (size_t i = 0; i < responses.size(); i++) {
+            const data::Problem& p = problems[i / o.group];
+            rewards::Reward r = rewards::score(p, tok.decode(responses[i]), o.reward);
+            totals[i] = float(r.total);
+            stats.reward += r.total, stats.accuracy += r.accuracy, stats.format += r.format;
+            stats.language += r.language, stats.mixing += rewards::is_mixed(r.thinking);
+            stats.response_tokens += double(responses[i].size());
+        }
+        GroupAdvantages adv = group_advantages(totals, o.group, o.scale_by_std);
+        stats.samples = int(responses.size()), stats.uniform_groups = adv.uniform_groups;
+        for (double* x : {&stats.reward, &stats.accuracy, &stats.format, &stats.language, &stats.mixing,
+                          &stats.response_tokens})
+            *x /= stats.samples;
+
+        SampleBatch batch = layout(prompts, responses, adv, o);
+        update(batch, o, opt, max_grad_norm, optimizer_step, seed, stats);
+        return stats;
+    }
+
+    // Token rows of prompt + response, targets on the response tokens only, each weighted by its normalizer.
+    SampleBatch layout(const std::vector<std::vector<int>>& prompts, const std::vector<std::vector<int>>& responses,
+                       const GroupAdvantages& adv, const GrpoOptions& o) const {
+        SampleBatch b;
+        b.S = int(prompts.size());
+        size_t longest = 0, response_tokens = 0, kept = 0;
+        for (int s = 0; s < b.S; s++) longest = std::max(longest, prompts[s].size() + responses[s].size());
+        b.T = std::min(ceil_div(long(longest), 32) * 32, policy.max_T);
+        std::vector<char> keep(b.S, 1);
+        for (int s = 0; s < b.S; s++) {
+            if (o.skip_uniform_groups) {
+                int g0 = s / o.group * o.group;
+                bool uniform = true;
+                for (int i = g0; i < g0 + o.group; i++) uniform &= adv.advantage[i] == adv.advantage[g0];
+                keep[s] = !uniform;
+            }
+            kept += keep[s];
+            response_tokens += keep[s] * responses[s].size();
+        }
+        b.tokens.assign(size_t(b.S) * b.T, data::PAD), b.targets.assign(size_t(b.S) * b.T, -1);
+        b.weight.assign(size_t(b.S) * b.T, 0.0f), b.advantage.assign(size_t(b.S) * b.T, 0.0f);
+        for (int s = 0; s < b.S; s++) {
+            std::vector<int> seq = prompts[s];
+            seq.insert(seq.end(), responses[s].begin(), responses[s].end());
+            seq.resize(std::min(seq.size(), size_t(b.T)));
+            std::copy(seq.begin(), seq.end(), b.tokens.begin() + long(s) * b.T);
+            double w = o.norm == Normalization::Sequence ? 1.0 / (double(responses[s].size()) * double(kept))
+                       : o.norm == Normalization::Token  ? 1.0 / double(response_tokens)
+                                                         : 1.0 / (double(b.S) * o.max_new);
+            for (size_t t = prompts[s].size() - 1; t + 1 < seq.size(); t++) {
+                size_t n = size_t(s) * b.T + t;
+                b.targets[n] = seq[t + 1];
+                b.weight[n] = keep[s] ? float(w) : 0.0f;
+                b.advantage[n] = adv.advantage[s];
+            }
+        }
+        return b;
+    }
+
+    void update(const SampleBatch& b, const GrpoOptions& o, const AdamW& opt, float max_grad_norm,
+                int& optimizer_step, uint64_t seed, GrpoStats& stats) {
+        long N = long(b.S) * b.T;
+        int V = policy.cfg.vocab_size;
+        cudaStream_t s = policy.stream;
+        targets.upload(b.targets), weight.upload(b.weight), advantage.upload(b.advantage);
+        for (DeviceBuffer<float>* buf : {&logp_old, &logp_ref, &token_loss, &token_kl, &token_clipped})
+            if (long(buf->count) < N) buf->resize(N);
+        reference.forward(b.tokens, b.S, b.T);
+        token_logprobs(logp_ref.data(), reference.logits, targets.data(), int(N), V, reference.stream);
+        CUDA_CHECK(cudaStreamSynchronize(reference.stream));
+        policy.forward(b.tokens, b.S, b.T);
+        token_logprobs(logp_old.data(), policy.logits, targets.data(), int(N), V, s);
+        long response_tokens = 0;
+        for (int t : b.targets) response_tokens += t >= 0;
+        for (int u = 0; u < o.updates; u++) {
+            if (u > 0) policy.forward(b.tokens, b.S, b.T);
+            grpo_loss(token_loss.data(), token_kl.data(), token_clipped.data(), policy.d_logits, policy.logits,
+                      targets.data(), weight.data(), advantage.data(), logp_old.data(), logp_ref.data(), int(N), V,
+                      o.loss, s);
+            sum_reduce(sums.data() + 1, policy.reduce_scratch, token_kl.data(), N, false, s);
+            sum_reduce(sums.data() + 2, policy.reduce_scratch, token_clipped.data(), N, false, s);
+            policy.backward(b.S, b.T);
+            policy.optimizer_step(opt, max_grad_norm, ++optimizer_step, seed);
+        }
+        std::vector<float> h = sums.download();
+        stats.kl = h[1] / double(std::max(response_tokens, 1L));
+        stats.clip_fraction = h[2] / double(std::max(response_tokens, 1L));
+    }
+};

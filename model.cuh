@@ -416,12 +416,10 @@ struct Model {
                      layout.n_decay, opt, max_grad_norm, step, seed, stream);
     }
 
-    // One optimizer step on rows [B, T+1] (inputs are the first T ids of a row, targets the last T); the loss and
-    // gradient norm are read afterwards with read_scalars(), so the host can prepare the next batch meanwhile.
-    void train_step(const std::vector<int>& rows, int B, int T_, const AdamW& opt, float max_grad_norm, int step,
-                    uint64_t seed) {
-        std::vector<int> inputs, targets;
-        split_rows(rows, B, T_, inputs, targets);
+    // One optimizer step on inputs [B, T] and targets [B*T] (negative: no loss). The loss and gradient norm are
+    // read afterwards with read_scalars(), so the host can prepare the next batch meanwhile.
+    void train_step(const std::vector<int>& inputs, const std::vector<int>& targets, int B, int T_, const AdamW& opt,
+                    float max_grad_norm, int step, uint64_t seed) {
         forward(inputs, B, T_);
         loss(targets);
         backward(B, T_);

@@ -88,7 +88,7 @@ __global__ void latent_attention_decode_kernel(T* ctx, const T* q_abs, const T* 
 
 // The smallest logit among the top_k largest of a row: an element is in the top k when fewer than k elements are
 // larger than it (ties at the boundary are all kept). O(V^2 / 32) per warp, nothing for a small vocabulary.
-__device__ float top_k_threshold(const float* row, int V, int top_k, int lane) {
+__device__ __forceinline__ float top_k_threshold(const float* row, int V, int top_k, int lane) {
     float threshold = INFINITY;
     for (int v = lane; v < V; v += 32) {
         int larger = 0;

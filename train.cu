@@ -155,7 +155,7 @@ int pretrain(const Options& o) {
                 model.num_params() / 1e6, cfg.matmul_params() / 1e6, o.precision.c_str(), o.batch, o.seq,
                 flops_per_step / 1e12);
 
-    std::vector<int> rows, next_rows;
+    std::vector<int> rows, next_rows, inputs, targets;
     data::pretrain_batch(tok, corpus, start + 1, o.batch, o.seq, rows);
     WallTimer run_clock;
     double timed_seconds = 0.0;
@@ -163,7 +163,8 @@ int pretrain(const Options& o) {
         WallTimer step_clock;
         float lr = learning_rate(o, step);
         AdamW opt{lr, 0.9f, o.beta2, 1e-8f, o.weight_decay};
-        model.train_step(rows, o.batch, o.seq, opt, o.grad_clip, step, uint64_t(o.seed));
+        split_rows(rows, o.batch, o.seq, inputs, targets);
+        model.train_step(inputs, targets, o.batch, o.seq, opt, o.grad_clip, step, uint64_t(o.seed));
         if (step < o.steps) data::pretrain_batch(tok, corpus, step + 1, o.batch, o.seq, next_rows);  // overlaps the GPU
         auto [loss_sum, grad_norm] = model.read_scalars();
         float loss = loss_sum / float(tokens_per_step);

@@ -47,7 +47,8 @@ inline TaskKind task_from_name(const std::string& name) {
 
 // The model's context is 512 tokens; a formatted example (prompt, reasoning, answer, special tokens) at the
 // largest difficulty stays under this bound, which leaves room for longer thinking after reinforcement learning.
-// The longest are countdown traces at difficulty 4: at most 4 lines of at most 5 steps, about 340 tokens.
+// The longest are countdown traces at difficulty 4: at most 4 lines of at most 5 steps, about 340 tokens (in either
+// language), and a cold-start summary line adds about 30.
 constexpr int kMaxExampleTokens = 400;
 
 inline int max_difficulty(TaskKind kind) {

@@ -60,7 +60,7 @@ inline std::string json_quote(const std::string& text) {
 struct Tokenizer {
     static constexpr int vocab_size = 128;  // a multiple of 128, as the model's GEMMs need
     static constexpr int num_named_specials = kNumNamedSpecials;
-    static constexpr int first_char_id = 16;       // '\n', then ' ' .. '~'
+    static constexpr int first_char_id = 16;  // '\n', then ' ' .. '~'
     static constexpr int num_chars = 1 + 95;
 
     Tokenizer() {

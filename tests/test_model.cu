@@ -129,11 +129,12 @@ TEST_SUITE("gpu") {
     TEST_CASE("training lowers the loss on a fixed batch") {
         Config c = tiny_config();
         c.initializer_range = 0.02f;
-        std::vector<int> rows = random_tokens(B * (T + 1), c.vocab_size, 5);
+        std::vector<int> rows = random_tokens(B * (T + 1), c.vocab_size, 5), inputs, targets;
+        split_rows(rows, B, T, inputs, targets);
         auto model = make_model<bf16>(c, 14);
         float first = 0.0f, last = 0.0f;
         for (int step = 1; step <= 50; step++) {
-            model->train_step(rows, B, T, AdamW{1e-2f}, 1.0f, step, 1);
+            model->train_step(inputs, targets, B, T, AdamW{1e-2f}, 1.0f, step, 1);
             float loss = model->read_scalars().first / float(B * T);
             if (step == 1) first = loss;
             last = loss;
@@ -178,7 +179,9 @@ TEST_SUITE("gpu") {
         auto run = [&](Model<bf16>& m, int from, int to) {
             std::vector<float> losses;
             for (int step = from; step <= to; step++) {
-                m.train_step(batch(step), B, T, AdamW{1e-3f}, 1.0f, step, 5);
+                std::vector<int> inputs, targets;
+                split_rows(batch(step), B, T, inputs, targets);
+                m.train_step(inputs, targets, B, T, AdamW{1e-3f}, 1.0f, step, 5);
                 losses.push_back(m.read_scalars().first);
             }
             return losses;
