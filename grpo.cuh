@@ -182,7 +182,7 @@ struct GrpoTrainer {
         SamplingOptions sampling;
         sampling.temperature = o.temperature;
         sampling.seed = rng_hash(seed, 0x67727030ull, uint64_t(rl_step));
-        sampling.stop_a = data::ANSWER_END, sampling.stop_b = data::EOS;
+        sampling.stop_a = data::ANSWER_END, sampling.stop_b = data::EOS, sampling.max_new = o.max_new;
         std::vector<std::vector<int>> responses = sampler.generate(prompts, sampling);
 
         GrpoStats stats;

@@ -147,18 +147,6 @@ __global__ void convert_kernel(T* out, const float* in, long n) {
     if (i < n) out[i] = from_float<T>(in[i]);
 }
 
-static __global__ void argmax_kernel(int* out, const float* logits, const int* rows, int n_rows, int V) {
-    int r = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (r >= n_rows) return;
-    const float* row = logits + long(rows[r]) * V;
-    float best = -INFINITY;
-    int best_v = 0;
-    for (int v = lane; v < V; v += 32)
-        if (row[v] > best) best = row[v], best_v = v;
-    warp_argmax(best, best_v);
-    if (lane == 0) out[r] = best_v;
-}
-
 // Rows [B, T+1] of a token stream -> inputs [B, T] (the first T ids of each row) and targets (the last T).
 inline void split_rows(const std::vector<int>& rows, int B, int T, std::vector<int>& inputs, std::vector<int>& targets) {
     inputs.resize(size_t(B) * T), targets.resize(size_t(B) * T);
@@ -199,7 +187,7 @@ struct Model {
     T *d_resid, *d_h, *d_gu, *d_a, *d_o, *d_q, *d_cq, *d_cq_pre, *d_kva, *d_ckv, *d_kvb, *d_logits;
     float* norm_scratch;
     float* reduce_scratch;
-    int *tokens_buf, *targets_buf, *argmax_rows, *argmax_out;
+    int *tokens_buf, *targets_buf;
     std::vector<DeviceBuffer<uint8_t>> storage;
 
     Model(const Config& c, int B, int T_) : cfg(c), layout(c), max_B(B), max_T(T_) {
@@ -254,7 +242,7 @@ struct Model {
         d_kvb = take<T>(N * kvb_w), d_logits = take<T>(N * c.vocab_size);
         norm_scratch = take<float>(rmsnorm_scratch_size(int(N), int(widest)));
         reduce_scratch = take<float>(REDUCE_BLOCKS);
-        tokens_buf = take<int>(N), targets_buf = take<int>(N), argmax_rows = take<int>(max_B), argmax_out = take<int>(max_B);
+        tokens_buf = take<int>(N), targets_buf = take<int>(N);
     }
 
     // ----- parameters -----------------------------------------------------------------------------------------
@@ -275,9 +263,14 @@ struct Model {
             }
             CUDA_CHECK_LAUNCH();
         }
+        reset_optimizer();
+        refresh_weights();
+    }
+
+    // Zero Adam moments: a new optimizer, for fresh weights or a new stage on loaded ones.
+    void reset_optimizer() {
         CUDA_CHECK(cudaMemsetAsync(adam_m.data(), 0, adam_m.bytes(), stream));
         CUDA_CHECK(cudaMemsetAsync(adam_v.data(), 0, adam_v.bytes(), stream));
-        refresh_weights();
     }
 
     // After the master weights change (init, load, optimizer step): the working copy in T.
@@ -432,42 +425,5 @@ struct Model {
         CUDA_CHECK(cudaMemcpyAsync(h, scalars, sizeof(h), cudaMemcpyDeviceToHost, stream));
         CUDA_CHECK(cudaStreamSynchronize(stream));
         return {h[0], sqrtf(h[1])};
-    }
-
-    // ----- greedy decoding (evaluation) -----------------------------------------------------------------------
-
-    // Extends every sequence greedily until it emits a stop token or reaches max_len tokens. Each new token runs
-    // the full forward over the batch, padded to the longest sequence: simple, for evaluation only.
-    void greedy_extend(std::vector<std::vector<int>>& seqs, int max_len, const std::vector<int>& stop_tokens) {
-        int B = int(seqs.size()), limit = std::min(max_len, max_T);
-        std::vector<char> done(B);
-        std::vector<int> rows(B), next(B), tokens;
-        for (int b = 0; b < B; b++) {
-            if (seqs[b].empty()) throw std::invalid_argument("greedy_extend: empty prompt");
-            done[b] = int(seqs[b].size()) >= limit;
-        }
-        while (std::count(done.begin(), done.end(), 0) > 0) {
-            size_t longest = 0;
-            for (const auto& s : seqs) longest = std::max(longest, s.size());
-            int T_ = std::min(ceil_div(long(longest), 32) * 32, max_T);
-            tokens.assign(size_t(B) * T_, 0);
-            for (int b = 0; b < B; b++) {
-                std::copy(seqs[b].begin(), seqs[b].end(), tokens.begin() + long(b) * T_);
-                rows[b] = b * T_ + int(seqs[b].size()) - 1;
-            }
-            forward(tokens, B, T_);
-            CUDA_CHECK(cudaMemcpyAsync(argmax_rows, rows.data(), sizeof(int) * B, cudaMemcpyHostToDevice, stream));
-            argmax_kernel<<<ceil_div(B, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, stream>>>(
-                argmax_out, logits, argmax_rows, B, cfg.vocab_size);
-            CUDA_CHECK_LAUNCH();
-            CUDA_CHECK(cudaMemcpyAsync(next.data(), argmax_out, sizeof(int) * B, cudaMemcpyDeviceToHost, stream));
-            CUDA_CHECK(cudaStreamSynchronize(stream));
-            for (int b = 0; b < B; b++) {
-                if (done[b]) continue;
-                seqs[b].push_back(next[b]);
-                bool stop = std::find(stop_tokens.begin(), stop_tokens.end(), next[b]) != stop_tokens.end();
-                done[b] = stop || int(seqs[b].size()) >= limit;
-            }
-        }
     }
 };

@@ -93,9 +93,14 @@ struct Options {
     float lr = 2e-3f, min_lr_frac = 0.1f, weight_decay = 0.1f, grad_clip = 1.0f, beta2 = 0.95f;
     long seed = 1234;
     bool resume = false, help = false;
+    // Cold start and reinforcement learning
+    int sft_examples = 4000, prompts = 32, group = 8, updates = 2, max_new = 320, rl_difficulty = 2;
+    std::string rl_task = "countdown", template_name = "chat";
+    float temperature = 1.0f, kl = 0.0f, clip_low = 0.2f, clip_high = 0.2f, w_format = 0.1f, w_language = 0.0f;
+    bool dr_grpo = false, token_norm = false, skip_uniform = false;
 
     static const std::vector<std::string>& stages() {
-        static const std::vector<std::string> names = {"pretrain", "eval", "logits"};
+        static const std::vector<std::string> names = {"pretrain", "sft", "r1zero", "grpo", "eval", "logits"};
         return names;
     }
 
@@ -121,6 +126,23 @@ struct Options {
         f.add("log-every", &log_every, "steps between progress lines");
         f.add("samples", &samples, "held-out problems per task and difficulty scored after training and by eval");
         f.add("text", &text, "input text of the logits stage");
+        f.add("sft-examples", &sft_examples, "sft: cold-start examples (cycled through)");
+        f.add("rl-task", &rl_task, "r1zero/grpo: task of the prompts (add, mul, countdown)");
+        f.add("rl-difficulty", &rl_difficulty, "r1zero/grpo: difficulty of the prompts");
+        f.add("prompts", &prompts, "r1zero/grpo: prompts per step");
+        f.add("group", &group, "r1zero/grpo: samples per prompt (G)");
+        f.add("updates", &updates, "r1zero/grpo: policy updates per batch of samples");
+        f.add("max-new", &max_new, "r1zero/grpo: response tokens at most");
+        f.add("temperature", &temperature, "r1zero/grpo: sampling temperature");
+        f.add("kl", &kl, "r1zero/grpo: weight beta of the k3 KL to the initial policy");
+        f.add("clip-low", &clip_low, "r1zero/grpo: ratio clip below 1");
+        f.add("clip-high", &clip_high, "r1zero/grpo: ratio clip above 1 (DAPO's clip-higher: 0.28)");
+        f.add("w-format", &w_format, "r1zero/grpo: weight of the format reward");
+        f.add("w-language", &w_language, "r1zero/grpo: weight of the language-consistency reward");
+        f.add("template", &template_name, "prompt template: chat | r1zero (eval; r1zero uses r1zero)");
+        f.add_switch("dr-grpo", &dr_grpo, "r1zero/grpo: Dr. GRPO (no std scaling, constant normalizer)");
+        f.add_switch("token-norm", &token_norm, "r1zero/grpo: DAPO's token-level normalization");
+        f.add_switch("skip-uniform", &skip_uniform, "r1zero/grpo: drop groups whose rewards are all equal (DAPO)");
         f.add_switch("resume", &resume, "continue from the checkpoint in --out, bit for bit");
         f.add_switch("help", &help, "print this help");
         return f;
@@ -141,8 +163,9 @@ struct Options {
     void validate() const {
         bool known = false;
         for (const std::string& s : stages()) known |= s == stage;
-        if (stage.empty()) throw std::invalid_argument("missing stage (one of: pretrain, eval, logits)");
-        if (!known) throw std::invalid_argument("unknown stage '" + stage + "' (one of: pretrain, eval, logits)");
+        std::string names = "pretrain, sft, r1zero, grpo, eval, logits";
+        if (stage.empty()) throw std::invalid_argument("missing stage (one of: " + names + ")");
+        if (!known) throw std::invalid_argument("unknown stage '" + stage + "' (one of: " + names + ")");
         if (precision != "fp32" && precision != "bf16")
             throw std::invalid_argument("--precision must be fp32 or bf16, got '" + precision + "'");
         auto positive = [](long v, const char* name) {
@@ -154,8 +177,16 @@ struct Options {
         if (warmup < 0) throw std::invalid_argument("--warmup must not be negative");
         if (!(min_lr_frac >= 0.0f && min_lr_frac <= 1.0f)) throw std::invalid_argument("--min-lr-frac must be in [0, 1]");
         if (!(beta2 > 0.0f && beta2 < 1.0f)) throw std::invalid_argument("--beta2 must be in (0, 1)");
-        if ((stage == "eval" || stage == "logits") && init.empty())
-            throw std::invalid_argument("stage " + stage + " needs --init CHECKPOINT");
+        if (stage != "pretrain" && init.empty()) throw std::invalid_argument("stage " + stage + " needs --init CHECKPOINT");
+        positive(sft_examples, "sft-examples"), positive(prompts, "prompts"), positive(group, "group");
+        positive(updates, "updates"), positive(max_new, "max-new"), positive(rl_difficulty, "rl-difficulty");
+        if (rl_task != "add" && rl_task != "mul" && rl_task != "countdown")
+            throw std::invalid_argument("--rl-task must be add, mul or countdown, got '" + rl_task + "'");
+        if (template_name != "chat" && template_name != "r1zero")
+            throw std::invalid_argument("--template must be chat or r1zero, got '" + template_name + "'");
+        if (!(temperature >= 0.0f)) throw std::invalid_argument("--temperature must not be negative");
+        if (!(kl >= 0.0f && clip_low > 0.0f && clip_low < 1.0f && clip_high > 0.0f))
+            throw std::invalid_argument("--kl must be >= 0, --clip-low in (0, 1), --clip-high > 0");
         if (stage == "logits" && text.empty()) throw std::invalid_argument("stage logits needs --text");
     }
 
@@ -164,6 +195,9 @@ struct Options {
         return "usage: train STAGE [--flag value ...]\n"
                "stages:\n"
                "  pretrain  train the base model on the synthetic reasoning corpus\n"
+               "  sft       cold start: supervised fine-tuning of --init on single-language chains of thought\n"
+               "  r1zero    GRPO straight from the base model --init, with the R1-Zero prompt\n"
+               "  grpo      GRPO from the cold-start model --init, with the chat prompt (and --w-language)\n"
                "  eval      held-out loss and greedy-decoding accuracy of a checkpoint\n"
                "  logits    write the logits of --text under --init to OUT/logits.bin (for tests/hf_parity.py)\n"
                "flags:\n" +

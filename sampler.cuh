@@ -126,9 +126,9 @@ static __global__ void sample_kernel(int* sampled, const float* logits, int S, i
 }
 
 // After the step at position pos: the token at pos + 1 is the prompt's while the prompt lasts, else the sample
-// (padding, id 0, once a sequence has finished). A sampled stop token finishes its sequence.
+// (padding, id 0, once a sequence has finished). A sampled stop token, or the max_new-th token, finishes it.
 static __global__ void advance_kernel(int* seqs, int* current, int* done, const int* sampled, const int* prompt_len,
-                                      int S, const int* position, int max_len, int stop_a, int stop_b) {
+                                      int S, const int* position, int max_len, int max_new, int stop_a, int stop_b) {
     int s = blockIdx.x * blockDim.x + threadIdx.x;
     if (s >= S) return;
     int next = *position + 1;
@@ -138,7 +138,8 @@ static __global__ void advance_kernel(int* seqs, int* current, int* done, const 
     } else {
         token = done[s] ? 0 : sampled[s];
         seqs[long(s) * max_len + next] = token;
-        if (!done[s] && (token == stop_a || token == stop_b)) done[s] = 1;
+        bool full = next + 1 - prompt_len[s] >= max_new;
+        if (!done[s] && (token == stop_a || token == stop_b || full)) done[s] = 1;
     }
     current[s] = token;
 }
@@ -150,6 +151,7 @@ struct SamplingOptions {
     int top_k = 0;
     uint64_t seed = 0;
     int stop_a = -1, stop_b = -1;  // token ids that end a sequence (e.g. </answer> and <|eos|>)
+    int max_new = 1 << 30;         // tokens generated per sequence at most
 };
 
 template <typename T>
@@ -284,7 +286,7 @@ struct Sampler {
             sampled, logits, S, model.cfg.vocab_size, opt.temperature, opt.top_k, opt.seed, position);
         CUDA_CHECK_LAUNCH();
         advance_kernel<<<ceil_div(S, 128), 128, 0, stream>>>(seqs, current, done, sampled, prompt_len, S, position,
-                                                             max_len, opt.stop_a, opt.stop_b);
+                                                             max_len, opt.max_new, opt.stop_a, opt.stop_b);
         CUDA_CHECK_LAUNCH();
         next_position_kernel<<<1, 1, 0, stream>>>(position);
         CUDA_CHECK_LAUNCH();
@@ -294,7 +296,7 @@ struct Sampler {
     void decode_graph(int S, const SamplingOptions& opt) {
         bool same = graph && graph_S == S && graph_opt.temperature == opt.temperature &&
                     graph_opt.top_k == opt.top_k && graph_opt.seed == opt.seed && graph_opt.stop_a == opt.stop_a &&
-                    graph_opt.stop_b == opt.stop_b;
+                    graph_opt.stop_b == opt.stop_b && graph_opt.max_new == opt.max_new;
         if (!same) {
             if (graph) CUDA_CHECK(cudaGraphExecDestroy(graph));
             cudaGraph_t captured;
@@ -331,7 +333,7 @@ struct Sampler {
         CUDA_CHECK(cudaStreamSynchronize(st));
         std::vector<std::vector<int>> out(S);
         for (int s = 0; s < S; s++) {
-            for (int t = int(prompts[s].size()); t < max_len; t++) {
+            for (int t = int(prompts[s].size()); t < max_len && int(out[s].size()) < opt.max_new; t++) {
                 int token = host[size_t(s) * max_len + t];
                 out[s].push_back(token);
                 if (token == opt.stop_a || token == opt.stop_b) break;

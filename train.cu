@@ -1,5 +1,6 @@
-// train.cu: the program. `train pretrain` trains the base model on the synthetic reasoning corpus, `train eval`
-// scores a checkpoint, `train logits` writes the logits of a text for the transformers parity check.
+// train.cu: the program. Its stages follow the R1 paper's pipeline: `pretrain` makes the base model from the
+// synthetic corpus; `r1zero` runs GRPO straight on it (R1-Zero); `sft` is the cold start and `grpo` the RL that
+// follows it (R1); `eval` scores any checkpoint; `logits` serves the transformers parity check.
 // `train --help` lists the flags.
 #include <cstdio>
 #include <filesystem>
@@ -7,9 +8,12 @@
 
 #include "checkpoint.h"
 #include "data/corpus.h"
+#include "grpo.cuh"
 #include "json.h"
 #include "model.cuh"
 #include "options.h"
+#include "rewards.h"
+#include "sampler.cuh"
 
 namespace fs = std::filesystem;
 
@@ -34,61 +38,60 @@ float heldout_loss(Model<T>& model, const data::Tokenizer& tok, const data::Corp
     return float(sum / batches);
 }
 
-// The text between the first <answer> and the </answer> after it, or nothing.
-inline bool extract_answer(const std::string& response, std::string& answer) {
-    size_t open = response.find("<answer>");
-    if (open == std::string::npos) return false;
-    size_t close = response.find("</answer>", open);
-    if (close == std::string::npos) return false;
-    answer = response.substr(open + 8, close - open - 8);
-    return true;
-}
-
-struct TaskScore {
-    std::string task;
-    int difficulty, n, correct;
-    double mean_response_tokens;
+struct EvalRow {
+    std::string task, language;
+    int difficulty, n = 0;
+    double accuracy = 0, format = 0, mixing = 0, response_tokens = 0;
 };
 
-// Greedy answers to n held-out problems per task and difficulty 1..max_difficulty+1 (one level past training);
-// prints the first `show` transcripts of each task's easiest level.
+inline std::string prompt_for(const data::Problem& p, bool r1zero_template) {
+    return r1zero_template ? data::r1zero_prompt(p) : data::format_prompt(p);
+}
+
+// Greedy answers to n held-out problems per task, difficulty (1 to one past the trained maximum) and language,
+// all sampled as one batch with the latent KV cache and scored by the rule-based rewards; prints the table and
+// the first `show` transcripts of each task's easiest level.
 template <typename T>
-std::vector<TaskScore> evaluate_tasks(Model<T>& model, const data::Tokenizer& tok, const data::CorpusConfig& corpus,
-                                      int n, int show, uint64_t seed) {
-    std::vector<TaskScore> scores;
+std::vector<EvalRow> evaluate_tasks(Model<T>& model, const data::Tokenizer& tok, const data::CorpusConfig& corpus,
+                                    int n, int show, uint64_t seed, bool r1zero_template) {
+    std::vector<data::Problem> problems;
+    std::vector<EvalRow> rows;
     for (int k = 0; k < data::kNumTaskKinds; k++) {
         if (corpus.kind_weight[k] == 0) continue;
         data::TaskKind kind = data::TaskKind(k);
         int top = std::min(corpus.max_difficulty[k] + 1, data::max_difficulty(kind));
-        for (int level = 1; level <= top; level++) {
-            std::vector<data::Problem> problems = data::eval_set(kind, level, n, seed);
-            TaskScore score{data::task_name(kind), level, n, 0, 0.0};
-            for (int first = 0; first < n; first += model.max_B) {
-                int count = std::min(model.max_B, n - first);
-                std::vector<std::vector<int>> seqs;
-                for (int i = 0; i < count; i++) seqs.push_back(tok.encode(data::format_prompt(problems[first + i])));
-                std::vector<size_t> prompt_len;
-                for (const auto& s : seqs) prompt_len.push_back(s.size());
-                model.greedy_extend(seqs, model.max_T, {data::EOS});
-                for (int i = 0; i < count; i++) {
-                    std::vector<int> response(seqs[i].begin() + long(prompt_len[i]), seqs[i].end());
-                    std::string text = tok.decode(response), answer;
-                    bool ok = extract_answer(text, answer) && data::verify(problems[first + i], answer);
-                    score.correct += ok;
-                    score.mean_response_tokens += double(response.size()) / n;
-                    if (level == 1 && first + i < show)
-                        std::printf("  [%s] %s\n    -> %s  (%s)\n", data::task_name(kind),
-                                    problems[first + i].question.c_str(), text.c_str(), ok ? "correct" : "wrong");
-                }
+        for (int level = 1; level <= top; level++)
+            for (data::Language lang : {data::Language::En, data::Language::Alt}) {
+                std::vector<data::Problem> set = data::eval_set(kind, level, n, seed, lang);
+                problems.insert(problems.end(), set.begin(), set.end());
+                rows.push_back({data::task_name(kind), data::language_name(lang), level});
             }
-            scores.push_back(score);
-        }
     }
-    std::printf("%-10s %10s %9s %14s\n", "task", "difficulty", "accuracy", "mean tokens");
-    for (const TaskScore& s : scores)
-        std::printf("%-10s %10d %8.1f%% %14.1f\n", s.task.c_str(), s.difficulty, 100.0 * s.correct / s.n,
-                    s.mean_response_tokens);
-    return scores;
+    std::vector<std::vector<int>> prompts;
+    for (const data::Problem& p : problems) prompts.push_back(tok.encode(prompt_for(p, r1zero_template)));
+    Sampler<T> sampler(model, int(prompts.size()), model.max_T);
+    SamplingOptions greedy;
+    greedy.temperature = 0.0f, greedy.stop_a = data::ANSWER_END, greedy.stop_b = data::EOS;
+    greedy.max_new = data::kMaxExampleTokens;
+    std::vector<std::vector<int>> responses = sampler.generate(prompts, greedy);
+    for (size_t i = 0; i < problems.size(); i++) {
+        EvalRow& row = rows[i / n];
+        std::string text = tok.decode(responses[i]);
+        rewards::Reward r = rewards::score(problems[i], text, {});
+        row.n++, row.accuracy += r.accuracy, row.format += r.format;
+        row.mixing += rewards::is_mixed(r.thinking), row.response_tokens += double(responses[i].size());
+        if (row.difficulty == 1 && int(i % n) < show)
+            std::printf("  [%s/%s] %s\n    -> %s  (%s)\n", row.task.c_str(), row.language.c_str(),
+                        problems[i].question.c_str(), text.c_str(), r.accuracy > 0 ? "correct" : "wrong");
+    }
+    std::printf("%-10s %4s %10s %9s %8s %8s %12s\n", "task", "lang", "difficulty", "accuracy", "format", "mixed",
+                "mean tokens");
+    for (EvalRow& r : rows) {
+        r.accuracy /= r.n, r.format /= r.n, r.mixing /= r.n, r.response_tokens /= r.n;
+        std::printf("%-10s %4s %10d %8.1f%% %7.1f%% %7.1f%% %12.1f\n", r.task.c_str(), r.language.c_str(), r.difficulty,
+                    100 * r.accuracy, 100 * r.format, 100 * r.mixing, r.response_tokens);
+    }
+    return rows;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -206,7 +209,7 @@ int pretrain(const Options& o) {
         std::printf("trained %d steps in %s: %.0f tokens/s after the first step\n", o.steps - start,
                     format_duration(run_clock.seconds()).c_str(), tokens_per_step * (o.steps - start - 1) / timed_seconds);
     std::printf("greedy answers to held-out problems:\n");
-    evaluate_tasks(model, tok, corpus, o.samples, 3, uint64_t(o.seed));
+    evaluate_tasks(model, tok, corpus, o.samples, 2, uint64_t(o.seed), false);
     return 0;
 }
 
@@ -218,7 +221,110 @@ int evaluate(const Options& o) {
     Model<T> model(load_config(o.init + "/config.json"), o.batch, o.seq);
     load_weights(o.init, model);
     std::printf("held-out loss %.4f\n", heldout_loss(model, tok, corpus, o.eval_batches));
-    evaluate_tasks(model, tok, corpus, o.samples, 3, uint64_t(o.seed));
+    evaluate_tasks(model, tok, corpus, o.samples, 2, uint64_t(o.seed), o.template_name == "r1zero");
+    return 0;
+}
+
+// The cold start (R1 §2.3.1): supervised fine-tuning on single-language chains of thought with a summary; the
+// loss covers the assistant's tokens only.
+template <typename T>
+int cold_start(const Options& o) {
+    data::Tokenizer tok;
+    data::CorpusConfig corpus;
+    corpus.seed = uint64_t(o.seed);
+    Model<T> model(load_config(o.init + "/config.json"), o.batch, o.seq);
+    load_weights(o.init, model);
+    model.reset_optimizer();
+    std::vector<data::SftExample> examples;
+    for (const data::Problem& p : data::cold_start_set(o.sft_examples, corpus, uint64_t(o.seed)))
+        examples.push_back(data::sft_example(tok, p, o.seq));
+    fs::create_directories(o.out);
+    JsonlLog log(o.out + "/log.jsonl", false);
+    std::vector<int> inputs, targets;
+    WallTimer clock;
+    for (int step = 1; step <= o.steps; step++) {
+        inputs.clear(), targets.clear();
+        for (int b = 0; b < o.batch; b++) {
+            const data::SftExample& e = examples[(size_t(step - 1) * o.batch + b) % examples.size()];
+            inputs.insert(inputs.end(), e.tokens.begin(), e.tokens.end());
+            targets.insert(targets.end(), e.targets.begin(), e.targets.end());
+        }
+        long counted = 0;
+        for (int t : targets) counted += t >= 0;
+        float lr = learning_rate(o, step);
+        model.train_step(inputs, targets, o.batch, o.seq, AdamW{lr, 0.9f, o.beta2, 1e-8f, o.weight_decay},
+                         o.grad_clip, step, uint64_t(o.seed));
+        auto [loss_sum, grad_norm] = model.read_scalars();
+        float loss = loss_sum / float(std::max(counted, 1L));
+        Json record = Json::object();
+        record["step"] = step, record["loss"] = double(loss), record["lr"] = double(lr);
+        record["grad_norm"] = double(grad_norm);
+        log.write(record);
+        if (step % o.log_every == 0 || step == 1 || step == o.steps)
+            std::printf("sft step %5d/%d | loss %.4f | lr %.2e | %s\n", step, o.steps, loss, lr,
+                        format_duration(clock.seconds()).c_str());
+    }
+    save_checkpoint(o.out + "/checkpoint", model, {o.steps, uint64_t(o.seed), o.precision}, tok);
+    evaluate_tasks(model, tok, corpus, o.samples, 2, uint64_t(o.seed), false);
+    return 0;
+}
+
+// GRPO with rule-based rewards: `r1zero` from the base model with the R1-Zero prompt, `grpo` from the cold-start
+// model with the chat prompt. The initial model is also the frozen reference of the KL term.
+template <typename T>
+int reinforce(const Options& o) {
+    data::Tokenizer tok;
+    data::CorpusConfig corpus;
+    corpus.seed = uint64_t(o.seed);
+    Config cfg = load_config(o.init + "/config.json");
+    int S = o.prompts * o.group;
+    Model<T> policy(cfg, S, o.seq), reference(cfg, S, o.seq);
+    load_weights(o.init, policy);
+    load_weights(o.init, reference);
+    policy.reset_optimizer();
+    GrpoTrainer<T> trainer(policy, reference, S, o.seq);
+    GrpoOptions g;
+    g.group = o.group, g.updates = o.updates, g.max_new = o.max_new, g.temperature = o.temperature;
+    g.loss = GrpoConfig{o.clip_low, o.clip_high, o.kl};
+    g.scale_by_std = !o.dr_grpo;
+    g.norm = o.dr_grpo ? Normalization::Constant : o.token_norm ? Normalization::Token : Normalization::Sequence;
+    g.skip_uniform_groups = o.skip_uniform, g.r1zero_template = o.stage == "r1zero";
+    g.reward.w_format = o.w_format, g.reward.w_language = o.w_language;
+    data::TaskKind kind = data::task_from_name(o.rl_task);
+    if (o.rl_difficulty > data::max_difficulty(kind))
+        throw std::invalid_argument("--rl-difficulty exceeds the task's maximum " +
+                                    std::to_string(data::max_difficulty(kind)));
+
+    fs::create_directories(o.out);
+    JsonlLog log(o.out + "/log.jsonl", false);
+    int optimizer_step = 0;
+    WallTimer clock;
+    for (int step = 1; step <= o.steps; step++) {
+        Rng rng(uint64_t(o.seed), rng_hash(0x726c, uint64_t(step), 0));
+        std::vector<data::Problem> problems;
+        for (int i = 0; i < o.prompts; i++) {
+            data::Language lang = rng.uniform() < corpus.alt_fraction ? data::Language::Alt : data::Language::En;
+            problems.push_back(data::sample_problem(kind, o.rl_difficulty, rng, false, lang));
+        }
+        float lr = learning_rate(o, step);
+        GrpoStats st = trainer.step(problems, g, AdamW{lr, 0.9f, o.beta2, 1e-8f, o.weight_decay}, o.grad_clip,
+                                    optimizer_step, uint64_t(o.seed), step);
+        Json record = Json::object();
+        record["step"] = step, record["reward"] = st.reward, record["accuracy"] = st.accuracy;
+        record["format"] = st.format, record["language"] = st.language, record["mixing"] = st.mixing;
+        record["response_tokens"] = st.response_tokens, record["kl"] = st.kl, record["clip_fraction"] = st.clip_fraction;
+        record["uniform_groups"] = st.uniform_groups, record["lr"] = double(lr), record["seconds"] = clock.seconds();
+        log.write(record);
+        if (step % o.log_every == 0 || step == 1 || step == o.steps)
+            std::printf("%s step %4d/%d | reward %.3f | accuracy %.3f | format %.3f | mixed %.3f | length %5.1f | "
+                        "kl %.4f | clipped %.3f | uniform groups %d | %s\n",
+                        o.stage.c_str(), step, o.steps, st.reward, st.accuracy, st.format, st.mixing,
+                        st.response_tokens, st.kl, st.clip_fraction, st.uniform_groups,
+                        format_duration(clock.seconds()).c_str());
+        if (step % o.ckpt_every == 0 || step == o.steps)
+            save_checkpoint(o.out + "/checkpoint", policy, {step, uint64_t(o.seed), o.precision}, tok);
+    }
+    evaluate_tasks(policy, tok, corpus, o.samples, 2, uint64_t(o.seed), g.r1zero_template);
     return 0;
 }
 
@@ -248,6 +354,8 @@ int write_logits(const Options& o) {
 template <typename T>
 int run_stage(const Options& o) {
     if (o.stage == "pretrain") return pretrain<T>(o);
+    if (o.stage == "sft") return cold_start<T>(o);
+    if (o.stage == "r1zero" || o.stage == "grpo") return reinforce<T>(o);
     if (o.stage == "eval") return evaluate<T>(o);
     return write_logits<T>(o);
 }

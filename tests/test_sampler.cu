@@ -109,6 +109,9 @@ TEST_SUITE("gpu") {
             else CHECK(a[s].size() + prompts[s].size() == size_t(L));
         }
         CHECK(stopped);
+
+        opt.stop_a = opt.stop_b = -1, opt.max_new = 5;  // no stop token: every sequence ends at max_new
+        for (const auto& out : sampler.generate(prompts, opt)) CHECK(out.size() == 5);
     }
 
     TEST_CASE("the sampling kernel draws from softmax(logits / temperature) over the top k") {
