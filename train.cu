@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 
 #include "checkpoint.h"
 #include "data/corpus.h"
@@ -18,6 +19,21 @@
 namespace fs = std::filesystem;
 
 constexpr double BF16_PEAK_FLOPS = 989e12;  // H100/H200 SXM dense BF16: the reference for MFU in every precision
+
+// The corpus of a run: the default mix, drawn from the run's seed.
+inline data::CorpusConfig corpus_for(const Options& o) {
+    data::CorpusConfig corpus;
+    corpus.seed = uint64_t(o.seed);
+    return corpus;
+}
+
+// A model with the config and weights of checkpoint dir, with buffers for B sequences of T tokens.
+template <typename T>
+std::unique_ptr<Model<T>> load_model(const std::string& dir, int B, int T_) {
+    auto model = std::make_unique<Model<T>>(load_config(dir + "/config.json"), B, T_);
+    load_weights(dir, *model);
+    return model;
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Evaluation: held-out loss, and greedy decoding scored by the tasks' verifiers
@@ -127,8 +143,7 @@ struct JsonlLog {
 template <typename T>
 int pretrain(const Options& o) {
     data::Tokenizer tok;
-    data::CorpusConfig corpus;
-    corpus.seed = uint64_t(o.seed);
+    data::CorpusConfig corpus = corpus_for(o);
     std::string ckpt = o.out + "/checkpoint";
     std::string source = o.resume ? ckpt : o.init;
     Config cfg = !source.empty() ? load_config(source + "/config.json")
@@ -216,12 +231,10 @@ int pretrain(const Options& o) {
 template <typename T>
 int evaluate(const Options& o) {
     data::Tokenizer tok;
-    data::CorpusConfig corpus;
-    corpus.seed = uint64_t(o.seed);
-    Model<T> model(load_config(o.init + "/config.json"), o.batch, o.seq);
-    load_weights(o.init, model);
-    std::printf("held-out loss %.4f\n", heldout_loss(model, tok, corpus, o.eval_batches));
-    evaluate_tasks(model, tok, corpus, o.samples, 2, uint64_t(o.seed), o.template_name == "r1zero");
+    data::CorpusConfig corpus = corpus_for(o);
+    auto model = load_model<T>(o.init, o.batch, o.seq);
+    std::printf("held-out loss %.4f\n", heldout_loss(*model, tok, corpus, o.eval_batches));
+    evaluate_tasks(*model, tok, corpus, o.samples, 2, uint64_t(o.seed), o.template_name == "r1zero");
     return 0;
 }
 
@@ -230,10 +243,9 @@ int evaluate(const Options& o) {
 template <typename T>
 int cold_start(const Options& o) {
     data::Tokenizer tok;
-    data::CorpusConfig corpus;
-    corpus.seed = uint64_t(o.seed);
-    Model<T> model(load_config(o.init + "/config.json"), o.batch, o.seq);
-    load_weights(o.init, model);
+    data::CorpusConfig corpus = corpus_for(o);
+    auto loaded = load_model<T>(o.init, o.batch, o.seq);
+    Model<T>& model = *loaded;
     model.reset_optimizer();
     std::vector<data::SftExample> examples;
     for (const data::Problem& p : data::cold_start_set(o.sft_examples, corpus, uint64_t(o.seed)))
@@ -274,15 +286,12 @@ int cold_start(const Options& o) {
 template <typename T>
 int reinforce(const Options& o) {
     data::Tokenizer tok;
-    data::CorpusConfig corpus;
-    corpus.seed = uint64_t(o.seed);
-    Config cfg = load_config(o.init + "/config.json");
+    data::CorpusConfig corpus = corpus_for(o);
     int S = o.prompts * o.group;
-    Model<T> policy(cfg, S, o.seq), reference(cfg, S, o.seq);
-    load_weights(o.init, policy);
-    load_weights(o.init, reference);
+    auto loaded_policy = load_model<T>(o.init, S, o.seq), reference = load_model<T>(o.init, S, o.seq);
+    Model<T>& policy = *loaded_policy;
     policy.reset_optimizer();
-    GrpoTrainer<T> trainer(policy, reference, S, o.seq);
+    GrpoTrainer<T> trainer(policy, *reference, S, o.seq);
     GrpoOptions g;
     g.group = o.group, g.updates = o.updates, g.max_new = o.max_new, g.temperature = o.temperature;
     g.loss = GrpoConfig{o.clip_low, o.clip_high, o.kl};
@@ -332,14 +341,13 @@ int reinforce(const Options& o) {
 template <typename T>
 int write_logits(const Options& o) {
     data::Tokenizer tok;
-    Config cfg = load_config(o.init + "/config.json");
     std::vector<int> tokens = tok.encode(o.text);
     int n = int(tokens.size());
-    Model<T> model(cfg, 1, n);
-    load_weights(o.init, model);
-    model.forward(tokens, 1, n);
+    auto model = load_model<T>(o.init, 1, n);
+    const Config& cfg = model->cfg;
+    model->forward(tokens, 1, n);
     std::vector<float> logits(size_t(n) * cfg.vocab_size);
-    CUDA_CHECK(cudaMemcpy(logits.data(), model.logits, logits.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(logits.data(), model->logits, logits.size() * sizeof(float), cudaMemcpyDeviceToHost));
     fs::create_directories(o.out);
     std::string bytes;
     int header[2] = {n, cfg.vocab_size};

@@ -11,6 +11,17 @@ namespace model_ref {
 
 using Vec = std::vector<double>;
 
+// The test model: small enough for a double-precision CPU forward in milliseconds, with every MLA dimension
+// distinct so that a mixed-up stride shows. A large init scale drives the nonlinearities away from their linear
+// regime.
+inline Config tiny_config() {
+    Config c;
+    c.vocab_size = 128, c.hidden_size = 32, c.intermediate_size = 48, c.num_hidden_layers = 2;
+    c.num_attention_heads = 3, c.q_lora_rank = 24, c.kv_lora_rank = 16, c.qk_nope_head_dim = 8;
+    c.qk_rope_head_dim = 4, c.v_head_dim = 12, c.max_position_embeddings = 64, c.initializer_range = 0.3f;
+    return c;
+}
+
 // y [M, N] = x [M, K] W^T, W [N, K] row-major.
 inline Vec linear(const Vec& x, int M, int K, const double* W, int N) {
     Vec y(size_t(M) * N, 0.0);

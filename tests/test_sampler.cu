@@ -6,16 +6,11 @@
 #include <map>
 
 #include "../sampler.cuh"
+#include "model_reference.h"
 
 namespace {
 
-Config tiny_config() {
-    Config c;
-    c.vocab_size = 128, c.hidden_size = 32, c.intermediate_size = 48, c.num_hidden_layers = 2;
-    c.num_attention_heads = 3, c.q_lora_rank = 24, c.kv_lora_rank = 16, c.qk_nope_head_dim = 8;
-    c.qk_rope_head_dim = 4, c.v_head_dim = 12, c.max_position_embeddings = 64, c.initializer_range = 0.3f;
-    return c;
-}
+using model_ref::tiny_config;
 
 std::vector<std::vector<int>> random_prompts(const std::vector<int>& lengths, int vocab, uint64_t seed) {
     Rng rng(seed);
