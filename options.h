@@ -87,7 +87,7 @@ class FlagSet {
 // Everything train can be told. Model shape comes from the Config defaults or --config (a config.json).
 struct Options {
     std::string stage;
-    std::string out = "runs/pretrain", init, config_path, precision = "bf16", text;
+    std::string out = "runs/pretrain", init, config_path, precision = "bf16", text, prompt;
     int steps = 2000, batch = 64, seq = 512, warmup = 100, eval_every = 250, ckpt_every = 500, eval_batches = 4;
     int log_every = 10, samples = 64;
     float lr = 2e-3f, min_lr_frac = 0.1f, weight_decay = 0.1f, grad_clip = 1.0f, beta2 = 0.95f;
@@ -100,14 +100,14 @@ struct Options {
     bool dr_grpo = false, token_norm = false, skip_uniform = false;
 
     static const std::vector<std::string>& stages() {
-        static const std::vector<std::string> names = {"pretrain", "sft", "r1zero", "grpo", "eval", "logits"};
+        static const std::vector<std::string> names = {"pretrain", "sft", "r1zero", "grpo", "eval", "chat", "logits"};
         return names;
     }
 
     FlagSet flags() {
         FlagSet f;
         f.add("out", &out, "run folder: checkpoints, log.jsonl");
-        f.add("init", &init, "checkpoint folder to start from (eval, logits; pretrain from scratch if empty)");
+        f.add("init", &init, "checkpoint folder to start from (needed by every stage but pretrain)");
         f.add("config", &config_path, "config.json with the model shape (default: the demo model)");
         f.add("precision", &precision, "fp32 | bf16");
         f.add("steps", &steps, "optimizer steps");
@@ -126,6 +126,7 @@ struct Options {
         f.add("log-every", &log_every, "steps between progress lines");
         f.add("samples", &samples, "held-out problems per task and difficulty scored after training and by eval");
         f.add("text", &text, "input text of the logits stage");
+        f.add("prompt", &prompt, "chat: answer this one problem and exit (else read problems from standard input)");
         f.add("sft-examples", &sft_examples, "sft: cold-start examples (cycled through)");
         f.add("rl-task", &rl_task, "r1zero/grpo: task of the prompts (add, mul, countdown)");
         f.add("rl-difficulty", &rl_difficulty, "r1zero/grpo: difficulty of the prompts");
@@ -139,7 +140,7 @@ struct Options {
         f.add("clip-high", &clip_high, "r1zero/grpo: ratio clip above 1 (DAPO's clip-higher: 0.28)");
         f.add("w-format", &w_format, "r1zero/grpo: weight of the format reward");
         f.add("w-language", &w_language, "r1zero/grpo: weight of the language-consistency reward");
-        f.add("template", &template_name, "prompt template: chat | r1zero (eval; r1zero uses r1zero)");
+        f.add("template", &template_name, "prompt template of eval and chat: chat | r1zero");
         f.add_switch("dr-grpo", &dr_grpo, "r1zero/grpo: Dr. GRPO (no std scaling, constant normalizer)");
         f.add_switch("token-norm", &token_norm, "r1zero/grpo: DAPO's token-level normalization");
         f.add_switch("skip-uniform", &skip_uniform, "r1zero/grpo: drop groups whose rewards are all equal (DAPO)");
@@ -163,7 +164,7 @@ struct Options {
     void validate() const {
         bool known = false;
         for (const std::string& s : stages()) known |= s == stage;
-        std::string names = "pretrain, sft, r1zero, grpo, eval, logits";
+        std::string names = "pretrain, sft, r1zero, grpo, eval, chat, logits";
         if (stage.empty()) throw std::invalid_argument("missing stage (one of: " + names + ")");
         if (!known) throw std::invalid_argument("unknown stage '" + stage + "' (one of: " + names + ")");
         if (precision != "fp32" && precision != "bf16")
@@ -199,6 +200,7 @@ struct Options {
                "  r1zero    GRPO straight from the base model --init, with the R1-Zero prompt\n"
                "  grpo      GRPO from the cold-start model --init, with the chat prompt (and --w-language)\n"
                "  eval      held-out loss and greedy-decoding accuracy of a checkpoint\n"
+               "  chat      the demo: type a problem, watch the model think, see its answer checked\n"
                "  logits    write the logits of --text under --init to OUT/logits.bin (for tests/hf_parity.py)\n"
                "flags:\n" +
                defaults.flags().help();

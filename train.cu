@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <memory>
 
 #include "checkpoint.h"
@@ -337,6 +338,58 @@ int reinforce(const Options& o) {
     return 0;
 }
 
+// The demo: a typed problem goes to the model in its chat format (or R1-Zero's, with --template r1zero); the
+// thinking streams token by token as the model writes it (greedy decoding), then the answer is checked.
+template <typename T>
+int chat(const Options& o) {
+    data::Tokenizer tok;
+    auto model = load_model<T>(o.init, 1, o.seq);
+    Sampler<T> sampler(*model, 1, o.seq);
+    SamplingOptions greedy;
+    greedy.temperature = 0.0f, greedy.stop_a = data::ANSWER_END, greedy.stop_b = data::EOS;
+    auto answer = [&](const std::string& typed) {
+        data::Problem p;
+        std::string why;
+        if (!data::parse_problem(typed, p, why)) {
+            std::printf("cannot read that: %s\n", why.c_str());
+            return;
+        }
+        std::vector<int> prompt;
+        try {
+            prompt = tok.encode(prompt_for(p, o.template_name == "r1zero"));
+        } catch (const std::invalid_argument& e) {
+            std::printf("cannot read that: %s\n", e.what());
+            return;
+        }
+        sampler.start({prompt});
+        std::vector<int> response;
+        for (int pos = 0; pos + 1 < o.seq; pos++) {
+            sampler.decode(1, greedy);
+            if (pos + 1 < int(prompt.size())) continue;  // still reading the prompt
+            int token = 0;
+            CUDA_CHECK(cudaMemcpyAsync(&token, sampler.current, sizeof(int), cudaMemcpyDeviceToHost, sampler.stream));
+            CUDA_CHECK(cudaStreamSynchronize(sampler.stream));
+            response.push_back(token);
+            std::printf("%s", tok.decode({token}).c_str());
+            std::fflush(stdout);
+            if (token == data::ANSWER_END || token == data::EOS) break;
+        }
+        rewards::Reward r = rewards::score(p, tok.decode(response), {});
+        if (!r.has_answer)
+            std::printf("\n(no answer)\n");
+        else
+            std::printf("\nanswer %s: %s\n", r.answer.c_str(), r.accuracy > 0 ? "correct" : "wrong");
+    };
+    if (!o.prompt.empty()) {
+        answer(o.prompt);
+        return 0;
+    }
+    std::printf("type a problem (123+456, 12*34, make 24 from 3 5 7 2, or in Alt: BCD+EFG), an empty line to quit\n");
+    std::string line;
+    while (std::printf("> "), std::fflush(stdout), std::getline(std::cin, line) && !line.empty()) answer(line);
+    return 0;
+}
+
 // OUT/logits.bin: int32 n, int32 vocab, n int32 token ids, n x vocab float32 logits.
 template <typename T>
 int write_logits(const Options& o) {
@@ -365,6 +418,7 @@ int run_stage(const Options& o) {
     if (o.stage == "sft") return cold_start<T>(o);
     if (o.stage == "r1zero" || o.stage == "grpo") return reinforce<T>(o);
     if (o.stage == "eval") return evaluate<T>(o);
+    if (o.stage == "chat") return chat<T>(o);
     return write_logits<T>(o);
 }
 

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
 #include <cstdlib>
 #include <stdexcept>
@@ -437,6 +438,90 @@ inline bool verify(const Problem& p, const std::string& answer_text) {
     if (p.kind != TaskKind::Countdown) return parse_integer(text, value) && value == p.target;
     if (text.empty() || text.size() > kMaxExpressionChars) return false;
     return ExpressionEvaluator(text, p.numbers).evaluate(value) && value == p.target;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Problems typed by a person (the demo): "123+456", "12*34=", "make 24 from 3 5 7 2", or the same in Alt
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr size_t kMaxTypedChars = 120;
+constexpr size_t kMaxTypedDigits = 9;  // operands of a typed sum or product: their result fits a long
+constexpr size_t kMaxTypedNumbers = 6;  // countdown numbers
+
+// Whitespace-separated words of a text.
+inline std::vector<std::string> words_of(const std::string& text) {
+    std::vector<std::string> words;
+    std::string word;
+    for (char c : text + " ") {
+        if (c != ' ') {
+            word += c;
+        } else if (!word.empty()) {
+            words.push_back(word);
+            word.clear();
+        }
+    }
+    return words;
+}
+
+inline bool typed_number(const std::string& text, long& value) {
+    return !text.empty() && text.size() <= kMaxTypedDigits && text[0] != '+' && text[0] != '-' &&
+           parse_integer(text, value);
+}
+
+// Reads a typed problem into p (question in the model's format and the language it was typed in, numbers, target;
+// no reasoning). On failure returns false and says why.
+inline bool parse_problem(const std::string& typed, Problem& p, std::string& why) {
+    std::string text = strip_spaces(typed);
+    if (text.empty() || text.size() > kMaxTypedChars) {
+        why = text.empty() ? "the problem is empty" : "the problem is longer than " + std::to_string(kMaxTypedChars) +
+                                                         " characters";
+        return false;
+    }
+    LanguageCounts counts = count_language_chars(text);
+    Language language = counts.alt > counts.en ? Language::Alt : Language::En;
+    if (language == Language::En)  // "Make 24 from ..." is En: its capital is no Alt digit
+        for (char& c : text) c = char(std::tolower(static_cast<unsigned char>(c)));
+    std::string en = to_language(text, Language::En);
+    if (!en.empty() && en.back() == '=') en.pop_back();
+    std::vector<std::string> words = words_of(en);
+    p = Problem{};
+    p.language = language;
+    if (words.size() >= 5 && words[0] == "make" && words[2] == "from") {
+        long target = 0;
+        if (!typed_number(words[1], target) || target < 1 || words.size() - 3 > kMaxTypedNumbers) {
+            why = "countdown takes a target and 2 to " + std::to_string(kMaxTypedNumbers) + " numbers";
+            return false;
+        }
+        for (size_t i = 3; i < words.size(); ++i) {
+            long n = 0;
+            if (!typed_number(words[i], n) || n < 1) {
+                why = "'" + words[i] + "' is not a positive number";
+                return false;
+            }
+            p.numbers.push_back(n);
+        }
+        p.kind = TaskKind::Countdown, p.target = target;
+        p.difficulty = std::min(int(p.numbers.size()) - 2, max_difficulty(TaskKind::Countdown));
+        p.question = "make " + std::to_string(target) + " from " + join_numbers(p.numbers, " ");
+    } else {
+        std::string compact;
+        for (char c : en)
+            if (c != ' ') compact += c;
+        size_t op = compact.find_first_of("+*");
+        long a = 0, b = 0;
+        if (op == std::string::npos || !typed_number(compact.substr(0, op), a) ||
+            !typed_number(compact.substr(op + 1), b)) {
+            why = "expected a+b, a*b or 'make T from n1 n2 ...', with numbers of at most " +
+                  std::to_string(kMaxTypedDigits) + " digits";
+            return false;
+        }
+        p.kind = compact[op] == '+' ? TaskKind::Add : TaskKind::Mul;
+        p.numbers = {a, b}, p.target = p.kind == TaskKind::Add ? a + b : a * b;
+        p.difficulty = std::clamp(int(std::to_string(a).size()) - 1, 1, max_difficulty(p.kind));
+        p.question = std::to_string(a) + compact[op] + std::to_string(b) + "=";
+    }
+    p.question = to_language(p.question, language);
+    return true;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

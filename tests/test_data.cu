@@ -787,4 +787,39 @@ TEST_SUITE("data") {
             CHECK_THROWS_AS(sft_example(tok, p, int(full.size()) - 1), std::invalid_argument);
         }
     }
+
+    TEST_CASE("typed problems: both languages, canonical questions, clear refusals") {
+        Problem p;
+        std::string why;
+        REQUIRE(parse_problem(" 123 + 456 = ", p, why));
+        CHECK(p.kind == TaskKind::Add);
+        CHECK(p.question == "123+456=");
+        CHECK(p.target == 579);
+        CHECK(verify(p, "579"));
+        REQUIRE(parse_problem("BC*DE", p, why));  // Alt: 12*34
+        CHECK(p.kind == TaskKind::Mul);
+        CHECK(p.language == Language::Alt);
+        CHECK(p.question == "BC*DE=");
+        CHECK(p.target == 408);
+        CHECK(verify(p, "EAI"));
+        REQUIRE(parse_problem("Make 24 from 3 5 7 2", p, why));
+        CHECK(p.kind == TaskKind::Countdown);
+        CHECK(p.question == "make 24 from 3 5 7 2");
+        CHECK(p.difficulty == 2);
+        CHECK(verify(p, "(7-5+2)*3+12") == false);  // 12 is not given
+        CHECK(verify(p, "(5+7)*2"));
+        REQUIRE(parse_problem(to_language("make 24 from 3 5 7 2", Language::Alt), p, why));
+        CHECK(p.language == Language::Alt);
+        CHECK(verify(p, "(F+H)*C"));
+
+        for (const char* bad : {"", "   ", "hello", "12+", "+12", "12-3", "1234567890+1", "make x from 1 2",
+                                "make 10 from 1 2 3 4 5 6 7", "make 10 from 0 2", "12+3+4"}) {
+            INFO("input: '", bad, "'");
+            CHECK_FALSE(parse_problem(bad, p, why));
+            CHECK(!why.empty());
+            why.clear();
+        }
+        CHECK_FALSE(parse_problem(std::string(500, '1'), p, why));
+        CHECK(why.find("longer than") != std::string::npos);
+    }
 }
