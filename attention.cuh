@@ -168,8 +168,6 @@ struct MlaScratch {  // reused by every layer: S doubles as dP, O as dO
     T *O, *dS, *dQ, *dK, *dV;
 };
 
-inline int elementwise_blocks(long n) { return ceil_div(n, 256); }
-
 // o [N, H*d_v] = attention(q, kva, kvb); fills saved.{Q,K,V,P}.
 template <typename T>
 void mla_attention_forward(Blas& blas, cudaStream_t s, const MlaDims& m, T* o, const MlaSaved<T>& saved,
@@ -218,8 +216,7 @@ void mla_attention_backward(Blas& blas, cudaStream_t s, const MlaDims& m, T* dq,
     matmul(blas, s, scratch.dK, scratch.dS, saved.Q,
            Matmul{m.T, m.d_qk(), m.T, true, false, 1.0f, 0.0f, heads, tt, qk_stride, qk_stride});
     long unpack_n = long(m.N()) * m.H * (m.d_nope + m.d_rope / 2 + m.d_v);
-    mla_unpack_qkv_kernel<<<elementwise_blocks(unpack_n), 256, 0, s>>>(dq, dkvb, scratch.dQ, scratch.dK, scratch.dV,
-                                                                       m);
+    mla_unpack_qkv_kernel<<<elementwise_blocks(unpack_n), 256, 0, s>>>(dq, dkvb, scratch.dQ, scratch.dK, scratch.dV, m);
     CUDA_CHECK_LAUNCH();
     mla_unpack_krope_kernel<<<elementwise_blocks(long(m.N()) * m.d_rope / 2), 256, 0, s>>>(dkva, scratch.dK, m);
     CUDA_CHECK_LAUNCH();

@@ -85,6 +85,16 @@ inline Config config_from_json(const Json& j, const std::string& source) {
         if (j.contains("initializer_range")) c.initializer_range = float(j.at("initializer_range").as_number());
         if (j.contains("first_k_dense_replace") && j.at("first_k_dense_replace").as_int() < c.num_hidden_layers)
             throw std::runtime_error("MoE layers (first_k_dense_replace < num_hidden_layers) are not supported");
+        // Settings this model does not implement would load and then compute something else: refuse them.
+        if (j.contains("rope_scaling") && !j.at("rope_scaling").is_null())
+            throw std::runtime_error("rope_scaling is not supported (plain RoPE only)");
+        if (j.contains("rope_parameters") && j.at("rope_parameters").contains("rope_type") &&
+            j.at("rope_parameters").at("rope_type").as_string() != "default")
+            throw std::runtime_error("rope_type '" + j.at("rope_parameters").at("rope_type").as_string() +
+                                     "' is not supported (plain RoPE only)");
+        if (j.contains("hidden_act") && j.at("hidden_act").as_string() != "silu")
+            throw std::runtime_error("hidden_act '" + j.at("hidden_act").as_string() +
+                                     "' is not supported (silu only)");
         c.validate();
         return c;
     } catch (const std::exception& e) {
@@ -114,16 +124,31 @@ struct TrainerState {
     int step = 0;
     uint64_t seed = 0;
     std::string precision;
+    std::string schedule;  // the flags that shape the data and the learning rate
 };
 
 inline std::vector<int64_t> shape64(const std::vector<long>& shape) { return {shape.begin(), shape.end()}; }
 
+// A checkpoint folder's name without trailing slashes, so that "dir.tmp" and "dir.old" are its siblings.
+inline std::string folder_name(std::string dir) {
+    while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+    return dir;
+}
+
+// The folder of a checkpoint to read, first put back in place if a save was cut short between its two renames.
+inline std::string open_checkpoint(const std::string& dir) {
+    std::string folder = folder_name(dir);
+    recover_directory(folder);
+    return folder;
+}
+
 template <typename T>
-void save_checkpoint(const std::string& dir, Model<T>& model, const TrainerState& state, const data::Tokenizer& tok) {
+void save_checkpoint(const std::string& checkpoint_dir, Model<T>& model, const TrainerState& state,
+                     const data::Tokenizer& tok) {
     namespace fs = std::filesystem;
     std::vector<float> master = model.master.download();
     std::vector<bf16> m = model.adam_m.download(), v = model.adam_v.download();
-    std::string tmp = dir + ".tmp";
+    std::string dir = folder_name(checkpoint_dir), tmp = dir + ".tmp";
     fs::remove_all(tmp);
     fs::create_directories(tmp);
 
@@ -139,7 +164,8 @@ void save_checkpoint(const std::string& dir, Model<T>& model, const TrainerState
                       {{"adam_m", DType::BF16, {n}, m.data()}, {"adam_v", DType::BF16, {n}, v.data()}},
                       {{"step", std::to_string(state.step)},
                        {"seed", std::to_string(state.seed)},
-                       {"precision", state.precision}});
+                       {"precision", state.precision},
+                       {"schedule", state.schedule}});
     replace_directory_atomic(tmp, dir);
 }
 
@@ -153,8 +179,8 @@ void load_weights(const std::string& dir, Model<T>& model) {
     for (const ParamTensor& t : model.layout.tensors)
         file.read(t.name, DType::F32, shape64(t.shape), master.data() + t.offset);
     if (file.tensors.size() != model.layout.tensors.size())
-        throw std::runtime_error(path + ": holds " + std::to_string(file.tensors.size()) + " tensors, the config needs " +
-                                 std::to_string(model.layout.tensors.size()));
+        throw std::runtime_error(path + ": holds " + std::to_string(file.tensors.size()) +
+                                 " tensors, the config needs " + std::to_string(model.layout.tensors.size()));
     model.master.upload(master);
     model.refresh_weights();
 }
@@ -172,8 +198,9 @@ TrainerState load_trainer_state(const std::string& dir, Model<T>& model) {
         state.step = std::stoi(file.metadata.at("step"));
         state.seed = std::stoull(file.metadata.at("seed"));
         state.precision = file.metadata.at("precision");
+        state.schedule = file.metadata.at("schedule");
     } catch (const std::exception&) {
-        throw std::runtime_error(path + ": missing or malformed step, seed or precision metadata");
+        throw std::runtime_error(path + ": missing or malformed step, seed, precision or schedule metadata");
     }
     model.adam_m.upload(m);
     model.adam_v.upload(v);

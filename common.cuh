@@ -7,9 +7,9 @@
 // static, so each file gets its own copy instead of a duplicate symbol.
 #pragma once
 
+#include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <cublasLt.h>
 
 #include <chrono>
 #include <cstdint>
@@ -100,6 +100,19 @@ struct DeviceBuffer {
     }
 };
 
+// Many device arrays that live as long as their owner: each take<U>(n) is a buffer of its own, freed together.
+struct DeviceArena {
+    std::vector<DeviceBuffer<uint8_t>> blocks;
+    template <typename U>
+    U* take(long n) {
+        blocks.emplace_back(size_t(n) * sizeof(U));
+        return reinterpret_cast<U*>(blocks.back().data());
+    }
+};
+
+// Blocks of 256 threads for one thread per element.
+inline int elementwise_blocks(long n) { return ceil_div(n, 256); }
+
 // ---------------------------------------------------------------------------------------------------------------
 // Counter-based RNG: a value is a pure function of (seed, stream, counter), so any element of any step can be
 // regenerated on host or device without carrying state; a resumed run draws exactly the numbers it would have.
@@ -150,9 +163,13 @@ HD float to_float(bf16 x) { return __bfloat162float(x); }
 template <typename T>
 HD T from_float(float x);
 template <>
-HD float from_float<float>(float x) { return x; }
+HD float from_float<float>(float x) {
+    return x;
+}
 template <>
-HD bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
+HD bf16 from_float<bf16>(float x) {
+    return __float2bfloat16_rn(x);
+}
 
 // Round an FP32 value to BF16 stochastically (the expected value is exact), driven by a random 16-bit word.
 HD bf16 bf16_stochastic_round(float x, uint32_t random16) {
@@ -168,9 +185,13 @@ HD bf16 bf16_stochastic_round(float x, uint32_t random16) {
 template <typename T>
 constexpr cudaDataType_t cuda_dtype();
 template <>
-constexpr cudaDataType_t cuda_dtype<float>() { return CUDA_R_32F; }
+constexpr cudaDataType_t cuda_dtype<float>() {
+    return CUDA_R_32F;
+}
 template <>
-constexpr cudaDataType_t cuda_dtype<bf16>() { return CUDA_R_16BF; }
+constexpr cudaDataType_t cuda_dtype<bf16>() {
+    return CUDA_R_16BF;
+}
 
 __device__ __forceinline__ float warp_sum(float x) {
     for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xFFFFFFFFu, x, offset);
@@ -197,30 +218,5 @@ __device__ __forceinline__ void warp_argmax(float& best, int& best_index) {
 
 struct WallTimer {
     std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
-    double seconds() const {
-        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    }
-};
-
-// Times device work on a stream with events: start(), enqueue work, then milliseconds() waits and reads.
-struct GpuTimer {
-    cudaEvent_t begin, end;
-    GpuTimer() {
-        CUDA_CHECK(cudaEventCreate(&begin));
-        CUDA_CHECK(cudaEventCreate(&end));
-    }
-    ~GpuTimer() {
-        cudaEventDestroy(begin);
-        cudaEventDestroy(end);
-    }
-    GpuTimer(const GpuTimer&) = delete;
-    GpuTimer& operator=(const GpuTimer&) = delete;
-    void start(cudaStream_t stream) { CUDA_CHECK(cudaEventRecord(begin, stream)); }
-    float milliseconds(cudaStream_t stream) {
-        CUDA_CHECK(cudaEventRecord(end, stream));
-        CUDA_CHECK(cudaEventSynchronize(end));
-        float ms = 0;
-        CUDA_CHECK(cudaEventElapsedTime(&ms, begin, end));
-        return ms;
-    }
+    double seconds() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); }
 };

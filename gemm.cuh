@@ -59,7 +59,8 @@ inline cublasLtMatrixLayout_t make_layout(cudaDataType_t type, int rows, int col
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, type, rows, cols, ld));
     if (batch > 1) {
         int64_t stride64 = stride;
-        CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof(batch)));
+        CUBLAS_CHECK(
+            cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof(batch)));
         CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride64,
                                                       sizeof(stride64)));
     }
@@ -126,10 +127,23 @@ inline uint32_t pointer_alignment(const void* p) {
 
 template <typename TAB, typename TC>
 void matmul(Blas& blas, cudaStream_t stream, TC* C, const TAB* A, const TAB* B, const Matmul& m) {
-    MatmulKey key{m.M,      m.N,      m.K,      m.trans_a, m.trans_b, cuda_dtype<TAB>(), cuda_dtype<TC>(),
-                  m.batch,  m.stride_a, m.stride_b, m.stride_c,
-                  m.lda ? m.lda : (m.trans_a ? m.M : m.K), m.ldb ? m.ldb : (m.trans_b ? m.K : m.N),
-                  m.ldc ? m.ldc : m.N, pointer_alignment(A), pointer_alignment(B), pointer_alignment(C)};
+    MatmulKey key{m.M,
+                  m.N,
+                  m.K,
+                  m.trans_a,
+                  m.trans_b,
+                  cuda_dtype<TAB>(),
+                  cuda_dtype<TC>(),
+                  m.batch,
+                  m.stride_a,
+                  m.stride_b,
+                  m.stride_c,
+                  m.lda ? m.lda : (m.trans_a ? m.M : m.K),
+                  m.ldb ? m.ldb : (m.trans_b ? m.K : m.N),
+                  m.ldc ? m.ldc : m.N,
+                  pointer_alignment(A),
+                  pointer_alignment(B),
+                  pointer_alignment(C)};
     const MatmulPlan& p = blas.plan(key);
     CUBLAS_CHECK(cublasLtMatmul(blas.handle, p.desc, &m.alpha, B, p.a, A, p.b, &m.beta, C, p.c, C, p.c, &p.algo,
                                 blas.workspace.data(), blas.workspace.bytes(), stream));

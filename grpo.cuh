@@ -49,65 +49,72 @@ inline GroupAdvantages group_advantages(const std::vector<float>& rewards, int G
 // Device: per-token log-probabilities, and the GRPO loss with its gradient with respect to the logits
 // ---------------------------------------------------------------------------------------------------------------
 
-// log softmax(logits)[target] per token, one warp per token; 0 where target < 0.
-static __global__ void token_logprob_kernel(float* logp, const float* logits, const int* targets, int N, int V) {
+// log softmax(logits / temperature)[target] per token, one warp per token; 0 where target < 0. The policy that
+// sampled at temperature tau is softmax(logits / tau): its log-probabilities are the ones the ratio needs.
+static __global__ void token_logprob_kernel(float* logp, const float* logits, const int* targets, int N, int V,
+                                            float inv_temperature) {
     int n = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (n >= N) return;
     const float* row = logits + long(n) * V;
-    float mx = -INFINITY, sum = 0.0f;
-    for (int v = lane; v < V; v += 32) mx = fmaxf(mx, row[v]);
-    mx = warp_max(mx);
-    for (int v = lane; v < V; v += 32) sum += expf(row[v] - mx);
-    sum = warp_sum(sum);
-    if (lane == 0) logp[n] = targets[n] < 0 ? 0.0f : row[targets[n]] - mx - logf(sum);
+    float mx, sum;
+    row_softmax_stats(row, V, inv_temperature, lane, mx, sum);
+    if (lane == 0) logp[n] = targets[n] < 0 ? 0.0f : row[targets[n]] * inv_temperature - mx - logf(sum);
 }
 
-inline void token_logprobs(float* logp, const float* logits, const int* targets, int N, int V, cudaStream_t s) {
-    token_logprob_kernel<<<ceil_div(N, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(logp, logits, targets, N, V);
+inline void token_logprobs(float* logp, const float* logits, const int* targets, int N, int V, float temperature,
+                           cudaStream_t s) {
+    token_logprob_kernel<<<ceil_div(N, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(logp, logits, targets, N, V,
+                                                                                       1.0f / temperature);
     CUDA_CHECK_LAUNCH();
 }
 
 struct GrpoConfig {
     float eps_low = 0.2f, eps_high = 0.2f;  // DAPO's clip-higher: eps_high = 0.28
     float beta = 0.0f;                      // KL weight (R1-Zero: 0.001; DeepSeekMath: 0.04)
+    float temperature = 1.0f;               // of the sampling: the policy is softmax(logits / temperature)
 };
+
+// |log(pi_ref / pi_theta)| beyond this is clamped: the k3 estimate stays finite (e^30 is far past any useful KL)
+// and 0 * inf never turns a gradient into NaN.
+constexpr float MAX_LOG_RATIO = 30.0f;
 
 // Per token n: weight[n] (advantage-free normalizer, 0 for tokens that are not part of a response), advantage[n],
 // logp_old[n], logp_ref[n]. Writes the loss term -weight * J, the k3 KL and whether the ratio was clipped, and
-// dlogits = dL/dlogp * (onehot(target) - softmax).
+// dlogits = dL/dlogp * dlogp/dlogits = dL/dlogp (onehot(target) - softmax) / temperature.
 template <typename T>
 __global__ void grpo_loss_kernel(float* loss, float* kl, float* clipped, T* dlogits, const float* logits,
-                                 const int* targets, const float* weight, const float* advantage,
-                                 const float* logp_old, const float* logp_ref, int N, int V, GrpoConfig cfg) {
+                                 const int* targets, const float* weight, const float* advantage, const float* logp_old,
+                                 const float* logp_ref, int N, int V, GrpoConfig cfg) {
     int n = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (n >= N) return;
     const float* row = logits + long(n) * V;
     int target = targets[n];
-    float mx = -INFINITY, sum = 0.0f;
-    for (int v = lane; v < V; v += 32) mx = fmaxf(mx, row[v]);
-    mx = warp_max(mx);
-    for (int v = lane; v < V; v += 32) sum += expf(row[v] - mx);
-    sum = warp_sum(sum);
+    float inv_t = 1.0f / cfg.temperature, mx, sum;
+    row_softmax_stats(row, V, inv_t, lane, mx, sum);
     float w = target < 0 ? 0.0f : weight[n];
     float dlogp = 0.0f;
     if (w != 0.0f) {
-        float logp = row[target] - mx - logf(sum), A = advantage[n];
-        float rho = expf(logp - logp_old[n]);
+        float logp = row[target] * inv_t - mx - logf(sum), A = advantage[n];
+        float rho = expf(fminf(logp - logp_old[n], MAX_LOG_RATIO));
         float rho_clipped = fminf(fmaxf(rho, 1.0f - cfg.eps_low), 1.0f + cfg.eps_high);
         bool use_clipped = rho_clipped * A < rho * A;  // the min picks the clipped term, whose gradient is 0
         float surrogate = use_clipped ? rho_clipped * A : rho * A;
-        float ref_ratio = expf(logp_ref[n] - logp);
-        float k3 = ref_ratio - (logp_ref[n] - logp) - 1.0f;
+        float log_ref_ratio = fminf(fmaxf(logp_ref[n] - logp, -MAX_LOG_RATIO), MAX_LOG_RATIO);
+        float ref_ratio = expf(log_ref_ratio);
+        float k3 = ref_ratio - log_ref_ratio - 1.0f;
         // dJ/dlogp: rho A through the unclipped term, and -beta (1 - pi_ref / pi_theta) through the KL.
-        float dJ = (use_clipped ? 0.0f : rho * A) - cfg.beta * (1.0f - ref_ratio);
+        float dJ = (use_clipped ? 0.0f : rho * A) - (cfg.beta > 0.0f ? cfg.beta * (1.0f - ref_ratio) : 0.0f);
         dlogp = -w * dJ;
-        if (lane == 0) loss[n] = -w * (surrogate - cfg.beta * k3), kl[n] = k3, clipped[n] = use_clipped;
+        if (lane == 0) {
+            loss[n] = -w * (surrogate - (cfg.beta > 0.0f ? cfg.beta * k3 : 0.0f));
+            kl[n] = k3, clipped[n] = use_clipped;
+        }
     } else if (lane == 0) {
         loss[n] = 0.0f, kl[n] = 0.0f, clipped[n] = 0.0f;
     }
     for (int v = lane; v < V; v += 32) {
-        float p = expf(row[v] - mx) / sum;
-        dlogits[long(n) * V + v] = from_float<T>(dlogp * ((v == target ? 1.0f : 0.0f) - p));
+        float p = expf(row[v] * inv_t - mx) / sum;
+        dlogits[long(n) * V + v] = from_float<T>(dlogp * inv_t * ((v == target ? 1.0f : 0.0f) - p));
     }
 }
 
@@ -131,9 +138,9 @@ enum class Normalization {
 };
 
 struct GrpoOptions {
-    int group = 8;            // G samples per prompt
-    int updates = 2;          // policy updates per batch of samples (pi_old is the policy that sampled)
-    int max_new = 320;        // response tokens at most
+    int group = 8;      // G samples per prompt
+    int updates = 2;    // policy updates per batch of samples (pi_old is the policy that sampled)
+    int max_new = 320;  // response tokens at most
     float temperature = 1.0f;
     GrpoConfig loss;
     bool scale_by_std = true;  // false: Dr. GRPO's unscaled advantages
@@ -145,16 +152,59 @@ struct GrpoOptions {
 
 struct GrpoStats {
     double reward = 0, accuracy = 0, format = 0, language = 0, mixing = 0, response_tokens = 0;
-    double kl = 0, clip_fraction = 0;
+    double objective = 0, kl = 0, clip_fraction = 0;  // of the last update, over the tokens that carry weight
     int samples = 0, uniform_groups = 0;
 };
 
 // The prompts, responses and per-token arrays of one batch of samples, laid out [S, T] for the training forward.
 struct SampleBatch {
     int S = 0, T = 0;
+    long weighted_tokens = 0;  // response tokens that carry weight
     std::vector<int> tokens, targets;
     std::vector<float> weight, advantage;
 };
+
+// Token rows of prompt + response (T at most max_T), targets on the response tokens only, each weighted by its
+// normalizer; with skip_uniform_groups, the responses of equal-reward groups carry no weight.
+inline SampleBatch grpo_batch(const std::vector<std::vector<int>>& prompts,
+                              const std::vector<std::vector<int>>& responses, const GroupAdvantages& adv,
+                              const GrpoOptions& o, int max_T) {
+    SampleBatch b;
+    b.S = int(prompts.size());
+    size_t longest = 0, response_tokens = 0, kept = 0;
+    for (int s = 0; s < b.S; s++) longest = std::max(longest, prompts[s].size() + responses[s].size());
+    b.T = std::min(ceil_div(long(longest), 32) * 32, max_T);
+    std::vector<char> keep(b.S, 1);
+    for (int s = 0; s < b.S; s++) {
+        if (o.skip_uniform_groups) {
+            int g0 = s / o.group * o.group;
+            bool uniform = true;
+            for (int i = g0; i < g0 + o.group; i++) uniform &= adv.advantage[i] == adv.advantage[g0];
+            keep[s] = !uniform;
+        }
+        kept += keep[s];
+        response_tokens += keep[s] * responses[s].size();
+    }
+    b.tokens.assign(size_t(b.S) * b.T, data::PAD), b.targets.assign(size_t(b.S) * b.T, -1);
+    b.weight.assign(size_t(b.S) * b.T, 0.0f), b.advantage.assign(size_t(b.S) * b.T, 0.0f);
+    for (int s = 0; s < b.S; s++) {
+        std::vector<int> seq = prompts[s];
+        seq.insert(seq.end(), responses[s].begin(), responses[s].end());
+        seq.resize(std::min(seq.size(), size_t(b.T)));
+        std::copy(seq.begin(), seq.end(), b.tokens.begin() + long(s) * b.T);
+        double w = o.norm == Normalization::Sequence ? 1.0 / (double(responses[s].size()) * double(kept))
+                   : o.norm == Normalization::Token  ? 1.0 / double(response_tokens)
+                                                     : 1.0 / (double(b.S) * o.max_new);
+        for (size_t t = prompts[s].size() - 1; t + 1 < seq.size(); t++) {
+            size_t n = size_t(s) * b.T + t;
+            b.targets[n] = seq[t + 1];
+            b.weight[n] = keep[s] ? float(w) : 0.0f;
+            b.advantage[n] = adv.advantage[s];
+            b.weighted_tokens += keep[s];
+        }
+    }
+    return b;
+}
 
 template <typename T>
 struct GrpoTrainer {
@@ -169,18 +219,14 @@ struct GrpoTrainer {
     GrpoTrainer(Model<T>& p, Model<T>& ref, int max_sequences, int max_len)
         : policy(p), reference(ref), sampler(p, max_sequences, max_len) {}
 
-    std::string prompt_text(const data::Problem& p, const GrpoOptions& o) const {
-        return o.r1zero_template ? data::r1zero_prompt(p) : data::format_prompt(p);
-    }
-
     // Samples G responses per problem, scores them, updates the policy `updates` times on them.
     GrpoStats step(const std::vector<data::Problem>& problems, const GrpoOptions& o, const AdamW& opt,
                    float max_grad_norm, int& optimizer_step, uint64_t seed, int rl_step) {
         std::vector<std::vector<int>> prompts;
         for (const data::Problem& p : problems)
-            for (int g = 0; g < o.group; g++) prompts.push_back(tok.encode(prompt_text(p, o)));
+            for (int g = 0; g < o.group; g++) prompts.push_back(tok.encode(data::prompt_text(p, o.r1zero_template)));
         SamplingOptions sampling;
-        sampling.temperature = o.temperature;
+        sampling.temperature = o.loss.temperature;
         sampling.seed = rng_hash(seed, 0x67727030ull, uint64_t(rl_step));
         sampling.stop_a = data::ANSWER_END, sampling.stop_b = data::EOS, sampling.max_new = o.max_new;
         std::vector<std::vector<int>> responses = sampler.generate(prompts, sampling);
@@ -197,56 +243,17 @@ struct GrpoTrainer {
         }
         GroupAdvantages adv = group_advantages(totals, o.group, o.scale_by_std);
         stats.samples = int(responses.size()), stats.uniform_groups = adv.uniform_groups;
-        for (double* x : {&stats.reward, &stats.accuracy, &stats.format, &stats.language, &stats.mixing,
-                          &stats.response_tokens})
+        for (double* x :
+             {&stats.reward, &stats.accuracy, &stats.format, &stats.language, &stats.mixing, &stats.response_tokens})
             *x /= stats.samples;
 
-        SampleBatch batch = layout(prompts, responses, adv, o);
-        update(batch, o, opt, max_grad_norm, optimizer_step, seed, stats);
+        SampleBatch batch = grpo_batch(prompts, responses, adv, o, policy.max_T);
+        if (batch.weighted_tokens > 0) update(batch, o, opt, max_grad_norm, optimizer_step, seed, stats);
         return stats;
     }
 
-    // Token rows of prompt + response, targets on the response tokens only, each weighted by its normalizer.
-    SampleBatch layout(const std::vector<std::vector<int>>& prompts, const std::vector<std::vector<int>>& responses,
-                       const GroupAdvantages& adv, const GrpoOptions& o) const {
-        SampleBatch b;
-        b.S = int(prompts.size());
-        size_t longest = 0, response_tokens = 0, kept = 0;
-        for (int s = 0; s < b.S; s++) longest = std::max(longest, prompts[s].size() + responses[s].size());
-        b.T = std::min(ceil_div(long(longest), 32) * 32, policy.max_T);
-        std::vector<char> keep(b.S, 1);
-        for (int s = 0; s < b.S; s++) {
-            if (o.skip_uniform_groups) {
-                int g0 = s / o.group * o.group;
-                bool uniform = true;
-                for (int i = g0; i < g0 + o.group; i++) uniform &= adv.advantage[i] == adv.advantage[g0];
-                keep[s] = !uniform;
-            }
-            kept += keep[s];
-            response_tokens += keep[s] * responses[s].size();
-        }
-        b.tokens.assign(size_t(b.S) * b.T, data::PAD), b.targets.assign(size_t(b.S) * b.T, -1);
-        b.weight.assign(size_t(b.S) * b.T, 0.0f), b.advantage.assign(size_t(b.S) * b.T, 0.0f);
-        for (int s = 0; s < b.S; s++) {
-            std::vector<int> seq = prompts[s];
-            seq.insert(seq.end(), responses[s].begin(), responses[s].end());
-            seq.resize(std::min(seq.size(), size_t(b.T)));
-            std::copy(seq.begin(), seq.end(), b.tokens.begin() + long(s) * b.T);
-            double w = o.norm == Normalization::Sequence ? 1.0 / (double(responses[s].size()) * double(kept))
-                       : o.norm == Normalization::Token  ? 1.0 / double(response_tokens)
-                                                         : 1.0 / (double(b.S) * o.max_new);
-            for (size_t t = prompts[s].size() - 1; t + 1 < seq.size(); t++) {
-                size_t n = size_t(s) * b.T + t;
-                b.targets[n] = seq[t + 1];
-                b.weight[n] = keep[s] ? float(w) : 0.0f;
-                b.advantage[n] = adv.advantage[s];
-            }
-        }
-        return b;
-    }
-
-    void update(const SampleBatch& b, const GrpoOptions& o, const AdamW& opt, float max_grad_norm,
-                int& optimizer_step, uint64_t seed, GrpoStats& stats) {
+    void update(const SampleBatch& b, const GrpoOptions& o, const AdamW& opt, float max_grad_norm, int& optimizer_step,
+                uint64_t seed, GrpoStats& stats) {
         long N = long(b.S) * b.T;
         int V = policy.cfg.vocab_size;
         cudaStream_t s = policy.stream;
@@ -254,24 +261,24 @@ struct GrpoTrainer {
         for (DeviceBuffer<float>* buf : {&logp_old, &logp_ref, &token_loss, &token_kl, &token_clipped})
             if (long(buf->count) < N) buf->resize(N);
         reference.forward(b.tokens, b.S, b.T);
-        token_logprobs(logp_ref.data(), reference.logits, targets.data(), int(N), V, reference.stream);
+        token_logprobs(logp_ref.data(), reference.logits, targets.data(), int(N), V, o.loss.temperature,
+                       reference.stream);
         CUDA_CHECK(cudaStreamSynchronize(reference.stream));
         policy.forward(b.tokens, b.S, b.T);
-        token_logprobs(logp_old.data(), policy.logits, targets.data(), int(N), V, s);
-        long response_tokens = 0;
-        for (int t : b.targets) response_tokens += t >= 0;
+        token_logprobs(logp_old.data(), policy.logits, targets.data(), int(N), V, o.loss.temperature, s);
         for (int u = 0; u < o.updates; u++) {
             if (u > 0) policy.forward(b.tokens, b.S, b.T);
             grpo_loss(token_loss.data(), token_kl.data(), token_clipped.data(), policy.d_logits, policy.logits,
                       targets.data(), weight.data(), advantage.data(), logp_old.data(), logp_ref.data(), int(N), V,
                       o.loss, s);
-            sum_reduce(sums.data() + 1, policy.reduce_scratch, token_kl.data(), N, false, s);
-            sum_reduce(sums.data() + 2, policy.reduce_scratch, token_clipped.data(), N, false, s);
             policy.backward(b.S, b.T);
             policy.optimizer_step(opt, max_grad_norm, ++optimizer_step, seed);
         }
+        sum_reduce(sums.data(), policy.reduce_scratch, token_loss.data(), N, false, s);
+        sum_reduce(sums.data() + 1, policy.reduce_scratch, token_kl.data(), N, false, s);
+        sum_reduce(sums.data() + 2, policy.reduce_scratch, token_clipped.data(), N, false, s);
         std::vector<float> h = sums.download();
-        stats.kl = h[1] / double(std::max(response_tokens, 1L));
-        stats.clip_fraction = h[2] / double(std::max(response_tokens, 1L));
+        stats.objective = -h[0];
+        stats.kl = h[1] / double(b.weighted_tokens), stats.clip_fraction = h[2] / double(b.weighted_tokens);
     }
 };

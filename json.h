@@ -98,12 +98,18 @@ struct Json {
     bool operator==(const Json& o) const {
         if (type_ != o.type_) return false;
         switch (type_) {
-            case Type::Null: return true;
-            case Type::Bool: return boolean_ == o.boolean_;
-            case Type::Number: return number_ == o.number_;
-            case Type::String: return string_ == o.string_;
-            case Type::Array: return array_ == o.array_;
-            case Type::Object: return object_ == o.object_;
+            case Type::Null:
+                return true;
+            case Type::Bool:
+                return boolean_ == o.boolean_;
+            case Type::Number:
+                return number_ == o.number_;
+            case Type::String:
+                return string_ == o.string_;
+            case Type::Array:
+                return array_ == o.array_;
+            case Type::Object:
+                return object_ == o.object_;
         }
         return false;
     }
@@ -114,7 +120,7 @@ struct Json {
         return names[int(t)];
     }
 
-private:
+   private:
     struct Parser;
 
     Type type_ = Type::Null;
@@ -134,8 +140,8 @@ private:
     double as_integer(double lo, double hi) const {
         double x = as_number();
         if (x != std::trunc(x) || x < lo || x > hi)
-            throw std::runtime_error("json: expected an integer in [" + format_number(lo) + ", " +
-                                     format_number(hi) + "], found " + format_number(x));
+            throw std::runtime_error("json: expected an integer in [" + format_number(lo) + ", " + format_number(hi) +
+                                     "], found " + format_number(x));
         return x;
     }
 
@@ -168,13 +174,27 @@ private:
         out += '"';
         for (char c : s) {
             switch (c) {
-                case '"': out += "\\\""; break;
-                case '\\': out += "\\\\"; break;
-                case '\b': out += "\\b"; break;
-                case '\f': out += "\\f"; break;
-                case '\n': out += "\\n"; break;
-                case '\r': out += "\\r"; break;
-                case '\t': out += "\\t"; break;
+                case '"':
+                    out += "\\\"";
+                    break;
+                case '\\':
+                    out += "\\\\";
+                    break;
+                case '\b':
+                    out += "\\b";
+                    break;
+                case '\f':
+                    out += "\\f";
+                    break;
+                case '\n':
+                    out += "\\n";
+                    break;
+                case '\r':
+                    out += "\\r";
+                    break;
+                case '\t':
+                    out += "\\t";
+                    break;
                 default:
                     if (static_cast<unsigned char>(c) < 0x20) {
                         char buf[8];
@@ -196,10 +216,18 @@ private:
 
     void dump_to(std::string& out, int indent, int level) const {
         switch (type_) {
-            case Type::Null: out += "null"; break;
-            case Type::Bool: out += boolean_ ? "true" : "false"; break;
-            case Type::Number: out += format_number(number_, integer_); break;
-            case Type::String: dump_string(out, string_); break;
+            case Type::Null:
+                out += "null";
+                break;
+            case Type::Bool:
+                out += boolean_ ? "true" : "false";
+                break;
+            case Type::Number:
+                out += format_number(number_, integer_);
+                break;
+            case Type::String:
+                dump_string(out, string_);
+                break;
             case Type::Array:
                 out += '[';
                 for (size_t i = 0; i < array_.size(); i++) {
@@ -350,7 +378,7 @@ struct Json::Parser {
         uint32_t value = 0;
         for (int i = 0; i < 4; i++, pos++) {
             char c = text[pos];
-            int digit = c >= '0' && c <= '9' ? c - '0'
+            int digit = c >= '0' && c <= '9'   ? c - '0'
                         : c >= 'a' && c <= 'f' ? c - 'a' + 10
                         : c >= 'A' && c <= 'F' ? c - 'A' + 10
                                                : -1;
@@ -406,16 +434,35 @@ struct Json::Parser {
             if (pos >= text.size()) fail("unterminated string starting", start);
             char e = text[pos++];
             switch (e) {
-                case '"': out += '"'; break;
-                case '\\': out += '\\'; break;
-                case '/': out += '/'; break;
-                case 'b': out += '\b'; break;
-                case 'f': out += '\f'; break;
-                case 'n': out += '\n'; break;
-                case 'r': out += '\r'; break;
-                case 't': out += '\t'; break;
-                case 'u': append_utf8(out, parse_code_point()); break;
-                default: fail(std::string("bad escape '\\") + e + "'", pos - 2);
+                case '"':
+                    out += '"';
+                    break;
+                case '\\':
+                    out += '\\';
+                    break;
+                case '/':
+                    out += '/';
+                    break;
+                case 'b':
+                    out += '\b';
+                    break;
+                case 'f':
+                    out += '\f';
+                    break;
+                case 'n':
+                    out += '\n';
+                    break;
+                case 'r':
+                    out += '\r';
+                    break;
+                case 't':
+                    out += '\t';
+                    break;
+                case 'u':
+                    append_utf8(out, parse_code_point());
+                    break;
+                default:
+                    fail(std::string("bad escape '\\") + e + "'", pos - 2);
             }
         }
     }

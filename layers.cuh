@@ -36,7 +36,7 @@ __global__ void embedding_backward_kernel(float* dE, const T* dx, const int* tok
 
 template <typename T>
 void embedding_forward(T* x, const int* tokens, const T* E, int N, int D, cudaStream_t s) {
-    embedding_forward_kernel<<<ceil_div(long(N) * D, 256), 256, 0, s>>>(x, tokens, E, N, D);
+    embedding_forward_kernel<<<elementwise_blocks(long(N) * D), 256, 0, s>>>(x, tokens, E, N, D);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -97,7 +97,8 @@ __global__ void rmsnorm_backward_kernel(T* dx, float* dw_partial, const T* dy, c
     }
 }
 
-static __global__ void rmsnorm_dw_reduce_kernel(float* dw, const float* dw_partial, int blocks, int D, bool accumulate) {
+static __global__ void rmsnorm_dw_reduce_kernel(float* dw, const float* dw_partial, int blocks, int D,
+                                                bool accumulate) {
     int d = blockIdx.x * blockDim.x + threadIdx.x;
     if (d >= D) return;
     float sum = 0.0f;
@@ -108,10 +109,9 @@ static __global__ void rmsnorm_dw_reduce_kernel(float* dw, const float* dw_parti
 // x may be a column slice of a wider matrix (x_stride >= D): MLA normalizes the first kv_lora_rank columns of
 // kv_a in place of a copy. In the backward pass dx has x's row stride, and y and dy are dense.
 template <typename T>
-void rmsnorm_forward(T* y, float* rstd, const T* x, int x_stride, const T* w, int N, int D, float eps,
-                     cudaStream_t s) {
-    rmsnorm_forward_kernel<<<ceil_div(N, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(y, rstd, x, x_stride, w, N,
-                                                                                        D, eps);
+void rmsnorm_forward(T* y, float* rstd, const T* x, int x_stride, const T* w, int N, int D, float eps, cudaStream_t s) {
+    rmsnorm_forward_kernel<<<ceil_div(N, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(y, rstd, x, x_stride, w, N, D,
+                                                                                         eps);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -124,10 +124,10 @@ void rmsnorm_backward(T* dx, float* dw, float* scratch, const T* dy, const T* x,
     int blocks = ceil_div(N, RMSNORM_ROWS_PER_BLOCK);
     size_t smem = sizeof(float) * WARPS_PER_BLOCK * D;
     if (smem > 48 * 1024)  // wide rows need more than the default dynamic shared memory
-        CUDA_CHECK(cudaFuncSetAttribute(rmsnorm_backward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        int(smem)));
+        CUDA_CHECK(
+            cudaFuncSetAttribute(rmsnorm_backward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     rmsnorm_backward_kernel<<<blocks, WARPS_PER_BLOCK * 32, smem, s>>>(dx, scratch, dy, x, x_stride, w, rstd, N, D,
-                                                                        accumulate_dx);
+                                                                       accumulate_dx);
     CUDA_CHECK_LAUNCH();
     rmsnorm_dw_reduce_kernel<<<ceil_div(D, 128), 128, 0, s>>>(dw, scratch, blocks, D, accumulate_dw);
     CUDA_CHECK_LAUNCH();
@@ -162,13 +162,13 @@ __global__ void swiglu_backward_kernel(T* dgu, const T* da, const T* gu, int N, 
 
 template <typename T>
 void swiglu_forward(T* a, const T* gu, int N, int I, cudaStream_t s) {
-    swiglu_forward_kernel<<<ceil_div(long(N) * I, 256), 256, 0, s>>>(a, gu, N, I);
+    swiglu_forward_kernel<<<elementwise_blocks(long(N) * I), 256, 0, s>>>(a, gu, N, I);
     CUDA_CHECK_LAUNCH();
 }
 
 template <typename T>
 void swiglu_backward(T* dgu, const T* da, const T* gu, int N, int I, cudaStream_t s) {
-    swiglu_backward_kernel<<<ceil_div(long(N) * I, 256), 256, 0, s>>>(dgu, da, gu, N, I);
+    swiglu_backward_kernel<<<elementwise_blocks(long(N) * I), 256, 0, s>>>(dgu, da, gu, N, I);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -177,6 +177,16 @@ void swiglu_backward(T* dgu, const T* da, const T* gu, int N, int I, cudaStream_
 // token in SFT) contributes neither loss nor gradient. dlogits = scale (softmax - onehot); scale = 1 / #targets.
 // ---------------------------------------------------------------------------------------------------------------
 
+// The row's maximum and sum of exp(x - max) over V logits scaled by `scale`, in every lane of the warp.
+__device__ __forceinline__ void row_softmax_stats(const float* row, int V, float scale, int lane, float& mx,
+                                                  float& sum) {
+    mx = -INFINITY, sum = 0.0f;
+    for (int v = lane; v < V; v += 32) mx = fmaxf(mx, row[v] * scale);
+    mx = warp_max(mx);
+    for (int v = lane; v < V; v += 32) sum += expf(row[v] * scale - mx);
+    sum = warp_sum(sum);
+}
+
 template <typename T>
 __global__ void cross_entropy_kernel(float* loss, T* dlogits, const float* logits, const int* targets, int N, int V,
                                      float scale) {
@@ -184,12 +194,8 @@ __global__ void cross_entropy_kernel(float* loss, T* dlogits, const float* logit
     if (n >= N) return;
     const float* row = logits + long(n) * V;
     int target = targets[n];
-    float mx = -INFINITY;
-    for (int v = lane; v < V; v += 32) mx = fmaxf(mx, row[v]);
-    mx = warp_max(mx);
-    float sum = 0.0f;
-    for (int v = lane; v < V; v += 32) sum += expf(row[v] - mx);
-    sum = warp_sum(sum);
+    float mx, sum;
+    row_softmax_stats(row, V, 1.0f, lane, mx, sum);
     float g = target < 0 ? 0.0f : scale;
     for (int v = lane; v < V; v += 32)
         dlogits[long(n) * V + v] = from_float<T>(g * (expf(row[v] - mx) / sum - (v == target ? 1.0f : 0.0f)));
@@ -200,7 +206,7 @@ template <typename T>
 void cross_entropy(float* loss, T* dlogits, const float* logits, const int* targets, int N, int V, float scale,
                    cudaStream_t s) {
     cross_entropy_kernel<<<ceil_div(N, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(loss, dlogits, logits, targets,
-                                                                                      N, V, scale);
+                                                                                       N, V, scale);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -278,7 +284,7 @@ __global__ void adamw_kernel(float* master, T* weights, bf16* m, bf16* v, const 
 template <typename T>
 void adamw_update(float* master, T* weights, bf16* m, bf16* v, const float* grad, const float* grad_norm, long n,
                   long n_decay, const AdamW& opt, float max_grad_norm, int step, uint64_t seed, cudaStream_t s) {
-    adamw_kernel<<<ceil_div(n, 256), 256, 0, s>>>(master, weights, m, v, grad, grad_norm, n, n_decay, opt,
-                                                  max_grad_norm, step, seed);
+    adamw_kernel<<<elementwise_blocks(n), 256, 0, s>>>(master, weights, m, v, grad, grad_norm, n, n_decay, opt,
+                                                       max_grad_norm, step, seed);
     CUDA_CHECK_LAUNCH();
 }

@@ -21,6 +21,9 @@
 #include "layers.cuh"
 
 // Field names follow transformers' DeepseekV3Config, so config.json is read and written without renaming.
+// transformers builds q_a_layernorm and kv_a_layernorm with its RMSNorm's default eps, whatever rms_norm_eps says.
+constexpr float LATENT_NORM_EPS = 1e-6f;
+
 struct Config {
     int vocab_size = 128;
     int hidden_size = 384;
@@ -95,8 +98,8 @@ struct ParamLayout {
             L.q_a = add(p + "self_attn.q_a_proj.weight", {c.q_lora_rank, d});
             L.q_b = add(p + "self_attn.q_b_proj.weight", {long(H) * c.qk_head_dim(), c.q_lora_rank});
             L.kv_a = add(p + "self_attn.kv_a_proj_with_mqa.weight", {c.kv_lora_rank + c.qk_rope_head_dim, d});
-            L.kv_b = add(p + "self_attn.kv_b_proj.weight",
-                         {long(H) * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank});
+            L.kv_b =
+                add(p + "self_attn.kv_b_proj.weight", {long(H) * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank});
             L.o = add(p + "self_attn.o_proj.weight", {d, long(H) * c.v_head_dim});
             L.gate_up = add(p + "mlp.gate_proj.weight", {c.intermediate_size, d});
             add(p + "mlp.up_proj.weight", {c.intermediate_size, d});
@@ -147,8 +150,14 @@ __global__ void convert_kernel(T* out, const float* in, long n) {
     if (i < n) out[i] = from_float<T>(in[i]);
 }
 
+// Targets that count: a negative one marks a position without loss (padding, a prompt token).
+inline long count_targets(const std::vector<int>& targets) {
+    return std::count_if(targets.begin(), targets.end(), [](int t) { return t >= 0; });
+}
+
 // Rows [B, T+1] of a token stream -> inputs [B, T] (the first T ids of each row) and targets (the last T).
-inline void split_rows(const std::vector<int>& rows, int B, int T, std::vector<int>& inputs, std::vector<int>& targets) {
+inline void split_rows(const std::vector<int>& rows, int B, int T, std::vector<int>& inputs,
+                       std::vector<int>& targets) {
     inputs.resize(size_t(B) * T), targets.resize(size_t(B) * T);
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
@@ -181,14 +190,14 @@ struct Model {
     DeviceBuffer<bf16> adam_m, adam_v;
 
     std::vector<LayerActs<T>> acts;
-    T *x_final, *xf;  // residual stream after the last layer, and its RMSNorm
+    T *x_final, *xf;                                // residual stream after the last layer, and its RMSNorm
     float *rstd_final, *logits, *losses, *scalars;  // scalars: [0] loss sum, [1] squared grad norm
     MlaScratch<T> mla_scratch;
     T *d_resid, *d_h, *d_gu, *d_a, *d_o, *d_q, *d_cq, *d_cq_pre, *d_kva, *d_ckv, *d_kvb, *d_logits;
     float* norm_scratch;
     float* reduce_scratch;
     int *tokens_buf, *targets_buf;
-    std::vector<DeviceBuffer<uint8_t>> storage;
+    DeviceArena arena;
 
     Model(const Config& c, int B, int T_) : cfg(c), layout(c), max_B(B), max_T(T_) {
         cfg.validate();
@@ -210,12 +219,6 @@ struct Model {
 
     long num_params() const { return layout.total; }
 
-    template <typename U>
-    U* take(long n) {
-        storage.emplace_back(size_t(n) * sizeof(U));
-        return reinterpret_cast<U*>(storage.back().data());
-    }
-
     void allocate_activations() {
         const Config& c = cfg;
         long N = long(max_B) * max_T, d = c.hidden_size, H = c.num_attention_heads;
@@ -224,25 +227,29 @@ struct Model {
         long tt = long(max_B) * H * max_T * max_T;
         acts.resize(c.num_hidden_layers);
         for (LayerActs<T>& A : acts) {
-            A.x_in = take<T>(N * d), A.h1 = take<T>(N * d), A.cq_pre = take<T>(N * c.q_lora_rank);
-            A.cq = take<T>(N * c.q_lora_rank), A.q = take<T>(N * q_w), A.kva = take<T>(N * kva_w);
-            A.ckv = take<T>(N * c.kv_lora_rank), A.kvb = take<T>(N * kvb_w), A.o = take<T>(N * o_w);
-            A.x_mid = take<T>(N * d), A.h2 = take<T>(N * d), A.gu = take<T>(N * 2 * I), A.a = take<T>(N * I);
-            A.rstd1 = take<float>(N), A.rstd_q = take<float>(N), A.rstd_kv = take<float>(N), A.rstd2 = take<float>(N);
-            A.mla = {take<T>(N * q_w), take<T>(N * q_w), take<T>(N * o_w), take<T>(tt)};
+            A.x_in = arena.take<T>(N * d), A.h1 = arena.take<T>(N * d), A.cq_pre = arena.take<T>(N * c.q_lora_rank);
+            A.cq = arena.take<T>(N * c.q_lora_rank), A.q = arena.take<T>(N * q_w), A.kva = arena.take<T>(N * kva_w);
+            A.ckv = arena.take<T>(N * c.kv_lora_rank), A.kvb = arena.take<T>(N * kvb_w), A.o = arena.take<T>(N * o_w);
+            A.x_mid = arena.take<T>(N * d), A.h2 = arena.take<T>(N * d), A.gu = arena.take<T>(N * 2 * I),
+            A.a = arena.take<T>(N * I);
+            A.rstd1 = arena.take<float>(N), A.rstd_q = arena.take<float>(N), A.rstd_kv = arena.take<float>(N),
+            A.rstd2 = arena.take<float>(N);
+            A.mla = {arena.take<T>(N * q_w), arena.take<T>(N * q_w), arena.take<T>(N * o_w), arena.take<T>(tt)};
         }
-        x_final = take<T>(N * d), xf = take<T>(N * d), rstd_final = take<float>(N);
-        logits = take<float>(N * c.vocab_size), losses = take<float>(N), scalars = take<float>(2);
-        mla_scratch = {take<float>(tt), take<T>(N * o_w), take<T>(tt), take<T>(N * q_w), take<T>(N * q_w),
-                       take<T>(N * o_w)};
+        x_final = arena.take<T>(N * d), xf = arena.take<T>(N * d), rstd_final = arena.take<float>(N);
+        logits = arena.take<float>(N * c.vocab_size), losses = arena.take<float>(N), scalars = arena.take<float>(2);
+        mla_scratch = {arena.take<float>(tt),  arena.take<T>(N * o_w), arena.take<T>(tt),
+                       arena.take<T>(N * q_w), arena.take<T>(N * q_w), arena.take<T>(N * o_w)};
         long widest = std::max({d, long(c.q_lora_rank), long(c.kv_lora_rank)});
-        d_resid = take<T>(N * d), d_h = take<T>(N * d), d_gu = take<T>(N * 2 * I), d_a = take<T>(N * I);
-        d_o = take<T>(N * o_w), d_q = take<T>(N * q_w), d_cq = take<T>(N * c.q_lora_rank);
-        d_cq_pre = take<T>(N * c.q_lora_rank), d_kva = take<T>(N * kva_w), d_ckv = take<T>(N * c.kv_lora_rank);
-        d_kvb = take<T>(N * kvb_w), d_logits = take<T>(N * c.vocab_size);
-        norm_scratch = take<float>(rmsnorm_scratch_size(int(N), int(widest)));
-        reduce_scratch = take<float>(REDUCE_BLOCKS);
-        tokens_buf = take<int>(N), targets_buf = take<int>(N);
+        d_resid = arena.take<T>(N * d), d_h = arena.take<T>(N * d), d_gu = arena.take<T>(N * 2 * I),
+        d_a = arena.take<T>(N * I);
+        d_o = arena.take<T>(N * o_w), d_q = arena.take<T>(N * q_w), d_cq = arena.take<T>(N * c.q_lora_rank);
+        d_cq_pre = arena.take<T>(N * c.q_lora_rank), d_kva = arena.take<T>(N * kva_w),
+        d_ckv = arena.take<T>(N * c.kv_lora_rank);
+        d_kvb = arena.take<T>(N * kvb_w), d_logits = arena.take<T>(N * c.vocab_size);
+        norm_scratch = arena.take<float>(rmsnorm_scratch_size(int(N), int(widest)));
+        reduce_scratch = arena.take<float>(REDUCE_BLOCKS);
+        tokens_buf = arena.take<int>(N), targets_buf = arena.take<int>(N);
     }
 
     // ----- parameters -----------------------------------------------------------------------------------------
@@ -256,10 +263,12 @@ struct Model {
             float* w = master.data() + t.offset;
             long n = t.numel();
             if (t.shape.size() == 1) {
-                fill_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(w, n, 1.0f);
+                fill_kernel<<<elementwise_blocks(n), 256, 0, stream>>>(w, n, 1.0f);
             } else {
-                bool residual = t.name.find("o_proj") != std::string::npos || t.name.find("down_proj") != std::string::npos;
-                init_normal_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(w, n, residual ? residual_std : std, seed, k);
+                bool residual =
+                    t.name.find("o_proj") != std::string::npos || t.name.find("down_proj") != std::string::npos;
+                init_normal_kernel<<<elementwise_blocks(n), 256, 0, stream>>>(w, n, residual ? residual_std : std, seed,
+                                                                              k);
             }
             CUDA_CHECK_LAUNCH();
         }
@@ -276,7 +285,7 @@ struct Model {
     // After the master weights change (init, load, optimizer step): the working copy in T.
     void refresh_weights() {
         if constexpr (!std::is_same_v<T, float>) {
-            convert_kernel<<<ceil_div(layout.total, 256), 256, 0, stream>>>(weights, master.data(), layout.total);
+            convert_kernel<<<elementwise_blocks(layout.total), 256, 0, stream>>>(weights, master.data(), layout.total);
             CUDA_CHECK_LAUNCH();
         }
     }
@@ -284,8 +293,14 @@ struct Model {
     // ----- forward ----------------------------------------------------------------------------------------------
 
     MlaDims mla_dims(int B, int T_) const {
-        return {B, T_, cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank,
-                cfg.v_head_dim, cfg.rope_theta};
+        return {B,
+                T_,
+                cfg.num_attention_heads,
+                cfg.qk_nope_head_dim,
+                cfg.qk_rope_head_dim,
+                cfg.kv_lora_rank,
+                cfg.v_head_dim,
+                cfg.rope_theta};
     }
 
     void check_shape(int B, int T_) const {
@@ -323,10 +338,11 @@ struct Model {
 
         rmsnorm_forward(A.h1, A.rstd1, A.x_in, d, W + P.input_norm, N, d, eps, stream);
         linear_forward(blas, stream, A.cq_pre, A.h1, W + P.q_a, N, c.q_lora_rank, d);
-        rmsnorm_forward(A.cq, A.rstd_q, A.cq_pre, c.q_lora_rank, W + P.q_a_norm, N, c.q_lora_rank, eps, stream);
+        rmsnorm_forward(A.cq, A.rstd_q, A.cq_pre, c.q_lora_rank, W + P.q_a_norm, N, c.q_lora_rank, LATENT_NORM_EPS,
+                        stream);
         linear_forward(blas, stream, A.q, A.cq, W + P.q_b, N, H * c.qk_head_dim(), c.q_lora_rank);
         linear_forward(blas, stream, A.kva, A.h1, W + P.kv_a, N, kva_w, d);
-        rmsnorm_forward(A.ckv, A.rstd_kv, A.kva, kva_w, W + P.kv_a_norm, N, c.kv_lora_rank, eps, stream);
+        rmsnorm_forward(A.ckv, A.rstd_kv, A.kva, kva_w, W + P.kv_a_norm, N, c.kv_lora_rank, LATENT_NORM_EPS, stream);
         linear_forward(blas, stream, A.kvb, A.ckv, W + P.kv_b, N, H * (c.qk_nope_head_dim + c.v_head_dim),
                        c.kv_lora_rank);
         mla_attention_forward(blas, stream, m, A.o, A.mla, mla_scratch, A.q, A.kva, A.kvb);
@@ -343,8 +359,7 @@ struct Model {
     // Per-token losses, their sum in scalars[0], and dlogits, for targets [B*T] on the host (negative: ignored).
     // Returns the number of counted targets.
     long loss(const std::vector<int>& targets) {
-        long N = long(targets.size()), counted = 0;
-        for (int t : targets) counted += t >= 0;
+        long N = long(targets.size()), counted = count_targets(targets);
         CUDA_CHECK(cudaMemcpyAsync(targets_buf, targets.data(), sizeof(int) * N, cudaMemcpyHostToDevice, stream));
         cross_entropy(losses, d_logits, logits, targets_buf, int(N), cfg.vocab_size,
                       counted ? 1.0f / float(counted) : 0.0f, stream);
@@ -381,23 +396,23 @@ struct Model {
         linear_backward(blas, stream, d_a, G + P.down, d_resid, A.a, W + P.down, N, d, I);
         swiglu_backward(d_gu, d_a, A.gu, N, I, stream);
         linear_backward(blas, stream, d_h, G + P.gate_up, d_gu, A.h2, W + P.gate_up, N, 2 * I, d);
-        rmsnorm_backward(d_resid, G + P.post_norm, norm_scratch, d_h, A.x_mid, d, W + P.post_norm, A.rstd2, N, d,
-                         true, false, stream);
+        rmsnorm_backward(d_resid, G + P.post_norm, norm_scratch, d_h, A.x_mid, d, W + P.post_norm, A.rstd2, N, d, true,
+                         false, stream);
 
         // MLA: x_mid = x_in + o_proj(attention(...))
         linear_backward(blas, stream, d_o, G + P.o, d_resid, A.o, W + P.o, N, d, H * c.v_head_dim);
         mla_attention_backward(blas, stream, m, d_q, d_kva, d_kvb, A.mla, mla_scratch, d_o);
         linear_backward(blas, stream, d_ckv, G + P.kv_b, d_kvb, A.ckv, W + P.kv_b, N,
                         H * (c.qk_nope_head_dim + c.v_head_dim), dc);
-        rmsnorm_backward(d_kva, G + P.kv_a_norm, norm_scratch, d_ckv, A.kva, kva_w, W + P.kv_a_norm, A.rstd_kv, N,
-                         dc, false, false, stream);
+        rmsnorm_backward(d_kva, G + P.kv_a_norm, norm_scratch, d_ckv, A.kva, kva_w, W + P.kv_a_norm, A.rstd_kv, N, dc,
+                         false, false, stream);
         linear_backward(blas, stream, d_cq, G + P.q_b, d_q, A.cq, W + P.q_b, N, H * c.qk_head_dim(), qr);
         rmsnorm_backward(d_cq_pre, G + P.q_a_norm, norm_scratch, d_cq, A.cq_pre, qr, W + P.q_a_norm, A.rstd_q, N, qr,
                          false, false, stream);
         linear_backward(blas, stream, d_h, G + P.q_a, d_cq_pre, A.h1, W + P.q_a, N, qr, d);
         linear_backward(blas, stream, d_h, G + P.kv_a, d_kva, A.h1, W + P.kv_a, N, kva_w, d, true);
-        rmsnorm_backward(d_resid, G + P.input_norm, norm_scratch, d_h, A.x_in, d, W + P.input_norm, A.rstd1, N, d,
-                         true, false, stream);
+        rmsnorm_backward(d_resid, G + P.input_norm, norm_scratch, d_h, A.x_in, d, W + P.input_norm, A.rstd1, N, d, true,
+                         false, stream);
     }
 
     // ----- optimizer --------------------------------------------------------------------------------------------

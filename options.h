@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <functional>
 #include <sstream>
 #include <stdexcept>
@@ -87,7 +88,7 @@ class FlagSet {
 // Everything train can be told. Model shape comes from the Config defaults or --config (a config.json).
 struct Options {
     std::string stage;
-    std::string out = "runs/pretrain", init, config_path, precision = "bf16", text, prompt;
+    std::string out, init, config_path, precision = "bf16", text, prompt;
     int steps = 2000, batch = 64, seq = 512, warmup = 100, eval_every = 250, ckpt_every = 500, eval_batches = 4;
     int log_every = 10, samples = 64;
     float lr = 2e-3f, min_lr_frac = 0.1f, weight_decay = 0.1f, grad_clip = 1.0f, beta2 = 0.95f;
@@ -106,7 +107,7 @@ struct Options {
 
     FlagSet flags() {
         FlagSet f;
-        f.add("out", &out, "run folder: checkpoints, log.jsonl");
+        f.add("out", &out, "run folder: checkpoint/, log.jsonl (default runs/STAGE)");
         f.add("init", &init, "checkpoint folder to start from (needed by every stage but pretrain)");
         f.add("config", &config_path, "config.json with the model shape (default: the demo model)");
         f.add("precision", &precision, "fp32 | bf16");
@@ -158,13 +159,15 @@ struct Options {
         }
         flags().parse(args);
         if (help) return;
+        if (out.empty()) out = "runs/" + stage;
         validate();
     }
 
     void validate() const {
         bool known = false;
         for (const std::string& s : stages()) known |= s == stage;
-        std::string names = "pretrain, sft, r1zero, grpo, eval, chat, logits";
+        std::string names;
+        for (const std::string& s : stages()) names += (names.empty() ? "" : ", ") + s;
         if (stage.empty()) throw std::invalid_argument("missing stage (one of: " + names + ")");
         if (!known) throw std::invalid_argument("unknown stage '" + stage + "' (one of: " + names + ")");
         if (precision != "fp32" && precision != "bf16")
@@ -176,10 +179,21 @@ struct Options {
         positive(ckpt_every, "ckpt-every"), positive(log_every, "log-every"), positive(eval_batches, "eval-batches");
         if (!(lr > 0.0f)) throw std::invalid_argument("--lr must be positive");
         if (warmup < 0) throw std::invalid_argument("--warmup must not be negative");
-        if (!(min_lr_frac >= 0.0f && min_lr_frac <= 1.0f)) throw std::invalid_argument("--min-lr-frac must be in [0, 1]");
+        if (!(min_lr_frac >= 0.0f && min_lr_frac <= 1.0f))
+            throw std::invalid_argument("--min-lr-frac must be in [0, 1]");
         if (!(beta2 > 0.0f && beta2 < 1.0f)) throw std::invalid_argument("--beta2 must be in (0, 1)");
-        if (stage != "pretrain" && init.empty()) throw std::invalid_argument("stage " + stage + " needs --init CHECKPOINT");
+        if (stage != "pretrain" && init.empty())
+            throw std::invalid_argument("stage " + stage + " needs --init CHECKPOINT");
         positive(sft_examples, "sft-examples"), positive(prompts, "prompts"), positive(group, "group");
+        positive(samples, "samples");
+        bool rl = stage == "r1zero" || stage == "grpo";
+        if (rl && group < 2)
+            throw std::invalid_argument("--group must be at least 2: GRPO compares samples in a group");
+        if (rl && !(temperature > 0.0f))
+            throw std::invalid_argument("--temperature must be positive for RL: greedy samples of a group are equal");
+        if (!init.empty() && std::filesystem::exists(init) && std::filesystem::exists(out + "/checkpoint") &&
+            std::filesystem::equivalent(init, out + "/checkpoint"))
+            throw std::invalid_argument("--out " + out + " would overwrite its own --init checkpoint");
         positive(updates, "updates"), positive(max_new, "max-new"), positive(rl_difficulty, "rl-difficulty");
         if (rl_task != "add" && rl_task != "mul" && rl_task != "countdown")
             throw std::invalid_argument("--rl-task must be add, mul or countdown, got '" + rl_task + "'");

@@ -10,8 +10,6 @@
 // old complete file or the new complete file, never a half-written one.
 #pragma once
 
-#include "json.h"
-
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -28,30 +26,46 @@
 #include <utility>
 #include <vector>
 
+#include "json.h"
+
 enum class DType { F32, BF16, F16, I32, I64, U8, F8_E4M3 };
 
 inline size_t dtype_size(DType t) {
     switch (t) {
-        case DType::F32: return 4;
-        case DType::BF16: return 2;
-        case DType::F16: return 2;
-        case DType::I32: return 4;
-        case DType::I64: return 8;
-        case DType::U8: return 1;
-        case DType::F8_E4M3: return 1;
+        case DType::F32:
+            return 4;
+        case DType::BF16:
+            return 2;
+        case DType::F16:
+            return 2;
+        case DType::I32:
+            return 4;
+        case DType::I64:
+            return 8;
+        case DType::U8:
+            return 1;
+        case DType::F8_E4M3:
+            return 1;
     }
     throw std::runtime_error("dtype_size: invalid DType");
 }
 
 inline const char* dtype_name(DType t) {
     switch (t) {
-        case DType::F32: return "F32";
-        case DType::BF16: return "BF16";
-        case DType::F16: return "F16";
-        case DType::I32: return "I32";
-        case DType::I64: return "I64";
-        case DType::U8: return "U8";
-        case DType::F8_E4M3: return "F8_E4M3";
+        case DType::F32:
+            return "F32";
+        case DType::BF16:
+            return "BF16";
+        case DType::F16:
+            return "F16";
+        case DType::I32:
+            return "I32";
+        case DType::I64:
+            return "I64";
+        case DType::U8:
+            return "U8";
+        case DType::F8_E4M3:
+            return "F8_E4M3";
     }
     throw std::runtime_error("dtype_name: invalid DType");
 }
@@ -146,7 +160,7 @@ inline void read_exact(int fd, void* out, size_t n, const std::string& path) {
 // Writes `path + ".tmp"`; commit() makes it durable and renames it over `path`. Destroyed without a commit (an
 // exception on the way), it removes the temporary file and leaves `path` untouched.
 class AtomicFileWriter {
-public:
+   public:
     explicit AtomicFileWriter(std::string path) : path_(std::move(path)), tmp_path_(path_ + ".tmp") {
         fd_ = ::open(tmp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
         if (fd_ < 0) fail_io("cannot create", tmp_path_);
@@ -179,7 +193,7 @@ public:
         fsync_directory(parent_directory(path_));
     }
 
-private:
+   private:
     std::string path_, tmp_path_;
     int fd_ = -1;
 
@@ -293,10 +307,6 @@ struct SafetensorsFile {
         return it->second;
     }
 
-    // The tensor's bytes in place. Tensors are packed without padding, so this pointer need not be aligned for
-    // the dtype: read() copies out safely.
-    const void* data(const std::string& name) const { return bytes.data() + entry(name).offset; }
-
     // Copies a tensor into `out` after checking that it has the dtype and shape the caller expects.
     void read(const std::string& name, DType dtype, const std::vector<int64_t>& shape, void* out) const {
         const Entry& e = entry(name);
@@ -307,7 +317,7 @@ struct SafetensorsFile {
         std::memcpy(out, bytes.data() + e.offset, e.nbytes);
     }
 
-private:
+   private:
     [[noreturn]] void fail(const std::string& problem) const { throw std::runtime_error(path + ": " + problem); }
 
     void parse_header(const std::string& text) {
@@ -369,8 +379,7 @@ private:
         if (end > bytes.size())
             fail("truncated: the header describes " + std::to_string(end) + " data bytes, the file holds " +
                  std::to_string(bytes.size()));
-        if (end < bytes.size())
-            fail(std::to_string(bytes.size() - end) + " bytes after the last tensor");
+        if (end < bytes.size()) fail(std::to_string(bytes.size() - end) + " bytes after the last tensor");
     }
 
     void check_checksum() const {
@@ -418,4 +427,19 @@ inline void replace_directory_atomic(const std::string& tmp_dir, const std::stri
     safetensors_detail::fsync_directory(safetensors_detail::parent_directory(final_name));
     fs::remove_all(aside, ec);
     check(ec, "cannot remove", aside);
+}
+
+// After a crash between the two renames of replace_directory_atomic, final_dir is missing and final_dir + ".old"
+// holds the last complete checkpoint: put it back under its name, so that loading and resuming find it.
+inline void recover_directory(const std::string& final_dir) {
+    namespace fs = std::filesystem;
+    fs::path final_path = fs::path(final_dir);
+    if (!final_path.has_filename()) final_path = final_path.parent_path();
+    std::string aside = final_path.string() + ".old";
+    std::error_code ec;
+    if (fs::exists(final_path, ec) || !fs::is_directory(aside, ec)) return;
+    fs::rename(aside, final_path, ec);
+    if (ec)
+        throw std::runtime_error("cannot rename '" + aside + "' back to '" + final_path.string() +
+                                 "': " + ec.message());
 }

@@ -41,9 +41,9 @@ __global__ void latent_attention_decode_kernel(T* ctx, const T* q_abs, const T* 
                                                const T* cache_kr, const int* position, int max_len, MlaDims m) {
     extern __shared__ float smem[];
     int pos = *position, H = m.H, dc = m.d_c, dr = m.d_rope, L = pos + 1;
-    float* qa = smem;              // [H, d_c]
-    float* qr = qa + H * dc;       // [H, d_rope], rotated
-    float* p = qr + H * dr;        // [H, L] scores, then probabilities
+    float* qa = smem;         // [H, d_c]
+    float* qr = qa + H * dc;  // [H, d_rope], rotated
+    float* p = qr + H * dr;   // [H, L] scores, then probabilities
     int s = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     for (int i = threadIdx.x; i < H * dc; i += blockDim.x) qa[i] = to_float(q_abs[long(s) * H * dc + i]);
     for (int i = threadIdx.x; i < H * dr / 2; i += blockDim.x) {
@@ -104,19 +104,19 @@ __device__ __forceinline__ float top_k_threshold(const float* row, int V, int to
 // softmax(logits / temperature) restricted to the top_k logits (0: all), drawn by the Gumbel-max trick with the
 // counter RNG, so a (seed, step, sequence) always draws the same token. One warp per sequence.
 static __global__ void sample_kernel(int* sampled, const float* logits, int S, int V, float temperature, int top_k,
-                                     uint64_t seed, const int* step) {
+                                     const uint64_t* seed, const int* step) {
     int s = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (s >= S) return;
     const float* row = logits + long(s) * V;
     bool greedy = temperature <= 0.0f;
     float threshold = !greedy && top_k > 0 && top_k < V ? top_k_threshold(row, V, top_k, lane) : -INFINITY;
     float best = -INFINITY;
-    int best_v = V;
+    int best_v = 0;  // a valid token even for a row of NaN or -inf logits
     for (int v = lane; v < V; v += 32) {
         if (row[v] < threshold) continue;
         float score = row[v];
         if (!greedy) {
-            float u = rng_uniform(seed, uint64_t(*step), uint64_t(s) * V + v);
+            float u = rng_uniform(*seed, uint64_t(*step), uint64_t(s) * V + v);
             score = score / temperature - logf(-logf(fmaxf(u, 1e-20f)));
         }
         if (score > best || (score == best && v < best_v)) best = score, best_v = v;
@@ -162,12 +162,14 @@ struct Sampler {
     T *x, *h, *cq_pre, *cq, *q, *kva, *ckv, *q_abs, *ctx, *o, *gu, *a, *xf;
     float *rstd, *logits;
     int *seqs, *current, *done, *sampled, *prompt_len, *position;
-    std::vector<DeviceBuffer<uint8_t>> storage;
+    uint64_t* seed;  // in device memory like the position, so that a new seed needs no new graph
+    DeviceArena arena;
     // A decode step is ~15 launches per layer: replaying them as one CUDA graph removes the launch overhead that
     // otherwise dominates a small model's decoding. The position lives in device memory so that one graph
     // serves every step.
     cudaStream_t stream;
     cudaGraphExec_t graph = nullptr;
+    uint64_t seed_host = 0;  // the source of the seed's asynchronous copy must outlive it
     int graph_S = 0;
     SamplingOptions graph_opt;
 
@@ -177,28 +179,26 @@ struct Sampler {
             throw std::invalid_argument("sampler length " + std::to_string(len) + " exceeds max_position_embeddings");
         long H = c.num_attention_heads, dc = c.kv_lora_rank;
         for (int l = 0; l < c.num_hidden_layers; l++) {
-            cache_ckv.push_back(take<T>(long(S) * len * dc));
-            cache_kr.push_back(take<T>(long(S) * len * c.qk_rope_head_dim));
+            cache_ckv.push_back(arena.take<T>(long(S) * len * dc));
+            cache_kr.push_back(arena.take<T>(long(S) * len * c.qk_rope_head_dim));
         }
-        x = take<T>(S * c.hidden_size), h = take<T>(S * c.hidden_size), xf = take<T>(S * c.hidden_size);
-        cq_pre = take<T>(S * c.q_lora_rank), cq = take<T>(S * c.q_lora_rank), q = take<T>(S * H * c.qk_head_dim());
-        kva = take<T>(S * (dc + c.qk_rope_head_dim)), ckv = take<T>(S * dc), q_abs = take<T>(S * H * dc);
-        ctx = take<T>(S * H * dc), o = take<T>(S * H * c.v_head_dim);
-        gu = take<T>(S * 2L * c.intermediate_size), a = take<T>(S * long(c.intermediate_size));
-        rstd = take<float>(S), logits = take<float>(long(S) * c.vocab_size);
-        seqs = take<int>(long(S) * len), current = take<int>(S), done = take<int>(S), sampled = take<int>(S);
-        prompt_len = take<int>(S), position = take<int>(1);
+        x = arena.take<T>(S * c.hidden_size), h = arena.take<T>(S * c.hidden_size),
+        xf = arena.take<T>(S * c.hidden_size);
+        cq_pre = arena.take<T>(S * c.q_lora_rank), cq = arena.take<T>(S * c.q_lora_rank),
+        q = arena.take<T>(S * H * c.qk_head_dim());
+        kva = arena.take<T>(S * (dc + c.qk_rope_head_dim)), ckv = arena.take<T>(S * dc),
+        q_abs = arena.take<T>(S * H * dc);
+        ctx = arena.take<T>(S * H * dc), o = arena.take<T>(S * H * c.v_head_dim);
+        gu = arena.take<T>(S * 2L * c.intermediate_size), a = arena.take<T>(S * long(c.intermediate_size));
+        rstd = arena.take<float>(S), logits = arena.take<float>(long(S) * c.vocab_size);
+        seqs = arena.take<int>(long(S) * len), current = arena.take<int>(S), done = arena.take<int>(S),
+        sampled = arena.take<int>(S);
+        prompt_len = arena.take<int>(S), position = arena.take<int>(1), seed = arena.take<uint64_t>(1);
         CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
         size_t smem = attention_smem(len);
         if (smem > 48 * 1024)
             CUDA_CHECK(cudaFuncSetAttribute(latent_attention_decode_kernel<T>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    }
-
-    template <typename U>
-    U* take(long n) {
-        storage.emplace_back(size_t(n) * sizeof(U));
-        return reinterpret_cast<U*>(storage.back().data());
     }
 
     ~Sampler() {
@@ -230,20 +230,20 @@ struct Sampler {
             const LayerOffsets& P = layers[l];
             rmsnorm_forward(h, rstd, x, d, W + P.input_norm, S, d, eps, st);
             linear_forward(blas, st, cq_pre, h, W + P.q_a, S, c.q_lora_rank, d);
-            rmsnorm_forward(cq, rstd, cq_pre, c.q_lora_rank, W + P.q_a_norm, S, c.q_lora_rank, eps, st);
+            rmsnorm_forward(cq, rstd, cq_pre, c.q_lora_rank, W + P.q_a_norm, S, c.q_lora_rank, LATENT_NORM_EPS, st);
             linear_forward(blas, st, q, cq, W + P.q_b, S, H * dqk, c.q_lora_rank);
             linear_forward(blas, st, kva, h, W + P.kv_a, S, kva_w, d);
-            rmsnorm_forward(ckv, rstd, kva, kva_w, W + P.kv_a_norm, S, dc, eps, st);
+            rmsnorm_forward(ckv, rstd, kva, kva_w, W + P.kv_a_norm, S, dc, LATENT_NORM_EPS, st);
             int append_n = S * (dc + c.qk_rope_head_dim / 2);
-            latent_cache_append_kernel<<<ceil_div(append_n, 256), 256, 0, st>>>(
+            latent_cache_append_kernel<<<elementwise_blocks(append_n), 256, 0, st>>>(
                 cache_ckv[l], cache_kr[l], ckv, kva, S, position, max_len, dc, c.qk_rope_head_dim, c.rope_theta);
             CUDA_CHECK_LAUNCH();
             // q_abs_i = q_nope_i W_uk_i for every head i: one GEMM batched over heads
             long w_head = long(dn + dv) * dc;
-            matmul(blas, st, q_abs, q, W + P.kv_b, Matmul{S, dc, dn, false, false, 1.0f, 0.0f, H, dqk, w_head, dc,
-                                                          H * dqk, dc, H * dc});
+            matmul(blas, st, q_abs, q, W + P.kv_b,
+                   Matmul{S, dc, dn, false, false, 1.0f, 0.0f, H, dqk, w_head, dc, H * dqk, dc, H * dc});
             latent_attention_decode_kernel<<<S, 128, attention_smem(max_len), st>>>(ctx, q_abs, q, cache_ckv[l],
-                                                                                 cache_kr[l], position, max_len, m);
+                                                                                    cache_kr[l], position, max_len, m);
             CUDA_CHECK_LAUNCH();
             // o_i = ctx_i W_uv_i^T for every head i
             matmul(blas, st, o, ctx, W + P.kv_b + long(dn) * dc,
@@ -258,10 +258,11 @@ struct Sampler {
         matmul(blas, st, logits, xf, W + model.layout.lm_head, Matmul{S, c.vocab_size, d, false, true});
     }
 
-    // Loads prompts (each at least one token, shorter than max_len) and resets the sequences.
-    void start(const std::vector<std::vector<int>>& prompts) {
+    // Loads prompts (each at least one token, shorter than max_len), resets the sequences, sets the sampling seed.
+    void start(const std::vector<std::vector<int>>& prompts, uint64_t sampling_seed = 0) {
         int S = int(prompts.size());
-        if (S < 1 || S > max_S) throw std::invalid_argument("sampler: between 1 and " + std::to_string(max_S) + " prompts");
+        if (S < 1 || S > max_S)
+            throw std::invalid_argument("sampler: between 1 and " + std::to_string(max_S) + " prompts");
         std::vector<int> host(size_t(S) * max_len, 0), lens(S), first(S);
         for (int s = 0; s < S; s++) {
             if (prompts[s].empty() || int(prompts[s].size()) >= max_len)
@@ -272,18 +273,21 @@ struct Sampler {
         }
         CUDA_CHECK(cudaStreamSynchronize(model.stream));  // the weights' last update, on the model's stream
         cudaStream_t st = stream;
+        seed_host = sampling_seed;
         CUDA_CHECK(cudaMemcpyAsync(seqs, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice, st));
         CUDA_CHECK(cudaMemcpyAsync(prompt_len, lens.data(), S * sizeof(int), cudaMemcpyHostToDevice, st));
         CUDA_CHECK(cudaMemcpyAsync(current, first.data(), S * sizeof(int), cudaMemcpyHostToDevice, st));
+        CUDA_CHECK(cudaMemcpyAsync(seed, &seed_host, sizeof(uint64_t), cudaMemcpyHostToDevice, st));
         CUDA_CHECK(cudaMemsetAsync(done, 0, S * sizeof(int), st));
         CUDA_CHECK(cudaMemsetAsync(position, 0, sizeof(int), st));
+        CUDA_CHECK(cudaStreamSynchronize(st));  // the host vectors above are pageable and local
     }
 
     // A full decode step: forward, sample, choose each next token, move to the next position.
     void decode(int S, const SamplingOptions& opt) {
         step(S);
         sample_kernel<<<ceil_div(S, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, stream>>>(
-            sampled, logits, S, model.cfg.vocab_size, opt.temperature, opt.top_k, opt.seed, position);
+            sampled, logits, S, model.cfg.vocab_size, opt.temperature, opt.top_k, seed, position);
         CUDA_CHECK_LAUNCH();
         advance_kernel<<<ceil_div(S, 128), 128, 0, stream>>>(seqs, current, done, sampled, prompt_len, S, position,
                                                              max_len, opt.max_new, opt.stop_a, opt.stop_b);
@@ -294,9 +298,9 @@ struct Sampler {
 
     // The decode step as a graph for S sequences and these options, captured on first use.
     void decode_graph(int S, const SamplingOptions& opt) {
-        bool same = graph && graph_S == S && graph_opt.temperature == opt.temperature &&
-                    graph_opt.top_k == opt.top_k && graph_opt.seed == opt.seed && graph_opt.stop_a == opt.stop_a &&
-                    graph_opt.stop_b == opt.stop_b && graph_opt.max_new == opt.max_new;
+        bool same = graph && graph_S == S && graph_opt.temperature == opt.temperature && graph_opt.top_k == opt.top_k &&
+                    graph_opt.stop_a == opt.stop_a && graph_opt.stop_b == opt.stop_b &&
+                    graph_opt.max_new == opt.max_new;
         if (!same) {
             if (graph) CUDA_CHECK(cudaGraphExecDestroy(graph));
             cudaGraph_t captured;
@@ -314,7 +318,7 @@ struct Sampler {
     // (stop token included).
     std::vector<std::vector<int>> generate(const std::vector<std::vector<int>>& prompts, const SamplingOptions& opt) {
         int S = int(prompts.size());
-        start(prompts);
+        start(prompts, opt.seed);
         cudaStream_t st = stream;
         std::vector<int> done_host(S);
         for (int pos = 0; pos + 1 < max_len; pos++) {

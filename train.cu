@@ -7,6 +7,7 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <sstream>
 
 #include "checkpoint.h"
 #include "data/corpus.h"
@@ -28,12 +29,35 @@ inline data::CorpusConfig corpus_for(const Options& o) {
     return corpus;
 }
 
+// The tokenizer's ids index the embedding and the logits: a config with another vocabulary cannot work with it.
+inline void check_vocabulary(const Config& cfg, const std::string& source) {
+    if (cfg.vocab_size != data::Tokenizer::vocab_size)
+        throw std::runtime_error(source + ": vocab_size " + std::to_string(cfg.vocab_size) +
+                                 " does not match the tokenizer's " + std::to_string(data::Tokenizer::vocab_size));
+}
+
 // A model with the config and weights of checkpoint dir, with buffers for B sequences of T tokens.
 template <typename T>
-std::unique_ptr<Model<T>> load_model(const std::string& dir, int B, int T_) {
-    auto model = std::make_unique<Model<T>>(load_config(dir + "/config.json"), B, T_);
+std::unique_ptr<Model<T>> load_model(const std::string& checkpoint_dir, int B, int T_) {
+    std::string dir = open_checkpoint(checkpoint_dir);
+    Config cfg = load_config(dir + "/config.json");
+    check_vocabulary(cfg, dir + "/config.json");
+    auto model = std::make_unique<Model<T>>(cfg, B, T_);
     load_weights(dir, *model);
     return model;
+}
+
+inline AdamW adamw_at(const Options& o, int step) {
+    return AdamW{learning_rate(o, step), 0.9f, o.beta2, 1e-8f, o.weight_decay};
+}
+
+// The flags that shape a run's data and schedule: a resumed run must be given the same ones.
+inline std::string schedule_flags(const Options& o) {
+    std::ostringstream s;
+    s << "batch=" << o.batch << " seq=" << o.seq << " steps=" << o.steps << " warmup=" << o.warmup << " lr=" << o.lr
+      << " min_lr_frac=" << o.min_lr_frac << " weight_decay=" << o.weight_decay << " beta2=" << o.beta2
+      << " grad_clip=" << o.grad_clip;
+    return s.str();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -61,10 +85,6 @@ struct EvalRow {
     double accuracy = 0, format = 0, mixing = 0, response_tokens = 0;
 };
 
-inline std::string prompt_for(const data::Problem& p, bool r1zero_template) {
-    return r1zero_template ? data::r1zero_prompt(p) : data::format_prompt(p);
-}
-
 // Greedy answers to n held-out problems per task, difficulty (1 to one past the trained maximum) and language,
 // all sampled as one batch with the latent KV cache and scored by the rule-based rewards; prints the table and
 // the first `show` transcripts of each task's easiest level.
@@ -85,7 +105,7 @@ std::vector<EvalRow> evaluate_tasks(Model<T>& model, const data::Tokenizer& tok,
             }
     }
     std::vector<std::vector<int>> prompts;
-    for (const data::Problem& p : problems) prompts.push_back(tok.encode(prompt_for(p, r1zero_template)));
+    for (const data::Problem& p : problems) prompts.push_back(tok.encode(data::prompt_text(p, r1zero_template)));
     Sampler<T> sampler(model, int(prompts.size()), model.max_T);
     SamplingOptions greedy;
     greedy.temperature = 0.0f, greedy.stop_a = data::ANSWER_END, greedy.stop_b = data::EOS;
@@ -127,8 +147,7 @@ inline std::string format_duration(double seconds) {
 
 struct JsonlLog {
     std::ofstream file;
-    JsonlLog(const std::string& path, bool append)
-        : file(path, append ? std::ios::app : std::ios::trunc) {
+    JsonlLog(const std::string& path, bool append) : file(path, append ? std::ios::app : std::ios::trunc) {
         if (!file) throw std::runtime_error("cannot open log file " + path);
     }
     void write(const Json& record) {
@@ -146,20 +165,19 @@ int pretrain(const Options& o) {
     data::Tokenizer tok;
     data::CorpusConfig corpus = corpus_for(o);
     std::string ckpt = o.out + "/checkpoint";
-    std::string source = o.resume ? ckpt : o.init;
+    std::string source = o.resume ? open_checkpoint(ckpt) : o.init.empty() ? "" : open_checkpoint(o.init);
     Config cfg = !source.empty() ? load_config(source + "/config.json")
                                  : (o.config_path.empty() ? Config() : load_config(o.config_path));
-    if (cfg.vocab_size != tok.vocab_size)
-        throw std::runtime_error("config vocab_size " + std::to_string(cfg.vocab_size) + " does not match the tokenizer's " +
-                                 std::to_string(tok.vocab_size));
+    check_vocabulary(cfg, source.empty() ? (o.config_path.empty() ? "the default config" : o.config_path) : source);
     Model<T> model(cfg, o.batch, o.seq);
     int start = 0;
     if (!source.empty()) load_weights(source, model);
     if (o.resume) {
         TrainerState state = load_trainer_state(ckpt, model);
-        if (state.seed != uint64_t(o.seed) || state.precision != o.precision)
+        if (state.seed != uint64_t(o.seed) || state.precision != o.precision || state.schedule != schedule_flags(o))
             throw std::runtime_error(ckpt + " was trained with --seed " + std::to_string(state.seed) + " --precision " +
-                                     state.precision + ": resume with the same flags");
+                                     state.precision + " and " + state.schedule +
+                                     ": resume with the same flags, or the run would not repeat itself");
         start = state.step;
         std::printf("resuming from %s at step %d\n", ckpt.c_str(), start);
     } else if (source.empty()) {
@@ -170,9 +188,10 @@ int pretrain(const Options& o) {
 
     long tokens_per_step = long(o.batch) * o.seq;
     double flops_per_step = cfg.train_flops_per_token(o.seq) * double(tokens_per_step);
-    std::printf("model: %.2fM parameters (%.2fM in GEMMs), precision %s, %d x %d tokens per step, %.2f TFLOP per step\n",
-                model.num_params() / 1e6, cfg.matmul_params() / 1e6, o.precision.c_str(), o.batch, o.seq,
-                flops_per_step / 1e12);
+    std::printf(
+        "model: %.2fM parameters (%.2fM in GEMMs), precision %s, %d x %d tokens per step, %.2f TFLOP per step\n",
+        model.num_params() / 1e6, cfg.matmul_params() / 1e6, o.precision.c_str(), o.batch, o.seq,
+        flops_per_step / 1e12);
 
     std::vector<int> rows, next_rows, inputs, targets;
     data::pretrain_batch(tok, corpus, start + 1, o.batch, o.seq, rows);
@@ -180,15 +199,16 @@ int pretrain(const Options& o) {
     double timed_seconds = 0.0;
     for (int step = start + 1; step <= o.steps; step++) {
         WallTimer step_clock;
-        float lr = learning_rate(o, step);
-        AdamW opt{lr, 0.9f, o.beta2, 1e-8f, o.weight_decay};
+        AdamW opt = adamw_at(o, step);
+        float lr = opt.lr;
         split_rows(rows, o.batch, o.seq, inputs, targets);
         model.train_step(inputs, targets, o.batch, o.seq, opt, o.grad_clip, step, uint64_t(o.seed));
         if (step < o.steps) data::pretrain_batch(tok, corpus, step + 1, o.batch, o.seq, next_rows);  // overlaps the GPU
         auto [loss_sum, grad_norm] = model.read_scalars();
         float loss = loss_sum / float(tokens_per_step);
         if (!std::isfinite(loss)) {
-            std::fprintf(stderr, "error: loss is %f at step %d; stopping (the last checkpoint is intact)\n", loss, step);
+            std::fprintf(stderr, "error: loss is %f at step %d; stopping (the last checkpoint is intact)\n", loss,
+                         step);
             return 1;
         }
         rows.swap(next_rows);
@@ -217,13 +237,14 @@ int pretrain(const Options& o) {
             log.write(eval);
         }
         if (step % o.ckpt_every == 0 || step == o.steps) {
-            save_checkpoint(ckpt, model, {step, uint64_t(o.seed), o.precision}, tok);
+            save_checkpoint(ckpt, model, {step, uint64_t(o.seed), o.precision, schedule_flags(o)}, tok);
             std::printf("step %5d | checkpoint %s\n", step, ckpt.c_str());
         }
     }
     if (o.steps > start + 1)
         std::printf("trained %d steps in %s: %.0f tokens/s after the first step\n", o.steps - start,
-                    format_duration(run_clock.seconds()).c_str(), tokens_per_step * (o.steps - start - 1) / timed_seconds);
+                    format_duration(run_clock.seconds()).c_str(),
+                    tokens_per_step * (o.steps - start - 1) / timed_seconds);
     std::printf("greedy answers to held-out problems:\n");
     evaluate_tasks(model, tok, corpus, o.samples, 2, uint64_t(o.seed), false);
     return 0;
@@ -262,13 +283,16 @@ int cold_start(const Options& o) {
             inputs.insert(inputs.end(), e.tokens.begin(), e.tokens.end());
             targets.insert(targets.end(), e.targets.begin(), e.targets.end());
         }
-        long counted = 0;
-        for (int t : targets) counted += t >= 0;
+        long counted = count_targets(targets);
         float lr = learning_rate(o, step);
-        model.train_step(inputs, targets, o.batch, o.seq, AdamW{lr, 0.9f, o.beta2, 1e-8f, o.weight_decay},
-                         o.grad_clip, step, uint64_t(o.seed));
+        model.train_step(inputs, targets, o.batch, o.seq, adamw_at(o, step), o.grad_clip, step, uint64_t(o.seed));
         auto [loss_sum, grad_norm] = model.read_scalars();
         float loss = loss_sum / float(std::max(counted, 1L));
+        if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
+            std::fprintf(stderr, "error: loss %f, gradient norm %f at step %d; stopping without a checkpoint\n", loss,
+                         grad_norm, step);
+            return 1;
+        }
         Json record = Json::object();
         record["step"] = step, record["loss"] = double(loss), record["lr"] = double(lr);
         record["grad_norm"] = double(grad_norm);
@@ -277,7 +301,7 @@ int cold_start(const Options& o) {
             std::printf("sft step %5d/%d | loss %.4f | lr %.2e | %s\n", step, o.steps, loss, lr,
                         format_duration(clock.seconds()).c_str());
     }
-    save_checkpoint(o.out + "/checkpoint", model, {o.steps, uint64_t(o.seed), o.precision}, tok);
+    save_checkpoint(o.out + "/checkpoint", model, {o.steps, uint64_t(o.seed), o.precision, schedule_flags(o)}, tok);
     evaluate_tasks(model, tok, corpus, o.samples, 2, uint64_t(o.seed), false);
     return 0;
 }
@@ -295,7 +319,7 @@ int reinforce(const Options& o) {
     GrpoTrainer<T> trainer(policy, *reference, S, o.seq);
     GrpoOptions g;
     g.group = o.group, g.updates = o.updates, g.max_new = o.max_new, g.temperature = o.temperature;
-    g.loss = GrpoConfig{o.clip_low, o.clip_high, o.kl};
+    g.loss = GrpoConfig{o.clip_low, o.clip_high, o.kl, o.temperature};
     g.scale_by_std = !o.dr_grpo;
     g.norm = o.dr_grpo ? Normalization::Constant : o.token_norm ? Normalization::Token : Normalization::Sequence;
     g.skip_uniform_groups = o.skip_uniform, g.r1zero_template = o.stage == "r1zero";
@@ -317,22 +341,30 @@ int reinforce(const Options& o) {
             problems.push_back(data::sample_problem(kind, o.rl_difficulty, rng, false, lang));
         }
         float lr = learning_rate(o, step);
-        GrpoStats st = trainer.step(problems, g, AdamW{lr, 0.9f, o.beta2, 1e-8f, o.weight_decay}, o.grad_clip,
-                                    optimizer_step, uint64_t(o.seed), step);
+        GrpoStats st =
+            trainer.step(problems, g, adamw_at(o, step), o.grad_clip, optimizer_step, uint64_t(o.seed), step);
+        float grad_norm = policy.read_scalars().second;
+        if (!std::isfinite(st.objective) || !std::isfinite(grad_norm)) {
+            std::fprintf(stderr, "error: objective %f, gradient norm %f at step %d; stopping without a checkpoint\n",
+                         st.objective, grad_norm, step);
+            return 1;
+        }
         Json record = Json::object();
         record["step"] = step, record["reward"] = st.reward, record["accuracy"] = st.accuracy;
         record["format"] = st.format, record["language"] = st.language, record["mixing"] = st.mixing;
-        record["response_tokens"] = st.response_tokens, record["kl"] = st.kl, record["clip_fraction"] = st.clip_fraction;
+        record["response_tokens"] = st.response_tokens, record["objective"] = st.objective, record["kl"] = st.kl;
+        record["clip_fraction"] = st.clip_fraction, record["grad_norm"] = double(grad_norm);
         record["uniform_groups"] = st.uniform_groups, record["lr"] = double(lr), record["seconds"] = clock.seconds();
         log.write(record);
         if (step % o.log_every == 0 || step == 1 || step == o.steps)
-            std::printf("%s step %4d/%d | reward %.3f | accuracy %.3f | format %.3f | mixed %.3f | length %5.1f | "
-                        "kl %.4f | clipped %.3f | uniform groups %d | %s\n",
-                        o.stage.c_str(), step, o.steps, st.reward, st.accuracy, st.format, st.mixing,
-                        st.response_tokens, st.kl, st.clip_fraction, st.uniform_groups,
-                        format_duration(clock.seconds()).c_str());
+            std::printf(
+                "%s step %4d/%d | reward %.3f | accuracy %.3f | format %.3f | mixed %.3f | length %5.1f | "
+                "kl %.4f | clipped %.3f | uniform groups %d | %s\n",
+                o.stage.c_str(), step, o.steps, st.reward, st.accuracy, st.format, st.mixing, st.response_tokens, st.kl,
+                st.clip_fraction, st.uniform_groups, format_duration(clock.seconds()).c_str());
         if (step % o.ckpt_every == 0 || step == o.steps)
-            save_checkpoint(o.out + "/checkpoint", policy, {step, uint64_t(o.seed), o.precision}, tok);
+            save_checkpoint(o.out + "/checkpoint", policy, {step, uint64_t(o.seed), o.precision, schedule_flags(o)},
+                            tok);
     }
     evaluate_tasks(policy, tok, corpus, o.samples, 2, uint64_t(o.seed), g.r1zero_template);
     return 0;
@@ -356,12 +388,12 @@ int chat(const Options& o) {
         }
         std::vector<int> prompt;
         try {
-            prompt = tok.encode(prompt_for(p, o.template_name == "r1zero"));
-        } catch (const std::invalid_argument& e) {
+            prompt = tok.encode(data::prompt_text(p, o.template_name == "r1zero"));
+            sampler.start({prompt});
+        } catch (const std::invalid_argument& e) {  // a character outside the vocabulary, a prompt too long
             std::printf("cannot read that: %s\n", e.what());
             return;
         }
-        sampler.start({prompt});
         std::vector<int> response;
         for (int pos = 0; pos + 1 < o.seq; pos++) {
             sampler.decode(1, greedy);

@@ -9,7 +9,7 @@
 template <typename T>
 void run(int P, int N) {
     Config c;
-    const int prompt = 32, L = prompt + N + 1;
+    const int prompt = 32, L = prompt + N;
     Model<T> model(c, 1, L);
     model.init_weights(1);
     Sampler<T> sampler(model, P, L);
@@ -18,6 +18,7 @@ void run(int P, int N) {
     for (auto& p : prompts)
         for (int& t : p) t = int(rng.range(16, 111));
     SamplingOptions opt;
+    opt.max_new = N;
     sampler.generate(prompts, opt);  // warm-up: cuBLASLt plans, caches
     WallTimer clock;
     auto out = sampler.generate(prompts, opt);

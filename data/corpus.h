@@ -37,6 +37,11 @@ inline std::string r1zero_prompt(const Problem& p) {
            "<|assistant|>";
 }
 
+// The prompt of a problem: the chat format, or the R1-Zero template.
+inline std::string prompt_text(const Problem& p, bool r1zero_template) {
+    return r1zero_template ? r1zero_prompt(p) : format_prompt(p);
+}
+
 inline std::string think_then_answer(const std::string& thinking, const std::string& answer) {
     return "<think>" + thinking + "</think><answer>" + answer + "</answer><|eos|>";
 }
@@ -207,8 +212,8 @@ inline SftExample sft_example(const Tokenizer& tok, const Problem& p, int T) {
     example.tokens = tok.encode(format_prompt(p) + format_cold_start_response(p));
     const size_t length = example.tokens.size();
     if (length > size_t(T))
-        throw std::invalid_argument("sft_example: " + std::to_string(length) + " tokens do not fit in T = " +
-                                    std::to_string(T));
+        throw std::invalid_argument("sft_example: " + std::to_string(length) +
+                                    " tokens do not fit in T = " + std::to_string(T));
     example.tokens.resize(size_t(T), PAD);
     example.targets.assign(size_t(T), -1);
     for (size_t i = prompt_length; i < length; ++i) example.targets[i - 1] = example.tokens[i];

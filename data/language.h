@@ -22,8 +22,10 @@ constexpr int kNumLanguages = 2;
 
 inline const char* language_name(Language language) {
     switch (language) {
-        case Language::En: return "en";
-        case Language::Alt: return "alt";
+        case Language::En:
+            return "en";
+        case Language::Alt:
+            return "alt";
     }
     throw std::invalid_argument("language_name: unknown language " + std::to_string(int(language)));
 }
@@ -34,9 +36,7 @@ inline Language language_from_name(const std::string& name) {
     throw std::invalid_argument("unknown language '" + name + "' (expected en or alt)");
 }
 
-inline Language other_language(Language language) {
-    return language == Language::En ? Language::Alt : Language::En;
-}
+inline Language other_language(Language language) { return language == Language::En ? Language::Alt : Language::En; }
 
 // Every word the tasks write, in both languages.
 struct WordPair {

@@ -33,9 +33,12 @@ constexpr int kNumTaskKinds = 3;
 
 inline const char* task_name(TaskKind kind) {
     switch (kind) {
-        case TaskKind::Add: return "add";
-        case TaskKind::Mul: return "mul";
-        case TaskKind::Countdown: return "countdown";
+        case TaskKind::Add:
+            return "add";
+        case TaskKind::Mul:
+            return "mul";
+        case TaskKind::Countdown:
+            return "countdown";
     }
     throw std::invalid_argument("task_name: unknown task kind " + std::to_string(int(kind)));
 }
@@ -54,9 +57,12 @@ constexpr int kMaxExampleTokens = 400;
 
 inline int max_difficulty(TaskKind kind) {
     switch (kind) {
-        case TaskKind::Add: return 6;
-        case TaskKind::Mul: return 5;
-        case TaskKind::Countdown: return 4;
+        case TaskKind::Add:
+            return 6;
+        case TaskKind::Mul:
+            return 5;
+        case TaskKind::Countdown:
+            return 4;
     }
     return 0;
 }
@@ -185,10 +191,14 @@ inline int precedence(char op) { return op == '+' || op == '-' ? 1 : 2; }
 
 inline long apply(long a, char op, long b) {
     switch (op) {
-        case '+': return a + b;
-        case '-': return a - b;
-        case '*': return a * b;
-        default: return a / b;
+        case '+':
+            return a + b;
+        case '-':
+            return a - b;
+        case '*':
+            return a * b;
+        default:
+            return a / b;
     }
 }
 
@@ -281,8 +291,12 @@ inline Problem make_countdown(int difficulty, Rng& rng) {
         if (attempt.result.value != target) lines.push_back(join(attempt.steps, ", ") + ", no");
     }
     lines.push_back(join(solution.steps, ", ") + ", yes");
-    return {TaskKind::Countdown, difficulty, numbers, target,
-            "make " + std::to_string(target) + " from " + join_numbers(numbers, " "), join(lines, "\n"),
+    return {TaskKind::Countdown,
+            difficulty,
+            numbers,
+            target,
+            "make " + std::to_string(target) + " from " + join_numbers(numbers, " "),
+            join(lines, "\n"),
             solution.result.text};
 }
 
@@ -303,9 +317,12 @@ inline Problem make_problem(TaskKind kind, int difficulty, Rng& rng, Language la
                                     " is outside 1.." + std::to_string(max_difficulty(kind)) + " for " +
                                     task_name(kind));
     switch (kind) {
-        case TaskKind::Add: return in_language(make_add(difficulty, rng), language);
-        case TaskKind::Mul: return in_language(make_mul(difficulty, rng), language);
-        default: return in_language(make_countdown(difficulty, rng), language);
+        case TaskKind::Add:
+            return in_language(make_add(difficulty, rng), language);
+        case TaskKind::Mul:
+            return in_language(make_mul(difficulty, rng), language);
+        default:
+            return in_language(make_countdown(difficulty, rng), language);
     }
 }
 
@@ -345,7 +362,7 @@ inline bool parse_integer(const std::string& text, long& value) {
 // available, an inexact division, a value out of range, nesting too deep, text left over) sets `failed_`, and
 // every step returns at once after it.
 class ExpressionEvaluator {
-  public:
+   public:
     ExpressionEvaluator(const std::string& text, std::vector<long> available)
         : text_(text), available_(std::move(available)) {}
 
@@ -354,7 +371,7 @@ class ExpressionEvaluator {
         return !failed_ && peek() == '\0';
     }
 
-  private:
+   private:
     const std::string& text_;
     std::vector<long> available_;
     size_t pos_ = 0;
@@ -445,7 +462,7 @@ inline bool verify(const Problem& p, const std::string& answer_text) {
 // ---------------------------------------------------------------------------------------------------------------
 
 constexpr size_t kMaxTypedChars = 120;
-constexpr size_t kMaxTypedDigits = 9;  // operands of a typed sum or product: their result fits a long
+constexpr size_t kMaxTypedDigits = 9;   // operands of a typed sum or product: their result fits a long
 constexpr size_t kMaxTypedNumbers = 6;  // countdown numbers
 
 // Whitespace-separated words of a text.
@@ -473,8 +490,8 @@ inline bool typed_number(const std::string& text, long& value) {
 inline bool parse_problem(const std::string& typed, Problem& p, std::string& why) {
     std::string text = strip_spaces(typed);
     if (text.empty() || text.size() > kMaxTypedChars) {
-        why = text.empty() ? "the problem is empty" : "the problem is longer than " + std::to_string(kMaxTypedChars) +
-                                                         " characters";
+        why = text.empty() ? "the problem is empty"
+                           : "the problem is longer than " + std::to_string(kMaxTypedChars) + " characters";
         return false;
     }
     LanguageCounts counts = count_language_chars(text);
@@ -547,8 +564,7 @@ inline uint64_t string_hash(const std::string& text) {
 
 inline bool is_heldout(const Problem& p) { return string_hash(problem_key(p)) % kHeldoutOneIn == 0; }
 
-inline Problem sample_problem(TaskKind kind, int difficulty, Rng& rng, bool heldout,
-                              Language language = Language::En) {
+inline Problem sample_problem(TaskKind kind, int difficulty, Rng& rng, bool heldout, Language language = Language::En) {
     for (int attempt = 0; attempt < 10000; ++attempt) {
         Problem p = make_problem(kind, difficulty, rng, language);
         if (is_heldout(p) == heldout) return p;

@@ -17,17 +17,16 @@ namespace data {
 
 enum Special : int { PAD = 0, BOS, EOS, USER, ASSISTANT, THINK, THINK_END, ANSWER, ANSWER_END, SYSTEM };
 constexpr int kNumNamedSpecials = 10;  // <|pad|> .. <|system|>; ids 10..15 are reserved
-constexpr const char* kNamedSpecials[kNumNamedSpecials] = {
-    "<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>",
-    "<think>", "</think>", "<answer>", "</answer>", "<|system|>"};
+constexpr const char* kNamedSpecials[kNumNamedSpecials] = {"<|pad|>",       "<|bos|>",   "<|eos|>",  "<|user|>",
+                                                           "<|assistant|>", "<think>",   "</think>", "<answer>",
+                                                           "</answer>",     "<|system|>"};
 
 // The id of the named special token whose text starts at `pos`, or -1. Only the named specials are recognized in
 // text: reserved ids must never appear in training data.
 inline int named_special_at(const std::string& text, size_t pos) {
     if (pos >= text.size() || text[pos] != '<') return -1;
     for (int id = 0; id < kNumNamedSpecials; ++id)
-        if (text.compare(pos, std::char_traits<char>::length(kNamedSpecials[id]), kNamedSpecials[id]) == 0)
-            return id;
+        if (text.compare(pos, std::char_traits<char>::length(kNamedSpecials[id]), kNamedSpecials[id]) == 0) return id;
     return -1;
 }
 
@@ -131,9 +130,10 @@ struct Tokenizer {
         }
         json += "\n  ],\n  \"normalizer\": null,\n  \"pre_tokenizer\": null,\n  \"post_processor\": null,\n";
         json += "  \"decoder\": {\"type\": \"Fuse\"},\n";
-        json += "  \"model\": {\n    \"type\": \"BPE\",\n    \"dropout\": null,\n    \"unk_token\": null,\n"
-                "    \"continuing_subword_prefix\": null,\n    \"end_of_word_suffix\": null,\n"
-                "    \"fuse_unk\": false,\n    \"byte_fallback\": false,\n    \"ignore_merges\": false,\n";
+        json +=
+            "  \"model\": {\n    \"type\": \"BPE\",\n    \"dropout\": null,\n    \"unk_token\": null,\n"
+            "    \"continuing_subword_prefix\": null,\n    \"end_of_word_suffix\": null,\n"
+            "    \"fuse_unk\": false,\n    \"byte_fallback\": false,\n    \"ignore_merges\": false,\n";
         json += "    \"vocab\": {\n";
         for (int id = 0; id < vocab_size; ++id) {
             json += "      " + json_quote(strings_[id]) + ": " + std::to_string(id);
@@ -143,7 +143,7 @@ struct Tokenizer {
         return json;
     }
 
-  private:
+   private:
     std::array<std::string, vocab_size> strings_;
     std::array<int, 256> byte_to_id_;  // -1 for bytes without a token
 

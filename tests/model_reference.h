@@ -19,6 +19,7 @@ inline Config tiny_config() {
     c.vocab_size = 128, c.hidden_size = 32, c.intermediate_size = 48, c.num_hidden_layers = 2;
     c.num_attention_heads = 3, c.q_lora_rank = 24, c.kv_lora_rank = 16, c.qk_nope_head_dim = 8;
     c.qk_rope_head_dim = 4, c.v_head_dim = 12, c.max_position_embeddings = 64, c.initializer_range = 0.3f;
+    c.rms_norm_eps = 1e-5f;  // unlike the latent norms' fixed 1e-6: a mix-up of the two shows
     return c;
 }
 
@@ -61,10 +62,10 @@ inline Vec mla(const Config& c, const LayerOffsets& P, const double* W, const Ve
     int N = B * T, d = c.hidden_size, H = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim;
     int dqk = c.qk_head_dim(), dv = c.v_head_dim, dc = c.kv_lora_rank, kva_w = dc + dr;
     Vec cq = rmsnorm(linear(h, N, d, W + P.q_a, c.q_lora_rank), N, c.q_lora_rank, 0, c.q_lora_rank, W + P.q_a_norm,
-                     c.rms_norm_eps);
+                     LATENT_NORM_EPS);
     Vec q = linear(cq, N, c.q_lora_rank, W + P.q_b, H * dqk);
     Vec kva = linear(h, N, d, W + P.kv_a, kva_w);
-    Vec ckv = rmsnorm(kva, N, kva_w, 0, dc, W + P.kv_a_norm, c.rms_norm_eps);
+    Vec ckv = rmsnorm(kva, N, kva_w, 0, dc, W + P.kv_a_norm, LATENT_NORM_EPS);
     Vec kvb = linear(ckv, N, dc, W + P.kv_b, H * (dn + dv));
     for (int n = 0; n < N; n++) {
         for (int hh = 0; hh < H; hh++) rope(&q[size_t(n) * H * dqk + hh * dqk + dn], dr, n % T, c.rope_theta);
@@ -127,8 +128,8 @@ inline Vec forward(const Config& c, const Vec& params, const std::vector<int>& t
 }
 
 // Mean cross-entropy over the targets that are not negative.
-inline double loss(const Config& c, const Vec& params, const std::vector<int>& tokens,
-                   const std::vector<int>& targets, int B, int T) {
+inline double loss(const Config& c, const Vec& params, const std::vector<int>& tokens, const std::vector<int>& targets,
+                   int B, int T) {
     Vec logits = forward(c, params, tokens, B, T);
     int V = c.vocab_size;
     double total = 0.0;

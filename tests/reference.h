@@ -20,10 +20,10 @@ TYPE_TO_STRING_AS("bf16", bf16);
 
 // The result is close to the reference as a whole (normwise) and in its worst element (relative to the largest
 // reference value). A NaN anywhere in the result fails both.
-#define CHECK_CLOSE(got, want, tol)                                               \
-    do {                                                                          \
-        CHECK(ref::rel_error(got, want) <= (tol));                                \
-        CHECK(ref::max_abs_error(got, want) <= (tol) * ref::max_abs(want));       \
+#define CHECK_CLOSE(got, want, tol)                                       \
+    do {                                                                  \
+        CHECK(ref::rel_error(got, want) <= (tol));                        \
+        CHECK(ref::max_abs_error(got, want) <= (tol)*ref::max_abs(want)); \
     } while (0)
 
 namespace ref {

@@ -1,9 +1,9 @@
 // Tests of attention.cuh: the core of MLA against the CPU reference of tests/reference.h, in FP32 and BF16 storage.
 // The forward pass is compared directly, with the tensors it saves; the backward pass against finite differences of
 // the reference, so that no hand-derived gradient stands between the kernels and the definition of attention.
-#include "reference.h"
-
 #include <algorithm>
+
+#include "reference.h"
 
 namespace {
 
@@ -154,8 +154,8 @@ TEST_SUITE("gpu") {
         }
     }
 
-    TEST_CASE_TEMPLATE("mla attention: backward matches finite differences of the reference; c_kv columns untouched",
-                       T, float, bf16) {
+    TEST_CASE_TEMPLATE("mla attention: backward matches finite differences of the reference; c_kv columns untouched", T,
+                       float, bf16) {
         Rng rng(21);
         for (const MlaDims& m : shapes) {
             CAPTURE(m.T);

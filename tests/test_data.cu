@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
-#include <iterator>
 #include <cstring>
+#include <iterator>
 #include <set>
 #include <string>
 #include <vector>
@@ -198,7 +198,7 @@ const TaskKind kAllKinds[] = {TaskKind::Add, TaskKind::Mul, TaskKind::Countdown}
 TEST_SUITE("data") {
     TEST_CASE("tokenizer: id layout") {
         Tokenizer tok;
-        const char* named[] = {"<|pad|>", "<|bos|>",  "<|eos|>",    "<|user|>", "<|assistant|>",
+        const char* named[] = {"<|pad|>", "<|bos|>",  "<|eos|>",  "<|user|>",  "<|assistant|>",
                                "<think>", "</think>", "<answer>", "</answer>", "<|system|>"};
         for (int id = 0; id < 10; ++id) CHECK(tok.token_string(id) == named[id]);
         CHECK(tok.token_string(THINK) == "<think>");
@@ -232,8 +232,9 @@ TEST_SUITE("data") {
             for (int id : ids) CHECK((id >= 16 && !Tokenizer::is_reserved(id)));
         }
         CHECK(tok.encode("<think>12</think>") == std::vector<int>{THINK, char_id('1'), char_id('2'), THINK_END});
-        const std::string doc = "<|bos|><|user|>12+34=<|assistant|><think>2+4+0=6 -> 6\n1+3+0=4 -> 46</think>"
-                                "<answer>46</answer><|eos|>";
+        const std::string doc =
+            "<|bos|><|user|>12+34=<|assistant|><think>2+4+0=6 -> 6\n1+3+0=4 -> 46</think>"
+            "<answer>46</answer><|eos|>";
         std::vector<int> ids = tok.encode(doc);
         CHECK(tok.decode(ids) == doc);
         CHECK(ids.front() == BOS);
@@ -362,14 +363,23 @@ TEST_SUITE("data") {
                 Rng rng(3, uint64_t(d));
                 for (int i = 0; i < 20; ++i) {
                     Problem p = make_problem(kind, d, rng);
-                    std::vector<std::string> wrong = {"", "   ", "12abc", "--3", "+-3", "1 2", "0x10", "nan",
-                                                      "99999999999999999999999", std::string(10000, '('),
-                                                      std::string(10000, '9'), p.answer + p.answer + "=",
+                    std::vector<std::string> wrong = {"",
+                                                      "   ",
+                                                      "12abc",
+                                                      "--3",
+                                                      "+-3",
+                                                      "1 2",
+                                                      "0x10",
+                                                      "nan",
+                                                      "99999999999999999999999",
+                                                      std::string(10000, '('),
+                                                      std::string(10000, '9'),
+                                                      p.answer + p.answer + "=",
                                                       "<answer>" + p.answer};
                     if (kind == TaskKind::Countdown) {
-                        wrong.insert(wrong.end(), {p.answer + "+", "(" + p.answer, p.answer + ")", "()",
-                                                   p.answer + "+1000", "(" + p.answer + ")*" + p.answer,
-                                                   std::to_string(p.target)});
+                        wrong.insert(wrong.end(),
+                                     {p.answer + "+", "(" + p.answer, p.answer + ")", "()", p.answer + "+1000",
+                                      "(" + p.answer + ")*" + p.answer, std::to_string(p.target)});
                     } else {
                         wrong.insert(wrong.end(), {std::to_string(p.target + 1), std::to_string(p.target - 1),
                                                    "-" + p.answer, p.answer + "0", p.answer + ".", p.answer + "+0",
@@ -402,11 +412,11 @@ TEST_SUITE("data") {
         Problem p{TaskKind::Countdown, 2, {3, 5, 2, 7}, 9, "make 9 from 3 5 2 7", "", "(3+5)*2-7"};
         for (const char* right : {"(3+5)*2-7", "7+2", "2+7", " 5 + 7 - 3 ", "3*(5-2)", "((7))+((2))", "7*2-5"})
             CHECK_MESSAGE(verify(p, right), right);
-        for (const char* wrong : {"3*3",          // 3 used twice
-                                  "9",            // not a given number
+        for (const char* wrong : {"3*3",                     // 3 used twice
+                                  "9",                       // not a given number
                                   "18/2", "7+2+0", "7/2*3",  // 7/2 is not exact, even though 3*3 = 9
-                                  "5+7-3=9", "7+2)", "(7+2", "7++2", "7 2", "-7+16", "7+2 x", "(7+2)()",
-                                  "3*5-2-7+3", "99999999999999999999+1"})
+                                  "5+7-3=9", "7+2)", "(7+2", "7++2", "7 2", "-7+16", "7+2 x", "(7+2)()", "3*5-2-7+3",
+                                  "99999999999999999999+1"})
             CHECK_MESSAGE(!verify(p, wrong), wrong);
 
         Problem zero{TaskKind::Countdown, 2, {4, 4, 9, 2}, 9, "make 9 from 4 4 9 2", "", "9"};
@@ -583,7 +593,7 @@ TEST_SUITE("data") {
         CHECK(to_language("make 25 from 6 15 19 12", Language::Alt) == "MOKX CF RYOM G BF BJ BC");
         CHECK(to_language("<think>19-6=13, no</think><answer>19-6+12</answer><|eos|>", Language::Alt) ==
               "<think>BJ-G=BD, NOP</think><answer>BJ-G+BC</answer><|eos|>");
-        CHECK(to_language("NOPB", Language::En) == "no1");           // a word, then a digit
+        CHECK(to_language("NOPB", Language::En) == "no1");              // a word, then a digit
         CHECK(to_language("B2 NOP yes", Language::En) == "12 no yes");  // mixed text comes out in one language
         CHECK(to_language("B2 NOP yes", Language::Alt) == "BC NOP YUP");
         CHECK(to_language("maybe QQ 7", Language::Alt) == "maybe QQ H");  // unknown words are kept
@@ -626,8 +636,8 @@ TEST_SUITE("data") {
                         CHECK(only_language(en.*text) == Language::En);
                         CHECK(only_language(alt.*text) == Language::Alt);
                     }
-                    for (const std::string& text : {format_example(en, true), format_cold_start_response(en),
-                                                    r1zero_prompt(en)})
+                    for (const std::string& text :
+                         {format_example(en, true), format_cold_start_response(en), r1zero_prompt(en)})
                         CHECK_FALSE(has_uppercase(text));
                     CHECK(is_pure_alt(format_example(alt, true)));
                     CHECK(is_pure_alt(format_cold_start_response(alt)));
@@ -725,8 +735,8 @@ TEST_SUITE("data") {
               "<think>2+4+0=6 -> 6\n1+3+0=4 -> 46\nso 12+34=46</think><answer>46</answer><|eos|>");
         CHECK(format_cold_start_response(in_language(add, Language::Alt)) ==
               "<think>C+E+A=G -> G\nB+D+A=E -> EG\nZO BC+DE=EG</think><answer>EG</answer><|eos|>");
-        Problem countdown{TaskKind::Countdown, 2, {3, 5, 2, 7}, 9, "make 9 from 3 5 2 7", "3+5=8, no\n7+2=9, yes",
-                          "7+2"};
+        Problem countdown{TaskKind::Countdown,     2,    {3, 5, 2, 7}, 9, "make 9 from 3 5 2 7",
+                          "3+5=8, no\n7+2=9, yes", "7+2"};
         CHECK(format_cold_start_response(countdown) ==
               "<think>3+5=8, no\n7+2=9, yes\nso 7+2=9</think><answer>7+2</answer><|eos|>");
         CHECK(format_cold_start_response(in_language(countdown, Language::Alt)) ==
@@ -777,8 +787,8 @@ TEST_SUITE("data") {
             CHECK(example.targets[prompt.size() - 1] == THINK);
             CHECK(example.targets[full.size() - 2] == EOS);
             CHECK(example.targets[full.size() - 1] == -1);
-            const long counted = std::count_if(example.targets.begin(), example.targets.end(),
-                                               [](int t) { return t >= 0; });
+            const long counted =
+                std::count_if(example.targets.begin(), example.targets.end(), [](int t) { return t >= 0; });
             CHECK(counted == long(full.size() - prompt.size()));
 
             const SftExample exact = sft_example(tok, p, int(full.size()));

@@ -12,9 +12,9 @@ namespace {
 // -w J for one token, in double, straight from the formula in grpo.cuh.
 double reference_token_loss(const std::vector<double>& logits, int target, double w, double A, double logp_old,
                             double logp_ref, const GrpoConfig& cfg) {
-    double mx = *std::max_element(logits.begin(), logits.end()), sum = 0.0;
-    for (double x : logits) sum += std::exp(x - mx);
-    double logp = logits[target] - mx - std::log(sum);
+    double inv_t = 1.0 / cfg.temperature, mx = *std::max_element(logits.begin(), logits.end()) * inv_t, sum = 0.0;
+    for (double x : logits) sum += std::exp(x * inv_t - mx);
+    double logp = logits[target] * inv_t - mx - std::log(sum);
     double rho = std::exp(logp - logp_old);
     double clipped = std::min(std::max(rho, 1.0 - cfg.eps_low), 1.0 + cfg.eps_high);
     double k3 = std::exp(logp_ref - logp) - (logp_ref - logp) - 1.0;
@@ -31,7 +31,8 @@ TEST_SUITE("grpo") {
         CHECK(grpo.advantage[0] == doctest::Approx(1.0).epsilon(1e-3));  // (1 - 0.5) / 0.5
         CHECK(grpo.advantage[1] == doctest::Approx(-1.0).epsilon(1e-3));
         for (int i = 4; i < 8; i++) CHECK(grpo.advantage[i] == 0.0f);
-        CHECK(grpo.advantage[11] == doctest::Approx(2.25 / std::sqrt(1.6875)).epsilon(1e-3));  // mean 0.75, variance 1.6875
+        CHECK(grpo.advantage[11] ==
+              doctest::Approx(2.25 / std::sqrt(1.6875)).epsilon(1e-3));  // mean 0.75, variance 1.6875
         double group_sum = 0.0;
         for (int i = 8; i < 12; i++) group_sum += grpo.advantage[i];
         CHECK(group_sum == doctest::Approx(0.0).epsilon(1e-6));
@@ -50,22 +51,21 @@ TEST_SUITE("gpu") {
         std::vector<float> logits(size_t(N) * V), weight(N), advantage(N), logp_old(N), logp_ref(N);
         std::vector<int> targets(N);
         for (float& x : logits) x = float(3.0 * (rng.uniform() - 0.5));
+        GrpoConfig cfg;
+        cfg.eps_high = 0.28f, cfg.beta = 0.04f, cfg.temperature = 0.8f;  // the policy is softmax(logits / 0.8)
         std::vector<float> logp(N);
         for (int n = 0; n < N; n++) {
             targets[n] = n % 9 == 4 ? -1 : int(rng.range(0, V - 1));  // some tokens are not part of a response
-            double mx = -1e30, sum = 0.0;
-            for (int v = 0; v < V; v++) mx = std::max(mx, double(logits[size_t(n) * V + v]));
-            for (int v = 0; v < V; v++) sum += std::exp(logits[size_t(n) * V + v] - mx);
-            logp[n] = targets[n] < 0 ? 0.0f : float(logits[size_t(n) * V + targets[n]] - mx - std::log(sum));
+            double mx = -1e30, sum = 0.0, inv_t = 1.0 / cfg.temperature;
+            for (int v = 0; v < V; v++) mx = std::max(mx, logits[size_t(n) * V + v] * inv_t);
+            for (int v = 0; v < V; v++) sum += std::exp(logits[size_t(n) * V + v] * inv_t - mx);
+            logp[n] = targets[n] < 0 ? 0.0f : float(logits[size_t(n) * V + targets[n]] * inv_t - mx - std::log(sum));
             weight[n] = n % 7 == 3 ? 0.0f : float(0.05 + 0.1 * rng.uniform());
             advantage[n] = float(2.0 * (rng.uniform() - 0.5));
             // ratios from e^-0.6 to e^0.6: inside the clip range and beyond it on both sides
             logp_old[n] = logp[n] + float(1.2 * (rng.uniform() - 0.5));
             logp_ref[n] = logp[n] + float(0.8 * (rng.uniform() - 0.5));
         }
-        GrpoConfig cfg;
-        cfg.eps_high = 0.28f, cfg.beta = 0.04f;
-
         DeviceBuffer<float> d_logits, d_weight, d_adv, d_old, d_ref;
         DeviceBuffer<int> d_targets;
         d_logits.upload(logits), d_weight.upload(weight), d_adv.upload(advantage);
@@ -73,7 +73,7 @@ TEST_SUITE("gpu") {
         DeviceBuffer<float> loss(N), kl(N), clipped(N), d_logp(N), dlogits(size_t(N) * V);
         grpo_loss(loss.data(), kl.data(), clipped.data(), dlogits.data(), d_logits.data(), d_targets.data(),
                   d_weight.data(), d_adv.data(), d_old.data(), d_ref.data(), N, V, cfg, 0);
-        token_logprobs(d_logp.data(), d_logits.data(), d_targets.data(), N, V, 0);
+        token_logprobs(d_logp.data(), d_logits.data(), d_targets.data(), N, V, cfg.temperature, 0);
         std::vector<float> got_loss = loss.download(), got_kl = kl.download(), got_grad = dlogits.download();
         std::vector<float> got_logp = d_logp.download(), got_clipped = clipped.download();
 
@@ -94,15 +94,17 @@ TEST_SUITE("gpu") {
             for (int v = 0; v < V; v++) {
                 double h = 1e-6, saved = row[v];
                 row[v] = saved + h;
-                double up = reference_token_loss(row, targets[n], weight[n], advantage[n], logp_old[n], logp_ref[n], cfg);
+                double up =
+                    reference_token_loss(row, targets[n], weight[n], advantage[n], logp_old[n], logp_ref[n], cfg);
                 row[v] = saved - h;
-                double down = reference_token_loss(row, targets[n], weight[n], advantage[n], logp_old[n], logp_ref[n], cfg);
+                double down =
+                    reference_token_loss(row, targets[n], weight[n], advantage[n], logp_old[n], logp_ref[n], cfg);
                 row[v] = saved;
                 double fd = (up - down) / (2 * h), g = got_grad[size_t(n) * V + v];
                 grad_num += (g - fd) * (g - fd), grad_den += fd * fd;
             }
         }
-        CHECK(n_clipped > 0);      // both branches of the min were exercised
+        CHECK(n_clipped > 0);  // both branches of the min were exercised
         CHECK(n_clipped < N / 2);
         CHECK(std::sqrt(grad_num / grad_den) < 1e-4);  // FP32 kernel against double finite differences
     }

@@ -1,9 +1,9 @@
 // Tests of json.h: round trips, escapes, exact integers, and errors that name the problem and its byte offset.
 #include <doctest/doctest.h>
 
-#include "../json.h"
-
 #include <string>
+
+#include "../json.h"
 
 TEST_SUITE("checkpoint") {
     TEST_CASE("json: nested values survive a round trip, compact and pretty") {
@@ -121,12 +121,10 @@ TEST_SUITE("checkpoint") {
         CHECK_THROWS_WITH_AS(j.at("a").as_object(), doctest::Contains("expected object, found array"),
                              std::runtime_error);
         CHECK_THROWS_WITH_AS(j.at("z").as_bool(), doctest::Contains("expected bool, found null"), std::runtime_error);
-        CHECK_THROWS_WITH_AS(j.at("b").as_array(), doctest::Contains("expected array, found bool"),
-                             std::runtime_error);
+        CHECK_THROWS_WITH_AS(j.at("b").as_array(), doctest::Contains("expected array, found bool"), std::runtime_error);
         CHECK_THROWS_WITH_AS(j.at("n").as_int(), doctest::Contains("expected an integer"), std::runtime_error);
         CHECK_THROWS_WITH_AS(Json(3e9).as_int(), doctest::Contains("expected an integer"), std::runtime_error);
-        CHECK_THROWS_WITH_AS(j.at("a").at("x"), doctest::Contains("expected object, found array"),
-                             std::runtime_error);
+        CHECK_THROWS_WITH_AS(j.at("a").at("x"), doctest::Contains("expected object, found array"), std::runtime_error);
         CHECK_THROWS_WITH_AS(j["s"].push_back(1), doctest::Contains("expected array, found string"),
                              std::runtime_error);
         CHECK_THROWS_WITH_AS(j["n"]["key"], doctest::Contains("expected object, found number"), std::runtime_error);

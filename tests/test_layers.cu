@@ -2,11 +2,11 @@
 // storage. An output is poisoned (NaN bytes) before the launch, so an element the kernel does not write fails its
 // check; a buffer that a kernel writes only in part starts from random values instead, and the part it must not
 // write has to come back unchanged.
-#include "reference.h"
-
 #include <algorithm>
 #include <cstring>
 #include <numeric>
+
+#include "reference.h"
 
 namespace {
 

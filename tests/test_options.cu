@@ -30,7 +30,8 @@ std::string parse_error(std::vector<std::string> args) {
 
 TEST_SUITE("options") {
     TEST_CASE("flags set their fields") {
-        Options o = parse({"pretrain", "--steps", "30", "--lr", "0.001", "--precision", "fp32", "--resume", "--out", "x"});
+        Options o =
+            parse({"pretrain", "--steps", "30", "--lr", "0.001", "--precision", "fp32", "--resume", "--out", "x"});
         CHECK(o.stage == "pretrain");
         CHECK(o.steps == 30);
         CHECK(o.lr == doctest::Approx(0.001));

@@ -208,8 +208,8 @@ TEST_SUITE("rewards") {
         CHECK_FALSE(is_mixed("2+4+0=6 -> 6"));
         CHECK_FALSE(is_mixed("C+E+A=G -> G, NOP"));
         CHECK(is_mixed("2+4+0=6 -> 6\nB+D+A=E -> EG"));
-        CHECK_FALSE(is_mixed("123456789A"));    // the minority holds exactly 10%: not above
-        CHECK(is_mixed("12345678AB"));          // 20%
+        CHECK_FALSE(is_mixed("123456789A"));  // the minority holds exactly 10%: not above
+        CHECK(is_mixed("12345678AB"));        // 20%
         CHECK_FALSE(is_mixed("1234567890123456789A"));
         CHECK(is_mixed("CE+12, YUP"));
         // Code-switched corpus reasoning is mixed; single-language reasoning is not.
@@ -231,8 +231,9 @@ TEST_SUITE("rewards") {
 
     TEST_CASE("rewards: random bytes never crash and score within bounds") {
         Rng rng(7);
-        const std::vector<std::string> pieces = {"<think>", "</think>", "<answer>", "</answer>", "<|eos|>", "46",
-                                                 "EG", " ", "\n", "<", ">", "/", "<|", std::string(1, '\0')};
+        const std::vector<std::string> pieces = {
+            "<think>", "</think>", "<answer>", "</answer>", "<|eos|>", "46", "EG",
+            " ",       "\n",       "<",        ">",         "/",       "<|", std::string(1, '\0')};
         int formatted = 0, accurate = 0;
         for (int i = 0; i < 10000; ++i) {
             std::string response;

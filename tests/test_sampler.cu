@@ -50,6 +50,11 @@ double decode_vs_forward_error(uint64_t seed) {
     }
     std::vector<int> seqs(size_t(S) * L);
     CUDA_CHECK(cudaMemcpy(seqs.data(), sampler.seqs, seqs.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    // generate() replays the step as a CUDA graph: it must write the same greedy tokens
+    std::vector<std::vector<int>> replayed = sampler.generate(prompts, greedy);
+    for (int s = 0; s < S; s++)
+        CHECK(std::equal(replayed[s].begin(), replayed[s].end(), seqs.begin() + long(s) * L + long(prompts[s].size()),
+                         seqs.begin() + long(s + 1) * L));
     double num = 0.0, den = 0.0;
     for (int s = 0; s < S; s++) {
         std::vector<int> tokens(seqs.begin() + long(s) * L, seqs.begin() + long(s + 1) * L);
@@ -100,8 +105,10 @@ TEST_SUITE("gpu") {
             CHECK(a[s].size() + prompts[s].size() <= size_t(L));
             for (size_t t = 0; t + 1 < a[s].size(); t++) CHECK((a[s][t] != 7 && a[s][t] != 9));
             int last = a[s].back();
-            if (last == 7 || last == 9) stopped = true;
-            else CHECK(a[s].size() + prompts[s].size() == size_t(L));
+            if (last == 7 || last == 9)
+                stopped = true;
+            else
+                CHECK(a[s].size() + prompts[s].size() == size_t(L));
         }
         CHECK(stopped);
 
@@ -117,12 +124,14 @@ TEST_SUITE("gpu") {
         DeviceBuffer<float> logits(V);
         logits.upload(row);
         DeviceBuffer<int> token(1), step_buf(1);
+        DeviceBuffer<uint64_t> seed(1);
+        seed.upload({3});
         auto draw_counts = [&](float temperature, int top_k) {
             std::map<int, int> counts;
             for (int step = 0; step < draws; step++) {
                 step_buf.upload({step});
-                sample_kernel<<<1, WARPS_PER_BLOCK * 32>>>(token.data(), logits.data(), S, V, temperature, top_k, 3,
-                                                           step_buf.data());
+                sample_kernel<<<1, WARPS_PER_BLOCK * 32>>>(token.data(), logits.data(), S, V, temperature, top_k,
+                                                           seed.data(), step_buf.data());
                 CUDA_CHECK_LAUNCH();
                 counts[token.download()[0]]++;
             }
