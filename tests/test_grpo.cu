@@ -44,6 +44,41 @@ TEST_SUITE("grpo") {
     }
 }
 
+TEST_SUITE("grpo") {
+    TEST_CASE("the sample batch: response tokens only, weighted per normalization, uniform groups dropped") {
+        std::vector<std::vector<int>> prompts = {{1, 3, 20}, {1, 3, 20}, {1, 3, 21}, {1, 3, 21}};
+        std::vector<std::vector<int>> responses = {{5, 30, 6}, {5, 31, 32, 33, 6}, {5, 6}, {5, 40, 6}};
+        GroupAdvantages adv = group_advantages({1, 0, 1, 1}, 2, true);  // the second group is uniform
+        GrpoOptions o;
+        o.group = 2, o.max_new = 10;
+        SampleBatch b = grpo_batch(prompts, responses, adv, o, 64);
+        REQUIRE(b.S == 4);
+        CHECK(b.T == 32);  // the longest sequence (8 tokens) rounded up to 32
+        // row 1: prompt [1 3 20], response [5 31 32 33 6]: positions 2..6 predict the response
+        for (int t = 0; t < b.T; t++) {
+            int target = b.targets[1 * b.T + t];
+            CHECK(target == (t >= 2 && t <= 6 ? responses[1][t - 2] : -1));
+        }
+        CHECK(b.weight[1 * b.T + 2] == doctest::Approx(1.0 / (5 * 4)));  // 1/|o_i| / samples
+        CHECK(b.advantage[1 * b.T + 2] == adv.advantage[1]);
+        CHECK(b.weighted_tokens == 3 + 5 + 2 + 3);
+
+        o.skip_uniform_groups = true;
+        b = grpo_batch(prompts, responses, adv, o, 64);
+        CHECK(b.weighted_tokens == 3 + 5);
+        CHECK(b.weight[2 * b.T + 2] == 0.0f);
+        CHECK(b.weight[0 * b.T + 2] == doctest::Approx(1.0 / (3 * 2)));  // two responses kept
+
+        o.skip_uniform_groups = false, o.norm = Normalization::Token;
+        b = grpo_batch(prompts, responses, adv, o, 64);
+        CHECK(b.weight[3 * b.T + 2] == doctest::Approx(1.0 / 13));
+        o.norm = Normalization::Constant;
+        b = grpo_batch(prompts, responses, adv, o, 64);
+        CHECK(b.weight[3 * b.T + 2] == doctest::Approx(1.0 / (4 * 10)));
+        CHECK(grpo_batch(prompts, responses, adv, o, 6).T == 6);  // sequences cut at the model's length
+    }
+}
+
 TEST_SUITE("gpu") {
     TEST_CASE("GRPO loss and its gradient match the CPU reference") {
         const int N = 37, V = 40;

@@ -137,3 +137,23 @@ TEST_SUITE("checkpoint") {
               layout.layers[0].down - long(c.intermediate_size) * c.hidden_size);
     }
 }
+
+TEST_SUITE("options") {
+    TEST_CASE("each stage writes to its own folder unless told otherwise, and RL flags that cannot learn are refused") {
+        CHECK(parse({"pretrain"}).out == "runs/pretrain");
+        CHECK(parse({"sft", "--init", "runs/pretrain/checkpoint"}).out == "runs/sft");
+        CHECK(parse({"r1zero", "--init", "x", "--out", "y"}).out == "y");
+        CHECK(parse_error({"r1zero", "--init", "x", "--group", "1"}).find("--group must be at least 2") !=
+              std::string::npos);
+        CHECK(parse_error({"grpo", "--init", "x", "--temperature", "0"}).find("--temperature must be positive") !=
+              std::string::npos);
+        CHECK(parse_error({"pretrain", "--samples", "0"}).find("--samples must be positive") != std::string::npos);
+    }
+
+    TEST_CASE("a stage may not overwrite the checkpoint it starts from") {
+        std::string dir = std::filesystem::temp_directory_path() / "mini_deepseek_self_init";
+        std::filesystem::create_directories(dir + "/checkpoint");
+        CHECK(parse_error({"sft", "--init", dir + "/checkpoint", "--out", dir}).find("overwrite") != std::string::npos);
+        std::filesystem::remove_all(dir);
+    }
+}

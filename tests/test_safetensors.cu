@@ -287,4 +287,17 @@ TEST_SUITE("checkpoint") {
                              std::runtime_error);
         CHECK(read_bytes(final_dir + "/config.json") == "second");
     }
+
+    TEST_CASE("recover_directory puts back a checkpoint left aside by a save cut short") {
+        std::string base = std::filesystem::temp_directory_path() / "mini_deepseek_recover";
+        std::filesystem::remove_all(base);
+        std::filesystem::create_directories(base + "/ckpt.old");
+        write_file_atomic(base + "/ckpt.old/config.json", "{}");
+        recover_directory(base + "/ckpt/");
+        CHECK(std::filesystem::exists(base + "/ckpt/config.json"));
+        CHECK_FALSE(std::filesystem::exists(base + "/ckpt.old"));
+        recover_directory(base + "/ckpt");  // nothing to do: the folder is there
+        CHECK(std::filesystem::exists(base + "/ckpt/config.json"));
+        std::filesystem::remove_all(base);
+    }
 }
