@@ -61,6 +61,31 @@ inline std::string schedule_flags(const Options& o) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Logging
+// ---------------------------------------------------------------------------------------------------------------
+
+inline std::string format_duration(double seconds) {
+    char buf[32];
+    int s = int(seconds + 0.5);
+    if (s >= 3600)
+        std::snprintf(buf, sizeof buf, "%dh%02dm", s / 3600, s / 60 % 60);
+    else
+        std::snprintf(buf, sizeof buf, "%dm%02ds", s / 60, s % 60);
+    return buf;
+}
+
+struct JsonlLog {
+    std::ofstream file;
+    JsonlLog(const std::string& path, bool append) : file(path, append ? std::ios::app : std::ios::trunc) {
+        if (!file) throw std::runtime_error("cannot open log file " + path);
+    }
+    void write(const Json& record) {
+        file << record.dump() << "\n";
+        file.flush();
+    }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
 // Evaluation: held-out loss, and greedy decoding scored by the tasks' verifiers
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -87,10 +112,10 @@ struct EvalRow {
 
 // Greedy answers to n held-out problems per task, difficulty (1 to one past the trained maximum) and language,
 // all sampled as one batch with the latent KV cache and scored by the rule-based rewards; prints the table and
-// the first `show` transcripts of each task's easiest level.
+// the first `show` transcripts of each task's easiest level; each row also goes to the log, if there is one.
 template <typename T>
-std::vector<EvalRow> evaluate_tasks(Model<T>& model, const data::Tokenizer& tok, const data::CorpusConfig& corpus,
-                                    int n, int show, uint64_t seed, bool r1zero_template) {
+void evaluate_tasks(Model<T>& model, const data::Tokenizer& tok, const data::CorpusConfig& corpus, int n, int show,
+                    uint64_t seed, bool r1zero_template, JsonlLog* log) {
     std::vector<data::Problem> problems;
     std::vector<EvalRow> rows;
     for (int k = 0; k < data::kNumTaskKinds; k++) {
@@ -127,34 +152,14 @@ std::vector<EvalRow> evaluate_tasks(Model<T>& model, const data::Tokenizer& tok,
         r.accuracy /= r.n, r.format /= r.n, r.mixing /= r.n, r.response_tokens /= r.n;
         std::printf("%-10s %4s %10d %8.1f%% %7.1f%% %7.1f%% %12.1f\n", r.task.c_str(), r.language.c_str(), r.difficulty,
                     100 * r.accuracy, 100 * r.format, 100 * r.mixing, r.response_tokens);
+        if (!log) continue;
+        Json record = Json::object();
+        record["eval"] = r.task, record["language"] = r.language, record["difficulty"] = r.difficulty;
+        record["accuracy"] = r.accuracy, record["format"] = r.format, record["mixing"] = r.mixing;
+        record["response_tokens"] = r.response_tokens;
+        log->write(record);
     }
-    return rows;
 }
-
-// ---------------------------------------------------------------------------------------------------------------
-// Logging
-// ---------------------------------------------------------------------------------------------------------------
-
-inline std::string format_duration(double seconds) {
-    char buf[32];
-    int s = int(seconds + 0.5);
-    if (s >= 3600)
-        std::snprintf(buf, sizeof buf, "%dh%02dm", s / 3600, s / 60 % 60);
-    else
-        std::snprintf(buf, sizeof buf, "%dm%02ds", s / 60, s % 60);
-    return buf;
-}
-
-struct JsonlLog {
-    std::ofstream file;
-    JsonlLog(const std::string& path, bool append) : file(path, append ? std::ios::app : std::ios::trunc) {
-        if (!file) throw std::runtime_error("cannot open log file " + path);
-    }
-    void write(const Json& record) {
-        file << record.dump() << "\n";
-        file.flush();
-    }
-};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Stages
@@ -246,7 +251,7 @@ int pretrain(const Options& o) {
                     format_duration(run_clock.seconds()).c_str(),
                     tokens_per_step * (o.steps - start - 1) / timed_seconds);
     std::printf("greedy answers to held-out problems:\n");
-    evaluate_tasks(model, tok, corpus, o.samples, 2, uint64_t(o.seed), false);
+    evaluate_tasks(model, tok, corpus, o.samples, 2, uint64_t(o.seed), false, &log);
     return 0;
 }
 
@@ -256,7 +261,7 @@ int evaluate(const Options& o) {
     data::CorpusConfig corpus = corpus_for(o);
     auto model = load_model<T>(o.init, o.batch, o.seq);
     std::printf("held-out loss %.4f\n", heldout_loss(*model, tok, corpus, o.eval_batches));
-    evaluate_tasks(*model, tok, corpus, o.samples, 2, uint64_t(o.seed), o.template_name == "r1zero");
+    evaluate_tasks(*model, tok, corpus, o.samples, 2, uint64_t(o.seed), o.template_name == "r1zero", nullptr);
     return 0;
 }
 
@@ -302,7 +307,7 @@ int cold_start(const Options& o) {
                         format_duration(clock.seconds()).c_str());
     }
     save_checkpoint(o.out + "/checkpoint", model, {o.steps, uint64_t(o.seed), o.precision, schedule_flags(o)}, tok);
-    evaluate_tasks(model, tok, corpus, o.samples, 2, uint64_t(o.seed), false);
+    evaluate_tasks(model, tok, corpus, o.samples, 2, uint64_t(o.seed), false, &log);
     return 0;
 }
 
@@ -366,7 +371,7 @@ int reinforce(const Options& o) {
             save_checkpoint(o.out + "/checkpoint", policy, {step, uint64_t(o.seed), o.precision, schedule_flags(o)},
                             tok);
     }
-    evaluate_tasks(policy, tok, corpus, o.samples, 2, uint64_t(o.seed), g.r1zero_template);
+    evaluate_tasks(policy, tok, corpus, o.samples, 2, uint64_t(o.seed), g.r1zero_template, &log);
     return 0;
 }
 

@@ -17,8 +17,10 @@ PANELS = [("reward", "reward"), ("accuracy", "training accuracy"), ("response_to
 
 
 def read_log(path):
+    """The per-step records of an RL log (the evaluation rows at its end have no reward)."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if "reward" in r]
 
 
 def smooth(values, window=5):
