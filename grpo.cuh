@@ -224,7 +224,7 @@ struct GrpoTrainer {
                    float max_grad_norm, int& optimizer_step, uint64_t seed, int rl_step) {
         std::vector<std::vector<int>> prompts;
         for (const data::Problem& p : problems)
-            for (int g = 0; g < o.group; g++) prompts.push_back(tok.encode(data::prompt_text(p, o.r1zero_template)));
+            prompts.insert(prompts.end(), o.group, tok.encode(data::prompt_text(p, o.r1zero_template)));
         SamplingOptions sampling;
         sampling.temperature = o.loss.temperature;
         sampling.seed = rng_hash(seed, 0x67727030ull, uint64_t(rl_step));
