@@ -13,9 +13,19 @@ TEST_OBJS = $(patsubst tests/%.cu,$(BUILD)/tests/%.o,$(TEST_SRCS))
 # The main job: R1's pipeline in miniature. Override a stage's settings on the command line, e.g.
 # make train PRETRAIN_ARGS="--steps 500".
 PRETRAIN_ARGS ?=
-SFT_ARGS ?= --steps 300 --batch 64 --seq 320 --lr 5e-4 --warmup 20
-RL_ARGS ?= --steps 100 --lr 1e-4 --warmup 0 --min-lr-frac 1 --rl-task countdown --rl-difficulty 2 --prompts 32 --group 8
+SFT_ARGS ?= --steps 300 --batch 64 --seq 320 --lr 5e-4 --warmup 20 --samples 0
+# GRPO on countdown at difficulty 2, one policy update per batch of samples; a quarter of the prompts come from
+# the whole pretraining mix and a KL term holds the policy near its start, so the other tasks are not forgotten.
+# Each stage's own scoring is left to the final table (--samples 0).
+RL_ARGS ?= --steps 250 --lr 5e-5 --warmup 20 --min-lr-frac 1 --updates 1 --task countdown --difficulty 2 \
+	--replay 0.25 --kl 0.04 --prompts 32 --group 8 --samples 0
 R1_ARGS ?= --w-language 0.2
+# The supervised baseline: the R1 run's model compute spent on more SFT on the same problems.
+BASELINE_ARGS ?= --batch 64 --seq 320 --lr 1e-4 --warmup 0 --min-lr-frac 1 --task countdown --difficulty 2 \
+	--replay 0.25 --sft-examples 200000 --samples 0
+# The columns of the final table: the base model (answering directly too, and prompted as R1-Zero is), then the rest.
+BASE = runs/pretrain/checkpoint
+EVAL_MODELS = $(BASE),$(BASE):direct,$(BASE):r1zero,runs/r1zero/checkpoint,runs/sft/checkpoint,runs/sft_more/checkpoint,runs/r1/checkpoint
 PYTHON ?= python3
 
 .PHONY: all test train demo bench clean
@@ -40,13 +50,16 @@ $(BUILD):
 test: $(BUILD)/run_tests
 	./$(BUILD)/run_tests
 
-# pretrain (the base model) -> r1zero (GRPO on the base) and sft (cold start) -> grpo (R1); each stage ends with
-# its evaluation table; the RL curves go to runs/rl_curves.png where matplotlib is installed.
+# pretrain (the base model) -> r1zero (GRPO on the base) and sft (cold start) -> grpo (R1), the supervised
+# baseline, then one table of every model on the same held-out problems (runs/eval/eval.md); the RL curves go to
+# runs/rl_curves.png where matplotlib is installed.
 train: $(BUILD)/train
 	./$(BUILD)/train pretrain --out runs/pretrain $(PRETRAIN_ARGS)
 	./$(BUILD)/train r1zero --init runs/pretrain/checkpoint --out runs/r1zero $(RL_ARGS)
 	./$(BUILD)/train sft --init runs/pretrain/checkpoint --out runs/sft $(SFT_ARGS)
 	./$(BUILD)/train grpo --init runs/sft/checkpoint --out runs/r1 $(RL_ARGS) $(R1_ARGS)
+	./$(BUILD)/train sft --init runs/sft/checkpoint --out runs/sft_more --same-flops-as runs/r1 $(BASELINE_ARGS)
+	./$(BUILD)/train eval --init $(EVAL_MODELS) --out runs/eval
 	-$(PYTHON) tools/plots.py runs
 
 # The interactive demo on the model that `make train` leaves; DEMO_CHECKPOINT picks another.

@@ -124,7 +124,8 @@ struct TrainerState {
     int step = 0;
     uint64_t seed = 0;
     std::string precision;
-    std::string schedule;  // the flags that shape the data and the learning rate
+    std::string schedule;                  // the flags that shape the data and the learning rate
+    std::string prompt_template = "chat";  // how the model was trained to be prompted: chat | r1zero
 };
 
 inline std::vector<int64_t> shape64(const std::vector<long>& shape) { return {shape.begin(), shape.end()}; }
@@ -155,7 +156,8 @@ void save_checkpoint(const std::string& checkpoint_dir, Model<T>& model, const T
     std::vector<TensorRef> weights;
     for (const ParamTensor& t : model.layout.tensors)
         weights.push_back({t.name, DType::F32, shape64(t.shape), master.data() + t.offset});
-    write_safetensors(tmp + "/model.safetensors", weights, {{"format", "pt"}});
+    write_safetensors(tmp + "/model.safetensors", weights,
+                      {{"format", "pt"}, {"prompt_template", state.prompt_template}});
     write_file_atomic(tmp + "/config.json", config_to_json(model.cfg).dump(2) + "\n");
     write_file_atomic(tmp + "/tokenizer.json", tok.to_json());
 
@@ -170,9 +172,9 @@ void save_checkpoint(const std::string& checkpoint_dir, Model<T>& model, const T
 }
 
 // The model's weights from dir/model.safetensors: every tensor of the layout, FP32, shapes as the config says,
-// and nothing else.
+// and nothing else. Returns the prompt template the model was trained with (chat where the file does not say).
 template <typename T>
-void load_weights(const std::string& dir, Model<T>& model) {
+std::string load_weights(const std::string& dir, Model<T>& model) {
     std::string path = dir + "/model.safetensors";
     SafetensorsFile file = SafetensorsFile::load(path);
     std::vector<float> master(model.layout.total);
@@ -183,6 +185,11 @@ void load_weights(const std::string& dir, Model<T>& model) {
                                  " tensors, the config needs " + std::to_string(model.layout.tensors.size()));
     model.master.upload(master);
     model.refresh_weights();
+    auto it = file.metadata.find("prompt_template");
+    if (it == file.metadata.end()) return "chat";
+    if (it->second != "chat" && it->second != "r1zero")
+        throw std::runtime_error(path + ": unknown prompt_template '" + it->second + "'");
+    return it->second;
 }
 
 template <typename T>

@@ -154,6 +154,9 @@ struct GrpoStats {
     double reward = 0, accuracy = 0, format = 0, language = 0, mixing = 0, response_tokens = 0;
     double objective = 0, kl = 0, clip_fraction = 0;  // of the last update, over the tokens that carry weight
     int samples = 0, uniform_groups = 0;
+    // Tokens through the model in forward-pass units (a backward pass counts twice): sampling, the reference and
+    // old-policy log-probabilities, and each update. The compute of a step is this times the forward FLOPs/token.
+    double forward_tokens = 0;
 };
 
 // The prompts, responses and per-token arrays of one batch of samples, laid out [S, T] for the training forward.
@@ -247,8 +250,14 @@ struct GrpoTrainer {
              {&stats.reward, &stats.accuracy, &stats.format, &stats.language, &stats.mixing, &stats.response_tokens})
             *x /= stats.samples;
 
+        for (size_t i = 0; i < responses.size(); i++)
+            stats.forward_tokens += double(prompts[i].size() + responses[i].size());
         SampleBatch batch = grpo_batch(prompts, responses, adv, o, policy.max_T);
-        if (batch.weighted_tokens > 0) update(batch, o, opt, max_grad_norm, optimizer_step, seed, stats);
+        if (batch.weighted_tokens > 0) {
+            update(batch, o, opt, max_grad_norm, optimizer_step, seed, stats);
+            // reference and old-policy forwards, the first update's backward, a forward and backward per further one
+            stats.forward_tokens += double(batch.S) * batch.T * (1 + 1 + 2 + 3 * (o.updates - 1));
+        }
         return stats;
     }
 

@@ -88,15 +88,16 @@ class FlagSet {
 // Everything train can be told. Model shape comes from the Config defaults or --config (a config.json).
 struct Options {
     std::string stage;
-    std::string out, init, config_path, precision = "bf16", text, prompt;
+    std::string out, init, config_path, precision = "bf16", text, prompt, same_flops_as;
     int steps = 2000, batch = 64, seq = 512, warmup = 100, eval_every = 250, ckpt_every = 500, eval_batches = 4;
-    int log_every = 10, samples = 64;
+    int log_every = 10, samples = 64, eval_k = 4;
     float lr = 2e-3f, min_lr_frac = 0.1f, weight_decay = 0.1f, grad_clip = 1.0f, beta2 = 0.95f;
     long seed = 1234;
     bool resume = false, help = false;
     // Cold start and reinforcement learning
-    int sft_examples = 4000, prompts = 32, group = 8, updates = 2, max_new = 320, rl_difficulty = 2;
-    std::string rl_task = "countdown", template_name = "chat";
+    int sft_examples = 4000, prompts = 32, group = 8, updates = 2, max_new = 320, difficulty = 2;
+    std::string task = "mix", template_name = "auto";
+    float replay = 0.0f, eval_temperature = 0.6f;
     float temperature = 1.0f, kl = 0.0f, clip_low = 0.2f, clip_high = 0.2f, w_format = 0.1f, w_language = 0.0f;
     bool dr_grpo = false, token_norm = false, skip_uniform = false;
 
@@ -125,12 +126,19 @@ struct Options {
         f.add("eval-batches", &eval_batches, "batches in a held-out loss evaluation");
         f.add("ckpt-every", &ckpt_every, "steps between checkpoints (and one at the end)");
         f.add("log-every", &log_every, "steps between progress lines");
-        f.add("samples", &samples, "held-out problems per task and difficulty scored after training and by eval");
+        f.add("samples", &samples, "held-out problems per task, difficulty and language (0: none after training)");
+        f.add("eval-k", &eval_k, "responses sampled per held-out problem: accuracy is their mean, pass@1 (R1 §3)");
+        f.add("eval-temperature", &eval_temperature,
+              "sampling temperature of the held-out answers (0: greedy, one each)");
         f.add("text", &text, "input text of the logits stage");
         f.add("prompt", &prompt, "chat: answer this one problem and exit (else read problems from standard input)");
         f.add("sft-examples", &sft_examples, "sft: cold-start examples (cycled through)");
-        f.add("rl-task", &rl_task, "r1zero/grpo: task of the prompts (add, mul, countdown)");
-        f.add("rl-difficulty", &rl_difficulty, "r1zero/grpo: difficulty of the prompts");
+        f.add("same-flops-as", &same_flops_as, "sft: take as many steps as the model compute of this run folder");
+        f.add("task", &task,
+              "sft/r1zero/grpo: the problems: mix (the corpus' tasks and difficulties), add, mul or countdown");
+        f.add("difficulty", &difficulty, "sft/r1zero/grpo: the difficulty of a named --task");
+        f.add("replay", &replay,
+              "sft/r1zero/grpo: the share of problems drawn from the whole mix beside a named --task");
         f.add("prompts", &prompts, "r1zero/grpo: prompts per step");
         f.add("group", &group, "r1zero/grpo: samples per prompt (G)");
         f.add("updates", &updates, "r1zero/grpo: policy updates per batch of samples");
@@ -141,7 +149,7 @@ struct Options {
         f.add("clip-high", &clip_high, "r1zero/grpo: ratio clip above 1 (DAPO's clip-higher: 0.28)");
         f.add("w-format", &w_format, "r1zero/grpo: weight of the format reward");
         f.add("w-language", &w_language, "r1zero/grpo: weight of the language-consistency reward");
-        f.add("template", &template_name, "prompt template of eval and chat: chat | r1zero");
+        f.add("template", &template_name, "prompt template of eval and chat: auto (the checkpoint's) | chat | r1zero");
         f.add_switch("dr-grpo", &dr_grpo, "r1zero/grpo: Dr. GRPO (no std scaling, constant normalizer)");
         f.add_switch("token-norm", &token_norm, "r1zero/grpo: DAPO's token-level normalization");
         f.add_switch("skip-uniform", &skip_uniform, "r1zero/grpo: drop groups whose rewards are all equal (DAPO)");
@@ -185,7 +193,8 @@ struct Options {
         if (stage != "pretrain" && init.empty())
             throw std::invalid_argument("stage " + stage + " needs --init CHECKPOINT");
         positive(sft_examples, "sft-examples"), positive(prompts, "prompts"), positive(group, "group");
-        positive(samples, "samples");
+        if (samples < 0 || (stage == "eval" && samples == 0))
+            throw std::invalid_argument("--samples must be positive (0 skips the scoring after training)");
         bool rl = stage == "r1zero" || stage == "grpo";
         if (rl && group < 2)
             throw std::invalid_argument("--group must be at least 2: GRPO compares samples in a group");
@@ -194,11 +203,14 @@ struct Options {
         if (!init.empty() && std::filesystem::exists(init) && std::filesystem::exists(out + "/checkpoint") &&
             std::filesystem::equivalent(init, out + "/checkpoint"))
             throw std::invalid_argument("--out " + out + " would overwrite its own --init checkpoint");
-        positive(updates, "updates"), positive(max_new, "max-new"), positive(rl_difficulty, "rl-difficulty");
-        if (rl_task != "add" && rl_task != "mul" && rl_task != "countdown")
-            throw std::invalid_argument("--rl-task must be add, mul or countdown, got '" + rl_task + "'");
-        if (template_name != "chat" && template_name != "r1zero")
-            throw std::invalid_argument("--template must be chat or r1zero, got '" + template_name + "'");
+        positive(updates, "updates"), positive(max_new, "max-new"), positive(difficulty, "difficulty");
+        positive(eval_k, "eval-k");
+        if (task != "mix" && task != "add" && task != "mul" && task != "countdown")
+            throw std::invalid_argument("--task must be mix, add, mul or countdown, got '" + task + "'");
+        if (!(replay >= 0.0f && replay <= 1.0f)) throw std::invalid_argument("--replay must be in [0, 1]");
+        if (!(eval_temperature >= 0.0f)) throw std::invalid_argument("--eval-temperature must not be negative");
+        if (template_name != "auto" && template_name != "chat" && template_name != "r1zero")
+            throw std::invalid_argument("--template must be auto, chat or r1zero, got '" + template_name + "'");
         if (!(temperature >= 0.0f)) throw std::invalid_argument("--temperature must not be negative");
         if (!(kl >= 0.0f && clip_low > 0.0f && clip_low < 1.0f && clip_high > 0.0f))
             throw std::invalid_argument("--kl must be >= 0, --clip-low in (0, 1), --clip-high > 0");
@@ -213,7 +225,7 @@ struct Options {
                "  sft       cold start: supervised fine-tuning of --init on single-language chains of thought\n"
                "  r1zero    GRPO straight from the base model --init, with the R1-Zero prompt\n"
                "  grpo      GRPO from the cold-start model --init, with the chat prompt (and --w-language)\n"
-               "  eval      held-out loss and greedy-decoding accuracy of a checkpoint\n"
+               "  eval      held-out accuracy of checkpoints side by side: --init A,B[:chat|:r1zero|:direct],...\n"
                "  chat      the demo: type a problem, watch the model think, see its answer checked\n"
                "  logits    write the logits of --text under --init to OUT/logits.bin (for tests/hf_parity.py)\n"
                "flags:\n" +

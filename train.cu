@@ -36,16 +36,39 @@ inline void check_vocabulary(const Config& cfg, const std::string& source) {
                                  " does not match the tokenizer's " + std::to_string(data::Tokenizer::vocab_size));
 }
 
-// A model with the config and weights of checkpoint dir, with buffers for B sequences of T tokens.
+// A model with the config and weights of checkpoint dir, with buffers for B sequences of T tokens; the prompt
+// template it was trained with goes to *prompt_template.
 template <typename T>
-std::unique_ptr<Model<T>> load_model(const std::string& checkpoint_dir, int B, int T_) {
+std::unique_ptr<Model<T>> load_model(const std::string& checkpoint_dir, int B, int T_,
+                                     std::string* prompt_template = nullptr) {
     std::string dir = open_checkpoint(checkpoint_dir);
     Config cfg = load_config(dir + "/config.json");
     check_vocabulary(cfg, dir + "/config.json");
     auto model = std::make_unique<Model<T>>(cfg, B, T_);
-    load_weights(dir, *model);
+    std::string trained_with = load_weights(dir, *model);
+    if (prompt_template) *prompt_template = trained_with;
     return model;
 }
+
+// --template auto prompts a model the way it was trained: R1-Zero with its instruction, the others in chat form.
+inline bool use_r1zero_template(const Options& o, const std::string& checkpoint_template) {
+    return (o.template_name == "auto" ? checkpoint_template : o.template_name) == "r1zero";
+}
+
+// The problems of sft, r1zero and grpo.
+inline data::ProblemMix problem_mix(const Options& o) {
+    data::ProblemMix mix;
+    mix.whole_corpus = o.task == "mix";
+    if (mix.whole_corpus) return mix;
+    mix.kind = data::task_from_name(o.task), mix.difficulty = o.difficulty, mix.replay = o.replay;
+    if (o.difficulty > data::max_difficulty(mix.kind))
+        throw std::invalid_argument("--difficulty " + std::to_string(o.difficulty) + " exceeds " + o.task +
+                                    "'s maximum " + std::to_string(data::max_difficulty(mix.kind)));
+    return mix;
+}
+
+// Forward-pass model FLOPs per token (a training step costs three of them per token).
+inline double forward_flops_per_token(const Config& cfg, int T) { return cfg.train_flops_per_token(T) / 3.0; }
 
 inline AdamW adamw_at(const Options& o, int step) {
     return AdamW{learning_rate(o, step), 0.9f, o.beta2, 1e-8f, o.weight_decay};
@@ -104,19 +127,31 @@ float heldout_loss(Model<T>& model, const data::Tokenizer& tok, const data::Corp
     return float(sum / batches);
 }
 
+// How held-out answers are drawn. R1 §3 scores pass@1, the mean accuracy of k responses sampled at temperature 0.6
+// (greedy decoding of reasoning models repeats itself and varies between checkpoints); temperature 0 is greedy.
+struct EvalSettings {
+    int problems = 64;  // per task, difficulty and language
+    int k = 4;          // responses per problem
+    float temperature = 0.6f;
+    bool r1zero_template = false;
+    bool direct = false;  // the think block is given, empty: the model must answer at once
+    uint64_t seed = 0;
+};
+
+inline EvalSettings eval_settings(const Options& o, bool r1zero_template, bool direct = false) {
+    return {o.samples,       o.eval_temperature > 0 ? o.eval_k : 1, o.eval_temperature, r1zero_template, direct,
+            uint64_t(o.seed)};
+}
+
 struct EvalRow {
     std::string task, language;
     int difficulty, n = 0;
     double accuracy = 0, format = 0, mixing = 0, response_tokens = 0;
 };
 
-// Greedy answers to n held-out problems per task, difficulty (1 to one past the trained maximum) and language,
-// all sampled as one batch with the latent KV cache and scored by the rule-based rewards; prints the table and
-// the first `show` transcripts of each task's easiest level; each row also goes to the log, if there is one.
-template <typename T>
-void evaluate_tasks(Model<T>& model, const data::Tokenizer& tok, const data::CorpusConfig& corpus, int n, int show,
-                    uint64_t seed, bool r1zero_template, JsonlLog* log) {
-    std::vector<data::Problem> problems;
+// The held-out problems, one row per task, difficulty (1 to one past the trained maximum) and language.
+inline std::vector<EvalRow> eval_problems(const data::CorpusConfig& corpus, int n, uint64_t seed,
+                                          std::vector<data::Problem>& problems) {
     std::vector<EvalRow> rows;
     for (int k = 0; k < data::kNumTaskKinds; k++) {
         if (corpus.kind_weight[k] == 0) continue;
@@ -129,27 +164,47 @@ void evaluate_tasks(Model<T>& model, const data::Tokenizer& tok, const data::Cor
                 rows.push_back({data::task_name(kind), data::language_name(lang), level});
             }
     }
+    return rows;
+}
+
+// k answers to every held-out problem, all sampled as one batch with the latent KV cache and scored by the
+// rule-based rewards; prints the first `show` transcripts of each task's easiest level.
+template <typename T>
+std::vector<EvalRow> evaluate_tasks(Model<T>& model, const data::Tokenizer& tok, const data::CorpusConfig& corpus,
+                                    const EvalSettings& e, int show) {
+    std::vector<data::Problem> problems;
+    std::vector<EvalRow> rows = eval_problems(corpus, e.problems, e.seed, problems);
+    const std::string given = e.direct ? "<think></think><answer>" : "";
     std::vector<std::vector<int>> prompts;
-    for (const data::Problem& p : problems) prompts.push_back(tok.encode(data::prompt_text(p, r1zero_template)));
+    for (const data::Problem& p : problems)
+        prompts.insert(prompts.end(), e.k, tok.encode(data::prompt_text(p, e.r1zero_template) + given));
     Sampler<T> sampler(model, int(prompts.size()), model.max_T);
-    SamplingOptions greedy;
-    greedy.temperature = 0.0f, greedy.stop_a = data::ANSWER_END, greedy.stop_b = data::EOS;
-    greedy.max_new = data::kMaxExampleTokens;
-    std::vector<std::vector<int>> responses = sampler.generate(prompts, greedy);
-    for (size_t i = 0; i < problems.size(); i++) {
-        EvalRow& row = rows[i / n];
-        std::string text = tok.decode(responses[i]);
-        rewards::Reward r = rewards::score(problems[i], text, {});
+    SamplingOptions sampling;
+    sampling.temperature = e.temperature, sampling.seed = rng_hash(e.seed, 0x6576616cull, 0);
+    sampling.stop_a = data::ANSWER_END, sampling.stop_b = data::EOS, sampling.max_new = data::kMaxExampleTokens;
+    std::vector<std::vector<int>> responses = sampler.generate(prompts, sampling);
+    for (size_t i = 0; i < responses.size(); i++) {
+        size_t problem = i / e.k;
+        EvalRow& row = rows[problem / e.problems];
+        std::string text = given + tok.decode(responses[i]);
+        rewards::Reward r = rewards::score(problems[problem], text, {});
         row.n++, row.accuracy += r.accuracy, row.format += r.format;
         row.mixing += rewards::is_mixed(r.thinking), row.response_tokens += double(responses[i].size());
-        if (row.difficulty == 1 && int(i % n) < show)
+        if (row.difficulty == 1 && i % e.k == 0 && int(problem % e.problems) < show)
             std::printf("  [%s/%s] %s\n    -> %s  (%s)\n", row.task.c_str(), row.language.c_str(),
-                        problems[i].question.c_str(), text.c_str(), r.accuracy > 0 ? "correct" : "wrong");
+                        problems[problem].question.c_str(), text.c_str(), r.accuracy > 0 ? "correct" : "wrong");
     }
+    for (EvalRow& r : rows) r.accuracy /= r.n, r.format /= r.n, r.mixing /= r.n, r.response_tokens /= r.n;
+    return rows;
+}
+
+// One model's rows, printed per language; each also goes to the log, if there is one.
+inline void report_eval(const std::vector<EvalRow>& rows, const EvalSettings& e, JsonlLog* log) {
+    std::printf("held-out pass@1 (%d responses per problem at temperature %.2g, %d problems per row)\n", e.k,
+                e.temperature, e.problems);
     std::printf("%-10s %4s %10s %9s %8s %8s %12s\n", "task", "lang", "difficulty", "accuracy", "format", "mixed",
                 "mean tokens");
-    for (EvalRow& r : rows) {
-        r.accuracy /= r.n, r.format /= r.n, r.mixing /= r.n, r.response_tokens /= r.n;
+    for (const EvalRow& r : rows) {
         std::printf("%-10s %4s %10d %8.1f%% %7.1f%% %7.1f%% %12.1f\n", r.task.c_str(), r.language.c_str(), r.difficulty,
                     100 * r.accuracy, 100 * r.format, 100 * r.mixing, r.response_tokens);
         if (!log) continue;
@@ -159,6 +214,65 @@ void evaluate_tasks(Model<T>& model, const data::Tokenizer& tok, const data::Cor
         record["response_tokens"] = r.response_tokens;
         log->write(record);
     }
+}
+
+struct ModelEval {
+    std::string name;
+    std::vector<EvalRow> rows;
+};
+
+// Models side by side as Markdown tables: pass@1 and mean response length per task and difficulty (the two
+// languages pooled), then each model's format rate and share of mixed-language thinking over all rows.
+inline std::string comparison_tables(const std::vector<ModelEval>& models, const EvalSettings& e) {
+    std::ostringstream out;
+    char cell[64];
+    auto header = [&](const char* what, const char* second) {
+        out << "| " << what << " | " << second << " |";
+        for (const ModelEval& m : models) out << " " << m.name << " |";
+        out << "\n| --- | --- |";
+        for (size_t i = 0; i < models.size(); i++) out << " --- |";
+        out << "\n";
+    };
+    auto pooled = [&](const char* what, auto value, const char* format) {
+        header(what, "difficulty");
+        const std::vector<EvalRow>& first = models[0].rows;
+        for (size_t r = 0; r + 1 < first.size(); r += 2) {  // En and Alt rows of one level are neighbours
+            out << "| " << first[r].task << " | " << first[r].difficulty << " |";
+            for (const ModelEval& m : models) {
+                std::snprintf(cell, sizeof cell, format, (value(m.rows[r]) + value(m.rows[r + 1])) / 2);
+                out << " " << cell << " |";
+            }
+            out << "\n";
+        }
+        out << "\n";
+    };
+    out << "Held-out pass@1: the mean accuracy of " << e.k << " responses per problem at temperature " << e.temperature
+        << ", " << 2 * e.problems << " problems per row (half En, half Alt).\n\n";
+    pooled(
+        "accuracy", [](const EvalRow& r) { return 100 * r.accuracy; }, "%.1f%%");
+    pooled(
+        "response tokens", [](const EvalRow& r) { return r.response_tokens; }, "%.0f");
+    header("over all rows", "");
+    auto overall = [&](const char* what, auto value) {
+        out << "| " << what << " | |";
+        for (const ModelEval& m : models) {
+            double sum = 0;
+            for (const EvalRow& r : m.rows) sum += value(r);
+            std::snprintf(cell, sizeof cell, "%.1f%%", 100 * sum / double(m.rows.size()));
+            out << " " << cell << " |";
+        }
+        out << "\n";
+    };
+    overall("format", [](const EvalRow& r) { return r.format; });
+    overall("mixed-language thinking", [](const EvalRow& r) { return r.mixing; });
+    return out.str();
+}
+
+// "runs/r1/checkpoint" -> "r1": a checkpoint is named by its run.
+inline std::string run_name(const std::string& checkpoint) {
+    fs::path path = fs::path(folder_name(checkpoint));
+    if (path.filename() == "checkpoint" && path.has_parent_path()) path = path.parent_path();
+    return path.filename().string();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -242,7 +356,7 @@ int pretrain(const Options& o) {
             log.write(eval);
         }
         if (step % o.ckpt_every == 0 || step == o.steps) {
-            save_checkpoint(ckpt, model, {step, uint64_t(o.seed), o.precision, schedule_flags(o)}, tok);
+            save_checkpoint(ckpt, model, {step, uint64_t(o.seed), o.precision, schedule_flags(o), "chat"}, tok);
             std::printf("step %5d | checkpoint %s\n", step, ckpt.c_str());
         }
     }
@@ -250,32 +364,88 @@ int pretrain(const Options& o) {
         std::printf("trained %d steps in %s: %.0f tokens/s after the first step\n", o.steps - start,
                     format_duration(run_clock.seconds()).c_str(),
                     tokens_per_step * (o.steps - start - 1) / timed_seconds);
-    std::printf("greedy answers to held-out problems:\n");
-    evaluate_tasks(model, tok, corpus, o.samples, 2, uint64_t(o.seed), false, &log);
+    EvalSettings e = eval_settings(o, false);
+    if (o.samples > 0) report_eval(evaluate_tasks(model, tok, corpus, e, 2), e, &log);
     return 0;
 }
 
+// One column of the eval stage: "runs/r1/checkpoint" prompts the model as it was trained; a suffix ":chat" or
+// ":r1zero" names the prompt, ":direct" gives the think block empty so that the model must answer at once.
+struct EvalEntry {
+    std::string path, name, prompt;  // prompt: "" (as trained, or --template), chat, r1zero or direct
+};
+
+inline EvalEntry eval_entry(const std::string& spec) {
+    EvalEntry entry{spec, "", ""};
+    size_t colon = spec.rfind(':');
+    if (colon != std::string::npos) {
+        entry.path = spec.substr(0, colon), entry.prompt = spec.substr(colon + 1);
+        if (entry.prompt != "chat" && entry.prompt != "r1zero" && entry.prompt != "direct")
+            throw std::invalid_argument("eval: '" + spec + "' ends in ':" + entry.prompt +
+                                        "'; the suffixes are :chat, :r1zero and :direct");
+    }
+    entry.name = run_name(entry.path) + (entry.prompt.empty() ? "" : ":" + entry.prompt);
+    return entry;
+}
+
+// Every checkpoint of --init A,B,... on the same held-out problems, side by side; the tables go to OUT/eval.md.
 template <typename T>
 int evaluate(const Options& o) {
     data::Tokenizer tok;
     data::CorpusConfig corpus = corpus_for(o);
-    auto model = load_model<T>(o.init, o.batch, o.seq);
-    std::printf("held-out loss %.4f\n", heldout_loss(*model, tok, corpus, o.eval_batches));
-    evaluate_tasks(*model, tok, corpus, o.samples, 2, uint64_t(o.seed), o.template_name == "r1zero", nullptr);
+    std::vector<ModelEval> evals;
+    EvalSettings e;
+    std::stringstream specs(o.init);
+    for (std::string spec; std::getline(specs, spec, ',');) {
+        EvalEntry entry = eval_entry(spec);
+        std::string trained_with;
+        auto model = load_model<T>(entry.path, o.batch, o.seq, &trained_with);
+        bool r1zero = entry.prompt.empty() ? use_r1zero_template(o, trained_with) : entry.prompt == "r1zero";
+        e = eval_settings(o, r1zero, entry.prompt == "direct");
+        std::printf("%s: held-out loss %.4f\n", entry.name.c_str(), heldout_loss(*model, tok, corpus, o.eval_batches));
+        evals.push_back({entry.name, evaluate_tasks(*model, tok, corpus, e, 0)});
+    }
+    std::string tables = comparison_tables(evals, e);
+    std::printf("\n%s", tables.c_str());
+    fs::create_directories(o.out);
+    write_file_atomic(o.out + "/eval.md", tables);
+    std::printf("wrote %s/eval.md\n", o.out.c_str());
     return 0;
 }
 
-// The cold start (R1 §2.3.1): supervised fine-tuning on single-language chains of thought with a summary; the
-// loss covers the assistant's tokens only.
+// The compute of a run recorded in RUN/log.jsonl: the train_flops of its last step.
+inline double run_flops(const std::string& run) {
+    std::ifstream in(run + "/log.jsonl");
+    if (!in) throw std::runtime_error("cannot read " + run + "/log.jsonl (--same-flops-as)");
+    double flops = 0;
+    for (std::string line; std::getline(in, line);) {
+        Json record = Json::parse(line);
+        if (record.contains("train_flops")) flops = record.at("train_flops").as_number();
+    }
+    if (!(flops > 0)) throw std::runtime_error(run + "/log.jsonl records no train_flops (--same-flops-as)");
+    return flops;
+}
+
+// Supervised fine-tuning: the cold start (R1 §2.3.1) on single-language chains of thought with a summary, the
+// loss on the assistant's tokens only. With --same-flops-as RUN it takes as many steps as RUN's model compute:
+// the supervised baseline of an RL run.
 template <typename T>
-int cold_start(const Options& o) {
+int cold_start(const Options& given) {
     data::Tokenizer tok;
-    data::CorpusConfig corpus = corpus_for(o);
-    auto loaded = load_model<T>(o.init, o.batch, o.seq);
+    data::CorpusConfig corpus = corpus_for(given);
+    auto loaded = load_model<T>(given.init, given.batch, given.seq);
     Model<T>& model = *loaded;
     model.reset_optimizer();
+    const double flops_per_step = model.cfg.train_flops_per_token(given.seq) * given.batch * given.seq;
+    Options o = given;
+    if (!o.same_flops_as.empty()) {
+        double flops = run_flops(o.same_flops_as);
+        o.steps = std::max(1, int(std::lround(flops / flops_per_step)));
+        std::printf("%.3g FLOP of %s = %d steps of %d x %d tokens\n", flops, o.same_flops_as.c_str(), o.steps, o.batch,
+                    o.seq);
+    }
     std::vector<data::SftExample> examples;
-    for (const data::Problem& p : data::cold_start_set(o.sft_examples, corpus, uint64_t(o.seed)))
+    for (const data::Problem& p : data::cold_start_set(o.sft_examples, corpus, problem_mix(o), uint64_t(o.seed)))
         examples.push_back(data::sft_example(tok, p, o.seq));
     fs::create_directories(o.out);
     JsonlLog log(o.out + "/log.jsonl", false);
@@ -300,14 +470,16 @@ int cold_start(const Options& o) {
         }
         Json record = Json::object();
         record["step"] = step, record["loss"] = double(loss), record["lr"] = double(lr);
-        record["grad_norm"] = double(grad_norm);
+        record["grad_norm"] = double(grad_norm), record["train_flops"] = flops_per_step * step;
         log.write(record);
         if (step % o.log_every == 0 || step == 1 || step == o.steps)
             std::printf("sft step %5d/%d | loss %.4f | lr %.2e | %s\n", step, o.steps, loss, lr,
                         format_duration(clock.seconds()).c_str());
     }
-    save_checkpoint(o.out + "/checkpoint", model, {o.steps, uint64_t(o.seed), o.precision, schedule_flags(o)}, tok);
-    evaluate_tasks(model, tok, corpus, o.samples, 2, uint64_t(o.seed), false, &log);
+    save_checkpoint(o.out + "/checkpoint", model, {o.steps, uint64_t(o.seed), o.precision, schedule_flags(o), "chat"},
+                    tok);
+    EvalSettings e = eval_settings(o, false);
+    if (o.samples > 0) report_eval(evaluate_tasks(model, tok, corpus, e, 2), e, &log);
     return 0;
 }
 
@@ -329,22 +501,18 @@ int reinforce(const Options& o) {
     g.norm = o.dr_grpo ? Normalization::Constant : o.token_norm ? Normalization::Token : Normalization::Sequence;
     g.skip_uniform_groups = o.skip_uniform, g.r1zero_template = o.stage == "r1zero";
     g.reward.w_format = o.w_format, g.reward.w_language = o.w_language;
-    data::TaskKind kind = data::task_from_name(o.rl_task);
-    if (o.rl_difficulty > data::max_difficulty(kind))
-        throw std::invalid_argument("--rl-difficulty exceeds the task's maximum " +
-                                    std::to_string(data::max_difficulty(kind)));
+    const data::ProblemMix mix = problem_mix(o);
+    const double flops_per_forward_token = forward_flops_per_token(policy.cfg, o.seq);
 
     fs::create_directories(o.out);
     JsonlLog log(o.out + "/log.jsonl", false);
     int optimizer_step = 0;
+    double train_flops = 0;
     WallTimer clock;
     for (int step = 1; step <= o.steps; step++) {
         Rng rng(uint64_t(o.seed), rng_hash(0x726c, uint64_t(step), 0));
         std::vector<data::Problem> problems;
-        for (int i = 0; i < o.prompts; i++) {
-            data::Language lang = rng.uniform() < corpus.alt_fraction ? data::Language::Alt : data::Language::En;
-            problems.push_back(data::sample_problem(kind, o.rl_difficulty, rng, false, lang));
-        }
+        for (int i = 0; i < o.prompts; i++) problems.push_back(data::draw_problem(corpus, mix, rng));
         float lr = learning_rate(o, step);
         GrpoStats st =
             trainer.step(problems, g, adamw_at(o, step), o.grad_clip, optimizer_step, uint64_t(o.seed), step);
@@ -354,12 +522,14 @@ int reinforce(const Options& o) {
                          st.objective, grad_norm, step);
             return 1;
         }
+        train_flops += st.forward_tokens * flops_per_forward_token;
         Json record = Json::object();
         record["step"] = step, record["reward"] = st.reward, record["accuracy"] = st.accuracy;
         record["format"] = st.format, record["language"] = st.language, record["mixing"] = st.mixing;
         record["response_tokens"] = st.response_tokens, record["objective"] = st.objective, record["kl"] = st.kl;
         record["clip_fraction"] = st.clip_fraction, record["grad_norm"] = double(grad_norm);
         record["uniform_groups"] = st.uniform_groups, record["lr"] = double(lr), record["seconds"] = clock.seconds();
+        record["train_flops"] = train_flops;
         log.write(record);
         if (step % o.log_every == 0 || step == 1 || step == o.steps)
             std::printf(
@@ -368,19 +538,25 @@ int reinforce(const Options& o) {
                 o.stage.c_str(), step, o.steps, st.reward, st.accuracy, st.format, st.mixing, st.response_tokens, st.kl,
                 st.clip_fraction, st.uniform_groups, format_duration(clock.seconds()).c_str());
         if (step % o.ckpt_every == 0 || step == o.steps)
-            save_checkpoint(o.out + "/checkpoint", policy, {step, uint64_t(o.seed), o.precision, schedule_flags(o)},
-                            tok);
+            save_checkpoint(
+                o.out + "/checkpoint", policy,
+                {step, uint64_t(o.seed), o.precision, schedule_flags(o), g.r1zero_template ? "r1zero" : "chat"}, tok);
     }
-    evaluate_tasks(policy, tok, corpus, o.samples, 2, uint64_t(o.seed), g.r1zero_template, &log);
+    std::printf("%s: %.3g FLOP of model compute in %s\n", o.stage.c_str(), train_flops,
+                format_duration(clock.seconds()).c_str());
+    EvalSettings e = eval_settings(o, g.r1zero_template);
+    if (o.samples > 0) report_eval(evaluate_tasks(policy, tok, corpus, e, 2), e, &log);
     return 0;
 }
 
-// The demo: a typed problem goes to the model in its chat format (or R1-Zero's, with --template r1zero); the
+// The demo: a typed problem goes to the model in the format it was trained with (or the one --template names); the
 // thinking streams token by token as the model writes it (greedy decoding), then the answer is checked.
 template <typename T>
 int chat(const Options& o) {
     data::Tokenizer tok;
-    auto model = load_model<T>(o.init, 1, o.seq);
+    std::string trained_with;
+    auto model = load_model<T>(o.init, 1, o.seq, &trained_with);
+    const bool r1zero_template = use_r1zero_template(o, trained_with);
     Sampler<T> sampler(*model, 1, o.seq);
     SamplingOptions greedy;
     greedy.temperature = 0.0f, greedy.stop_a = data::ANSWER_END, greedy.stop_b = data::EOS;
@@ -393,7 +569,7 @@ int chat(const Options& o) {
         }
         std::vector<int> prompt;
         try {
-            prompt = tok.encode(data::prompt_text(p, o.template_name == "r1zero"));
+            prompt = tok.encode(data::prompt_text(p, r1zero_template));
             sampler.start({prompt});
         } catch (const std::invalid_argument& e) {  // a character outside the vocabulary, a prompt too long
             std::printf("cannot read that: %s\n", e.what());

@@ -63,8 +63,9 @@ struct CorpusConfig {
     int max_difficulty[kNumTaskKinds] = {4, 2, 2};
     // Per kind: relative frequency in the mix; 0 leaves a kind out.
     double kind_weight[kNumTaskKinds] = {1.0, 1.0, 1.0};
-    // The share of documents answered directly (empty think block).
-    double direct_fraction = 0.0;
+    // The share of documents answered directly (empty think block): the model learns to answer both ways, and
+    // `eval --direct` measures what thinking adds.
+    double direct_fraction = 0.1;
     // The share of problems posed in the Alt language (the rest in En).
     double alt_fraction = 0.5;
     // The probability that a document's reasoning is written in the other language than its question.
@@ -220,12 +221,28 @@ inline SftExample sft_example(const Tokenizer& tok, const Problem& p, int T) {
     return example;
 }
 
-// n training (never held-out) problems of the corpus' mix and languages, deterministic in the seed.
-inline std::vector<Problem> cold_start_set(int n, const CorpusConfig& cfg, uint64_t seed) {
+// The training problems of a fine-tuning stage (cold start, RL): the corpus' whole mix, or one task at one
+// difficulty, of which a `replay` share is drawn from the whole mix instead. RL on one task alone forgets the
+// others; rehearsing the mix keeps them.
+struct ProblemMix {
+    bool whole_corpus = true;
+    TaskKind kind = TaskKind::Countdown;
+    int difficulty = 1;
+    double replay = 0.0;
+};
+
+inline Problem draw_problem(const CorpusConfig& cfg, const ProblemMix& mix, Rng& rng) {
+    if (mix.whole_corpus || rng.uniform() < mix.replay) return corpus_problem(cfg, rng, false);
+    Language language = rng.uniform() < cfg.alt_fraction ? Language::Alt : Language::En;
+    return sample_problem(mix.kind, mix.difficulty, rng, false, language);
+}
+
+// n training (never held-out) problems of the mix, in the corpus' languages, deterministic in the seed.
+inline std::vector<Problem> cold_start_set(int n, const CorpusConfig& cfg, const ProblemMix& mix, uint64_t seed) {
     check_config(cfg);
     Rng rng(seed, 0x636f6c64ull);  // a stream of its own ("cold")
     std::vector<Problem> problems;
-    for (int i = 0; i < n; ++i) problems.push_back(corpus_problem(cfg, rng, false));
+    for (int i = 0; i < n; ++i) problems.push_back(draw_problem(cfg, mix, rng));
     return problems;
 }
 

@@ -498,6 +498,7 @@ TEST_SUITE("data") {
     TEST_CASE("pretrain_batch: deterministic, valid, and made of whole formatted documents") {
         Tokenizer tok;
         CorpusConfig cfg;
+        cfg.direct_fraction = 0.0;  // every document reasons; the direct ones are checked below
         const int B = 4, T = 300;
         std::vector<int32_t> batch, again, next;
         pretrain_batch(tok, cfg, 5, B, T, batch);
@@ -744,7 +745,7 @@ TEST_SUITE("data") {
 
         CorpusConfig cfg;
         cfg.max_difficulty[0] = cfg.max_difficulty[1] = cfg.max_difficulty[2] = 2;
-        const std::vector<Problem> set = cold_start_set(2000, cfg, 5);
+        const std::vector<Problem> set = cold_start_set(2000, cfg, {}, 5);
         REQUIRE(set.size() == 2000);
         int alt = 0;
         for (const Problem& p : set) {
@@ -762,8 +763,30 @@ TEST_SUITE("data") {
             for (const Problem& p : problems) out.push_back(problem_key(p) + language_name(p.language));
             return out;
         };
-        CHECK(keys(cold_start_set(100, cfg, 5)) == keys(std::vector<Problem>(set.begin(), set.begin() + 100)));
-        CHECK(keys(cold_start_set(100, cfg, 6)) != keys(cold_start_set(100, cfg, 5)));
+        CHECK(keys(cold_start_set(100, cfg, {}, 5)) == keys(std::vector<Problem>(set.begin(), set.begin() + 100)));
+        CHECK(keys(cold_start_set(100, cfg, {}, 6)) != keys(cold_start_set(100, cfg, {}, 5)));
+    }
+
+    TEST_CASE("draw_problem: one task at one difficulty, with a share of the whole mix replayed") {
+        CorpusConfig cfg;
+        ProblemMix mix{false, TaskKind::Countdown, 3, 0.25};
+        Rng rng(77);
+        int named = 0, alt = 0;
+        const int n = 4000;
+        for (int i = 0; i < n; ++i) {
+            const Problem p = draw_problem(cfg, mix, rng);
+            CHECK_FALSE(is_heldout(p));
+            alt += p.language == Language::Alt;
+            if (p.kind == TaskKind::Countdown && p.difficulty == 3) {
+                named++;
+                continue;
+            }
+            CHECK(p.difficulty <= cfg.max_difficulty[int(p.kind)]);  // a replayed problem of the corpus' mix
+        }
+        CHECK((named > 0.72 * n && named < 0.78 * n));
+        CHECK((alt > 0.45 * n && alt < 0.55 * n));
+        mix.replay = 0.0;
+        for (int i = 0; i < 200; ++i) CHECK(draw_problem(cfg, mix, rng).difficulty == 3);
     }
 
     TEST_CASE("sft_example: targets only on the assistant's tokens, padded to T") {

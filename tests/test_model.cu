@@ -140,10 +140,10 @@ TEST_SUITE("gpu") {
         std::string dir = temp_dir("mini_deepseek_ckpt");
         data::Tokenizer tok;
         auto model = make_model<bf16>(c, 15);
-        save_checkpoint(dir, *model, {7, 99, "bf16"}, tok);
+        save_checkpoint(dir, *model, {7, 99, "bf16", "", "r1zero"}, tok);
         CHECK_FALSE(std::filesystem::exists(dir + ".tmp"));
         Model<bf16> loaded(load_config(dir + "/config.json"), B, T);
-        load_weights(dir, loaded);
+        CHECK(load_weights(dir, loaded) == "r1zero");
         TrainerState state = load_trainer_state(dir, loaded);
         CHECK(state.step == 7);
         CHECK(state.seed == 99);

@@ -147,7 +147,19 @@ TEST_SUITE("options") {
               std::string::npos);
         CHECK(parse_error({"grpo", "--init", "x", "--temperature", "0"}).find("--temperature must be positive") !=
               std::string::npos);
-        CHECK(parse_error({"pretrain", "--samples", "0"}).find("--samples must be positive") != std::string::npos);
+        CHECK(parse_error({"pretrain", "--samples", "-1"}).find("--samples must be positive") != std::string::npos);
+        CHECK(parse_error({"eval", "--init", "x", "--samples", "0"}).find("--samples must be positive") !=
+              std::string::npos);
+        CHECK(parse({"grpo", "--init", "x", "--samples", "0"}).samples == 0);
+        CHECK(
+            parse_error({"grpo", "--init", "x", "--task", "chess"}).find("--task must be mix, add, mul or countdown") !=
+            std::string::npos);
+        CHECK(parse_error({"grpo", "--init", "x", "--replay", "1.5"}).find("--replay must be in [0, 1]") !=
+              std::string::npos);
+        CHECK(parse_error({"eval", "--init", "x", "--eval-temperature", "-1"}).find("must not be negative") !=
+              std::string::npos);
+        CHECK(parse_error({"chat", "--init", "x", "--template", "zero"}).find("--template must be auto") !=
+              std::string::npos);
     }
 
     TEST_CASE("a stage may not overwrite the checkpoint it starts from") {
