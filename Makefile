@@ -17,9 +17,11 @@ SFT_ARGS ?= --steps 300 --batch 64 --seq 320 --lr 5e-4 --warmup 20 --samples 0
 # GRPO on countdown at difficulty 2, one policy update per batch of samples; a quarter of the prompts come from
 # the whole pretraining mix and a KL term holds the policy near its start, so the other tasks are not forgotten.
 # Each stage's own scoring is left to the final table (--samples 0).
-RL_ARGS ?= --steps 250 --lr 5e-5 --warmup 20 --min-lr-frac 1 --updates 1 --task countdown --difficulty 2 \
+RL_ARGS ?= --lr 5e-5 --warmup 20 --min-lr-frac 1 --updates 1 --task countdown --difficulty 2 \
 	--replay 0.25 --kl 0.04 --prompts 32 --group 8 --samples 0
-R1_ARGS ?= --w-language 0.2
+R1ZERO_ARGS ?= --steps 250
+# R1 adds the language-consistency reward and runs longer: at 250 steps its gain over the cold start was 11 points.
+R1_ARGS ?= --steps 400 --w-language 0.2
 # The supervised baseline: the R1 run's model compute spent on more SFT on the same problems.
 BASELINE_ARGS ?= --batch 64 --seq 320 --lr 1e-4 --warmup 0 --min-lr-frac 1 --task countdown --difficulty 2 \
 	--replay 0.25 --sft-examples 200000 --samples 0
@@ -55,7 +57,7 @@ test: $(BUILD)/run_tests
 # runs/rl_curves.png where matplotlib is installed.
 train: $(BUILD)/train
 	./$(BUILD)/train pretrain --out runs/pretrain $(PRETRAIN_ARGS)
-	./$(BUILD)/train r1zero --init runs/pretrain/checkpoint --out runs/r1zero $(RL_ARGS)
+	./$(BUILD)/train r1zero --init runs/pretrain/checkpoint --out runs/r1zero $(RL_ARGS) $(R1ZERO_ARGS)
 	./$(BUILD)/train sft --init runs/pretrain/checkpoint --out runs/sft $(SFT_ARGS)
 	./$(BUILD)/train grpo --init runs/sft/checkpoint --out runs/r1 $(RL_ARGS) $(R1_ARGS)
 	./$(BUILD)/train sft --init runs/sft/checkpoint --out runs/sft_more --same-flops-as runs/r1 $(BASELINE_ARGS)

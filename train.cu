@@ -109,7 +109,7 @@ struct JsonlLog {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Evaluation: held-out loss, and greedy decoding scored by the tasks' verifiers
+// Evaluation: held-out loss, and sampled answers to held-out problems scored by the tasks' verifiers
 // ---------------------------------------------------------------------------------------------------------------
 
 template <typename T>
