@@ -1,0 +1,65 @@
+// tests/fp8_reference.h: plain CPU references for fp8.cuh. A reference scales a tile by its own absolute maximum,
+// written out from V3 §3.3.1's definition; it shares with the code under test only the E4M3 rounding of
+// cuda_fp8.h (the FP8 counterpart of common.cuh's BF16 rounding).
+#pragma once
+
+#include <cuda_fp8.h>
+
+#include <cmath>
+#include <vector>
+
+namespace ref {
+
+constexpr int TILE = 128;
+constexpr double E4M3_LARGEST = 448.0;
+
+inline int tiles(int n) { return (n + TILE - 1) / TILE; }
+
+// amax / 448, or 1 for an all-zero tile.
+inline float scale_of(double amax) { return amax > 0.0 ? float(amax / E4M3_LARGEST) : 1.0f; }
+
+// The E4M3 value (as a float) of x in units of scale.
+inline float e4m3(float x, float scale) { return float(__nv_fp8_e4m3(x / scale)); }
+
+// x [M, K] in 1x128 tiles along each row: q [M, K] (E4M3 values as floats), scales [tiles(K), M].
+inline void quantize_rows(const std::vector<float>& x, int M, int K, std::vector<float>& q,
+                          std::vector<float>& scales) {
+    q.assign(size_t(M) * K, 0.0f), scales.assign(size_t(tiles(K)) * M, 0.0f);
+    for (int m = 0; m < M; m++)
+        for (int t = 0; t < tiles(K); t++) {
+            double amax = 0.0;
+            for (int k = t * TILE; k < std::min(K, (t + 1) * TILE); k++)
+                amax = std::max(amax, std::fabs(double(x[size_t(m) * K + k])));
+            float scale = scale_of(amax);
+            scales[size_t(t) * M + m] = scale;
+            for (int k = t * TILE; k < std::min(K, (t + 1) * TILE); k++)
+                q[size_t(m) * K + k] = e4m3(x[size_t(m) * K + k], scale);
+        }
+}
+
+inline std::vector<float> transpose(const std::vector<float>& x, int R, int C) {
+    std::vector<float> t(x.size());
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) t[size_t(c) * R + r] = x[size_t(r) * C + c];
+    return t;
+}
+
+// W [N, K] in 128x128 blocks: q [N, K], scales [tiles(N), tiles(K)].
+inline void quantize_blocks(const std::vector<float>& W, int N, int K, std::vector<float>& q,
+                            std::vector<float>& scales) {
+    q.assign(W.size(), 0.0f), scales.assign(size_t(tiles(N)) * tiles(K), 0.0f);
+    for (int nb = 0; nb < tiles(N); nb++)
+        for (int kb = 0; kb < tiles(K); kb++) {
+            double amax = 0.0;
+            for (int n = nb * TILE; n < std::min(N, (nb + 1) * TILE); n++)
+                for (int k = kb * TILE; k < std::min(K, (kb + 1) * TILE); k++)
+                    amax = std::max(amax, std::fabs(double(W[size_t(n) * K + k])));
+            float scale = scale_of(amax);
+            scales[size_t(nb) * tiles(K) + kb] = scale;
+            for (int n = nb * TILE; n < std::min(N, (nb + 1) * TILE); n++)
+                for (int k = kb * TILE; k < std::min(K, (kb + 1) * TILE); k++)
+                    q[size_t(n) * K + k] = e4m3(W[size_t(n) * K + k], scale);
+        }
+}
+
+}  // namespace ref
