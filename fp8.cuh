@@ -18,6 +18,7 @@
 #include <cuda_fp8.h>
 
 #include "common.cuh"
+#include "gemm.cuh"
 #include "layers.cuh"
 
 using fp8 = __nv_fp8_e4m3;
@@ -168,4 +169,164 @@ inline void quantize_weight(fp8* q, fp8* qT, float* scales, float* scalesT, int*
     dim3 grid(scale_tiles(K), scale_tiles(N));
     quantize_weight_kernel<<<grid, WARPS_PER_BLOCK * 32, 0, s>>>(q, qT, scales, scalesT, nonfinite, W, N, K);
     CUDA_CHECK_LAUNCH();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The FP8 GEMM with the accumulation fix (V3 §3.3.2)
+// ---------------------------------------------------------------------------------------------------------------
+//
+// C [M, N] = sum over K-blocks b of (A_b B_b^T) * sA[b][m] * sB(n, b): A [M, K] and B [N, K] are E4M3, both
+// K-contiguous. The tensor cores multiply one K-block of N_C = 128 elements into a partial sum; then the partial
+// sum is promoted: multiplied by the two scales of the block and added to FP32 accumulators in registers, and the
+// tensor cores start the next block from zero. Without promotion the tensor cores would carry the sum over all of
+// K in their own accumulator, whose limited precision (V3 §3.5.2: about 14 bits on H800) loses more as K grows.
+//
+// The scales of A are per row and K-block, [ceil(K/128), M]. Those of B are either per 128x128 block
+// ([ceil(N/128), ceil(K/128)]: a weight) or, like A's, per row and K-block ([ceil(K/128), N]: the weight
+// gradient's transposed activations).
+enum class BScales { Block, Row };
+
+constexpr int GEMM_TILE = 128;            // rows of A and of B per thread block; also N_C along K
+constexpr int GEMM_ROW_BYTES = N_C + 16;  // shared-memory row stride: the padding spreads fragment reads over banks
+constexpr int GEMM_WARPS_M = 2, GEMM_WARPS_N = 4;
+constexpr int GEMM_WARP_M = GEMM_TILE / GEMM_WARPS_M, GEMM_WARP_N = GEMM_TILE / GEMM_WARPS_N;  // 64 x 32
+constexpr int GEMM_MMA_M = GEMM_WARP_M / 16, GEMM_MMA_N = GEMM_WARP_N / 8;                     // 4 x 4 MMAs
+
+// D = A B^T + C for a 16x32 slice of A and an 8x32 slice of B, FP32 accumulators (PTX ISA: mma.m16n8k32 .e4m3).
+__device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();  // FP8 tensor cores need sm_89 or newer
+#endif
+}
+
+// Rows r0.. of a K-block of X [rows, K] into shared memory, 16 bytes per load; what lies past the matrix is zero.
+__device__ __forceinline__ void load_fp8_tile(uint8_t* tile, const fp8* X, int rows, int K, int r0, int k0) {
+    for (int i = threadIdx.x; i < GEMM_TILE * (N_C / 16); i += blockDim.x) {
+        int r = i / (N_C / 16), c = i % (N_C / 16) * 16;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r0 + r < rows && k0 + c < K) v = *reinterpret_cast<const uint4*>(X + long(r0 + r) * K + k0 + c);
+        *reinterpret_cast<uint4*>(tile + r * GEMM_ROW_BYTES + c) = v;
+    }
+}
+
+// 8 warps, each 64 rows x 32 columns of the 128x128 output tile; each thread keeps its part of the promoted sum
+// (acc) and of the current block's tensor-core sum (partial). With promote = false the partial sum runs over all
+// of K and is scaled once at the end by the first block's scales: valid only where the scales do not change along
+// K (one scale per tensor), which is how the accumulation study uses it.
+template <typename OutT, BScales b_scales, bool promote>
+__global__ void __launch_bounds__(256) fp8_gemm_kernel(OutT* C, const fp8* A, const fp8* B, const float* scale_a,
+                                                       const float* scale_b, int M, int N, int K, bool accumulate) {
+    __shared__ __align__(16) uint8_t a_tile[GEMM_TILE * GEMM_ROW_BYTES], b_tile[GEMM_TILE * GEMM_ROW_BYTES];
+    __shared__ float a_scale[GEMM_TILE], b_scale[GEMM_TILE];
+    const int m0 = blockIdx.y * GEMM_TILE, n0 = blockIdx.x * GEMM_TILE;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, thread_in_group = lane % 4;
+    const int wm = warp / GEMM_WARPS_N * GEMM_WARP_M, wn = warp % GEMM_WARPS_N * GEMM_WARP_N;
+    float acc[GEMM_MMA_M][GEMM_MMA_N][4] = {}, partial[GEMM_MMA_M][GEMM_MMA_N][4] = {};
+    const int blocks = scale_tiles(K);
+
+    for (int kb = 0; kb < blocks; kb++) {
+        load_fp8_tile(a_tile, A, M, K, m0, kb * N_C);
+        load_fp8_tile(b_tile, B, N, K, n0, kb * N_C);
+        if (promote || kb == 0) {  // without promotion the first block's scales serve for all of K
+            for (int i = threadIdx.x; i < GEMM_TILE; i += blockDim.x) {
+                a_scale[i] = m0 + i < M ? scale_a[long(kb) * M + m0 + i] : 0.0f;
+                if (b_scales == BScales::Row) b_scale[i] = n0 + i < N ? scale_b[long(kb) * N + n0 + i] : 0.0f;
+            }
+            if (b_scales == BScales::Block && threadIdx.x == 0) b_scale[0] = scale_b[long(blockIdx.x) * blocks + kb];
+        }
+        __syncthreads();
+
+        for (int k = 0; k < N_C; k += 32) {  // four m16n8k32 steps per K-block
+            uint32_t a[GEMM_MMA_M][4], b[GEMM_MMA_N][2];
+            for (int i = 0; i < GEMM_MMA_M; i++) {  // PTX ISA fragment layout for 8-bit A: rows g and g + 8
+                const uint8_t* p = a_tile + (wm + i * 16 + group) * GEMM_ROW_BYTES + k + thread_in_group * 4;
+                a[i][0] = *reinterpret_cast<const uint32_t*>(p);
+                a[i][1] = *reinterpret_cast<const uint32_t*>(p + 8 * GEMM_ROW_BYTES);
+                a[i][2] = *reinterpret_cast<const uint32_t*>(p + 16);
+                a[i][3] = *reinterpret_cast<const uint32_t*>(p + 8 * GEMM_ROW_BYTES + 16);
+            }
+            for (int j = 0; j < GEMM_MMA_N; j++) {  // B's fragment: column g of B^T is row g of B
+                const uint8_t* p = b_tile + (wn + j * 8 + group) * GEMM_ROW_BYTES + k + thread_in_group * 4;
+                b[j][0] = *reinterpret_cast<const uint32_t*>(p);
+                b[j][1] = *reinterpret_cast<const uint32_t*>(p + 16);
+            }
+            for (int i = 0; i < GEMM_MMA_M; i++)
+                for (int j = 0; j < GEMM_MMA_N; j++) mma_e4m3(partial[i][j], a[i], b[j]);
+        }
+
+        if (promote || kb == blocks - 1) {  // V3 §3.3.2: promote the block's partial sums into FP32, scaled
+            for (int i = 0; i < GEMM_MMA_M; i++)
+                for (int j = 0; j < GEMM_MMA_N; j++)
+                    for (int c = 0; c < 4; c++) {
+                        int row = wm + i * 16 + group + (c / 2) * 8, col = wn + j * 8 + thread_in_group * 2 + c % 2;
+                        float sb = b_scales == BScales::Block ? b_scale[0] : b_scale[col];
+                        acc[i][j][c] += partial[i][j][c] * a_scale[row] * sb;
+                        partial[i][j][c] = 0.0f;
+                    }
+        }
+        __syncthreads();  // the tiles are read: the next block may overwrite them
+    }
+
+    for (int i = 0; i < GEMM_MMA_M; i++)
+        for (int j = 0; j < GEMM_MMA_N; j++)
+            for (int c = 0; c < 4; c++) {
+                int row = m0 + wm + i * 16 + group + (c / 2) * 8, col = n0 + wn + j * 8 + thread_in_group * 2 + c % 2;
+                if (row >= M || col >= N) continue;
+                float v = acc[i][j][c] + (accumulate ? to_float(C[long(row) * N + col]) : 0.0f);
+                C[long(row) * N + col] = from_float<OutT>(v);
+            }
+}
+
+template <typename OutT, BScales b_scales>
+void fp8_gemm(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const float* scale_b, int M, int N, int K,
+              bool accumulate, bool promote, cudaStream_t s) {
+    if (K % 16 != 0) throw std::invalid_argument("fp8_gemm: K = " + std::to_string(K) + " is not a multiple of 16");
+    dim3 grid(ceil_div(N, GEMM_TILE), ceil_div(M, GEMM_TILE));
+    if (promote)
+        fp8_gemm_kernel<OutT, b_scales, true><<<grid, 256, 0, s>>>(C, A, B, scale_a, scale_b, M, N, K, accumulate);
+    else
+        fp8_gemm_kernel<OutT, b_scales, false><<<grid, 256, 0, s>>>(C, A, B, scale_a, scale_b, M, N, K, accumulate);
+    CUDA_CHECK_LAUNCH();
+}
+
+// The same product through cuBLASLt's block-scaled FP8 GEMM (CUDA 12.9+, Hopper): A's scales 1x128
+// (VEC128_32F), B's 128x128 (BLK128x128_32F) or 1x128. The library promotes as V3 does unless fast_accum.
+template <typename OutT>
+void fp8_gemm_cublaslt(Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const fp8* B, const float* scale_a,
+                       const float* scale_b, int M, int N, int K, BScales b_scales, bool accumulate, bool fast_accum) {
+    MatmulKey key{M,
+                  N,
+                  K,
+                  false,
+                  true,
+                  CUDA_R_8F_E4M3,
+                  cuda_dtype<OutT>(),
+                  1,
+                  0,
+                  0,
+                  0,
+                  K,
+                  K,
+                  N,
+                  pointer_alignment(A),
+                  pointer_alignment(B),
+                  pointer_alignment(C)};
+    key.scale_mode_a = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    key.scale_mode_b = b_scales == BScales::Block ? CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F
+                                                  : CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    key.fast_accum = fast_accum;
+    const MatmulPlan& p = blas.plan(key);
+    CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale_b, sizeof(scale_b)));
+    CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale_a, sizeof(scale_a)));
+    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    CUBLAS_CHECK(cublasLtMatmul(blas.handle, p.desc, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c, &p.algo,
+                                blas.workspace.data(), blas.workspace.bytes(), s));
 }

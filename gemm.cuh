@@ -18,9 +18,13 @@ struct MatmulKey {
     long stride_a, stride_b, stride_c;
     int lda, ldb, ldc;
     uint32_t align_a, align_b, align_c;  // byte alignment of the pointers: some algorithms need 256
+    // FP8 only: how the scales of A and B are laid out (cublasLtMatmulMatrixScale_t; -1: no scales), and whether
+    // the tensor cores may skip the promotion of partial sums (cuBLASLt's fast accumulation).
+    int scale_mode_a = -1, scale_mode_b = -1;
+    bool fast_accum = false;
     auto tie() const {
         return std::tie(M, N, K, trans_a, trans_b, ab_type, c_type, batch, stride_a, stride_b, stride_c, lda, ldb, ldc,
-                        align_a, align_b, align_c);
+                        align_a, align_b, align_c, scale_mode_a, scale_mode_b, fast_accum);
     }
     bool operator<(const MatmulKey& o) const { return tie() < o.tie(); }
 };
@@ -81,6 +85,15 @@ inline const MatmulPlan& Blas::plan(const MatmulKey& k) {
     p.a = make_layout(k.ab_type, k.trans_b ? k.K : k.N, k.trans_b ? k.N : k.K, k.ldb, k.batch, k.stride_b);
     p.b = make_layout(k.ab_type, k.trans_a ? k.M : k.K, k.trans_a ? k.K : k.M, k.lda, k.batch, k.stride_a);
     p.c = make_layout(k.c_type, k.N, k.M, k.ldc, k.batch, k.stride_c);
+    if (k.scale_mode_a >= 0) {  // swapped too: cuBLASLt's A is our B
+        int32_t mode_a = k.scale_mode_b, mode_b = k.scale_mode_a;
+        int8_t fast = k.fast_accum;
+        CUBLAS_CHECK(
+            cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode_a, sizeof(mode_a)));
+        CUBLAS_CHECK(
+            cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode_b, sizeof(mode_b)));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast)));
+    }
 
     cublasLtMatmulPreference_t pref;
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
@@ -99,8 +112,10 @@ inline const MatmulPlan& Blas::plan(const MatmulKey& k) {
     CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found_count));
     cublasLtMatmulPreferenceDestroy(pref);
     if (found_count == 0) {
-        std::fprintf(stderr, "cuBLASLt has no algorithm for M=%d N=%d K=%d batch=%d\n", k.M, k.N, k.K, k.batch);
-        std::exit(1);
+        throw std::runtime_error("cuBLASLt has no algorithm for M=" + std::to_string(k.M) +
+                                 " N=" + std::to_string(k.N) + " K=" + std::to_string(k.K) +
+                                 " batch=" + std::to_string(k.batch) + " (scale modes " +
+                                 std::to_string(k.scale_mode_a) + ", " + std::to_string(k.scale_mode_b) + ")");
     }
     p.algo = result.algo;
     return plans.emplace(k, p).first->second;

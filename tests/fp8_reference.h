@@ -62,4 +62,22 @@ inline void quantize_blocks(const std::vector<float>& W, int N, int K, std::vect
         }
 }
 
+// C [M, N] = sum over K-blocks b of (sum over k in b of qA[m][k] qB[n][k]) * sA[b][m] * sB(n, b), in double;
+// sB is [tiles(N), tiles(K)] for a weight (block_scales) or [tiles(K), N] like sA.
+inline std::vector<double> fp8_gemm(const std::vector<float>& qA, const std::vector<float>& qB,
+                                    const std::vector<float>& sA, const std::vector<float>& sB, int M, int N, int K,
+                                    bool block_scales) {
+    std::vector<double> C(size_t(M) * N, 0.0);
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++)
+            for (int b = 0; b < tiles(K); b++) {
+                double partial = 0.0;
+                for (int k = b * TILE; k < std::min(K, (b + 1) * TILE); k++)
+                    partial += double(qA[size_t(m) * K + k]) * qB[size_t(n) * K + k];
+                double scale_b = block_scales ? sB[size_t(n / TILE) * tiles(K) + b] : sB[size_t(b) * N + n];
+                C[size_t(m) * N + n] += partial * sA[size_t(b) * M + m] * scale_b;
+            }
+    return C;
+}
+
 }  // namespace ref

@@ -14,6 +14,46 @@ std::vector<float> codes(const DeviceBuffer<fp8>& q) {
     return std::vector<float>(stored.begin(), stored.end());
 }
 
+// E4M3 values (exactly representable floats) to the device.
+DeviceBuffer<fp8> upload_codes(const std::vector<float>& values) {
+    std::vector<fp8> stored(values.begin(), values.end());
+    DeviceBuffer<fp8> device(stored.size());
+    device.upload(stored);
+    return device;
+}
+
+// Both operands of a GEMM quantized by the CPU references, with the result the reference computes from them.
+struct Fp8Problem {
+    int M, N, K;
+    bool block_scales;
+    std::vector<float> qA, qB, sA, sB;
+    std::vector<double> C;
+};
+
+Fp8Problem fp8_problem(int M, int N, int K, bool block_scales, Rng& rng) {
+    Fp8Problem p{M, N, K, block_scales};
+    ref::quantize_rows(ref::random_uniform(rng, size_t(M) * K, -4.0, 4.0), M, K, p.qA, p.sA);
+    std::vector<float> B = ref::random_uniform(rng, size_t(N) * K, -0.1, 0.1);
+    if (block_scales)
+        ref::quantize_blocks(B, N, K, p.qB, p.sB);
+    else
+        ref::quantize_rows(B, N, K, p.qB, p.sB);
+    p.C = ref::fp8_gemm(p.qA, p.qB, p.sA, p.sB, M, N, K, block_scales);
+    return p;
+}
+
+template <typename OutT>
+void run_fp8_gemm(const Fp8Problem& p, DeviceBuffer<OutT>& C, bool accumulate, bool promote) {
+    DeviceBuffer<fp8> A = upload_codes(p.qA), B = upload_codes(p.qB);
+    DeviceBuffer<float> sA = ref::upload<float>(p.sA), sB = ref::upload<float>(p.sB);
+    if (p.block_scales)
+        fp8_gemm<OutT, BScales::Block>(C.data(), A.data(), B.data(), sA.data(), sB.data(), p.M, p.N, p.K, accumulate,
+                                       promote, stream);
+    else
+        fp8_gemm<OutT, BScales::Row>(C.data(), A.data(), B.data(), sA.data(), sB.data(), p.M, p.N, p.K, accumulate,
+                                     promote, stream);
+}
+
 // Values over six decades, so that a tile holds its amax and values deep in E4M3's subnormals; row 1's first tile
 // is all zero.
 std::vector<float> spread_values(Rng& rng, int rows, int cols) {
@@ -119,6 +159,65 @@ TEST_SUITE("gpu") {
                                 K, stream);
                 CHECK(flags.download() == std::vector<int>{1, 1, 1});
             }
+        }
+    }
+
+    // The tensor cores sum each 128-element block in their own accumulator (V3 §3.5.2: about 14 bits kept on
+    // H800), so a result may differ from the exact sum by ~1e-4 of its magnitude per block; 2e-3 leaves a margin
+    // and still catches any wrong fragment, scale or tile (those give errors of order 1).
+    TEST_CASE_TEMPLATE("fp8_gemm: per-block promotion with 1x128 x 128x128 and 1x128 x 1x128 scales", T, float, bf16) {
+        Rng rng(84);
+        const double tol = std::is_same<T, float>::value ? 2e-3 : 1e-2;
+        for (bool block_scales : {true, false}) {
+            CAPTURE(block_scales);
+            Fp8Problem p = fp8_problem(200, 160, 576, block_scales, rng);  // partial tiles along M, N and K
+            for (bool accumulate : {false, true}) {
+                CAPTURE(accumulate);
+                ref::Tensor<T> C = ref::output<T>(rng, size_t(p.M) * p.N, accumulate);
+                std::vector<double> want = p.C;
+                if (accumulate)
+                    for (size_t i = 0; i < want.size(); i++) want[i] += C.host[i];
+                run_fp8_gemm(p, C.device, accumulate, true);
+                CHECK_CLOSE(ref::download(C.device), want, tol);
+            }
+        }
+    }
+
+    TEST_CASE("fp8_gemm without promotion: the same result where one scale serves all of K") {
+        Rng rng(85);
+        const int M = 130, N = 136, K = 1024;
+        Fp8Problem p{M, N, K, true};
+        std::vector<float> A = ref::random_uniform(rng, size_t(M) * K, -4.0, 4.0);
+        std::vector<float> B = ref::random_uniform(rng, size_t(N) * K, -4.0, 4.0);
+        const float scale = 4.0f / 448.0f;  // one scale per tensor: every tile and block shares it
+        for (float x : A) p.qA.push_back(ref::e4m3(x, scale));
+        for (float x : B) p.qB.push_back(ref::e4m3(x, scale));
+        p.sA.assign(size_t(ref::tiles(K)) * M, scale);
+        p.sB.assign(size_t(ref::tiles(N)) * ref::tiles(K), scale);
+        p.C = ref::fp8_gemm(p.qA, p.qB, p.sA, p.sB, M, N, K, true);
+        for (bool promote : {true, false}) {
+            CAPTURE(promote);
+            DeviceBuffer<float> C(size_t(M) * N);
+            ref::poison(C);
+            run_fp8_gemm(p, C, false, promote);
+            CHECK_CLOSE(ref::download(C), p.C, 2e-3);
+        }
+    }
+
+    // cuBLASLt's scale layouts are the ones fp8.cuh writes: the same reference checks both paths.
+    TEST_CASE("fp8_gemm_cublaslt: the same products through cuBLASLt") {
+        Rng rng(86);
+        Blas blas;
+        for (bool block_scales : {true, false}) {
+            CAPTURE(block_scales);
+            Fp8Problem p = fp8_problem(256, 384, 512, block_scales, rng);
+            DeviceBuffer<fp8> A = upload_codes(p.qA), B = upload_codes(p.qB);
+            DeviceBuffer<float> sA = ref::upload<float>(p.sA), sB = ref::upload<float>(p.sB);
+            DeviceBuffer<float> C(size_t(p.M) * p.N);
+            ref::poison(C);
+            fp8_gemm_cublaslt(blas, stream, C.data(), A.data(), B.data(), sA.data(), sB.data(), p.M, p.N, p.K,
+                              block_scales ? BScales::Block : BScales::Row, false, false);
+            CHECK_CLOSE(ref::download(C), p.C, 2e-3);
         }
     }
 }
