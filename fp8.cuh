@@ -330,3 +330,73 @@ void fp8_gemm_cublaslt(Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const 
     CUBLAS_CHECK(cublasLtMatmul(blas.handle, p.desc, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c, &p.algo,
                                 blas.workspace.data(), blas.workspace.bytes(), s));
 }
+
+// Which implementation runs the FP8 GEMMs of a Linear.
+enum class Fp8Backend { Own, CuBLASLt };
+
+template <typename OutT>
+void fp8_matmul(Fp8Backend backend, Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const fp8* B,
+                const float* scale_a, const float* scale_b, int M, int N, int K, BScales b_scales, bool accumulate) {
+    if (backend == Fp8Backend::CuBLASLt)
+        fp8_gemm_cublaslt(blas, s, C, A, B, scale_a, scale_b, M, N, K, b_scales, accumulate, false);
+    else if (b_scales == BScales::Block)
+        fp8_gemm<OutT, BScales::Block>(C, A, B, scale_a, scale_b, M, N, K, accumulate, true, s);
+    else
+        fp8_gemm<OutT, BScales::Row>(C, A, B, scale_a, scale_b, M, N, K, accumulate, true, s);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// FP8 Linear: y = x W^T with all three GEMMs in FP8 (V3 §3.3.1, Figure 6)
+// ---------------------------------------------------------------------------------------------------------------
+//
+// forward        y [M, N]  = x [M, K]  . W [N, K]^T     A: x in 1x128 tiles,   B: W in 128x128 blocks
+// data gradient  dx [M, K] = dy [M, N] . W^T [K, N]^T   A: dy in 1x128 tiles,  B: W^T in 128x128 blocks
+// weight grad.   dW [N, K] = dy^T [N, M] . x^T [K, M]^T A: dy^T in 1x128 tiles along the tokens, B: x^T likewise
+// The forward pass keeps x for the backward pass as x^T in FP8 (V3 §3.3.3 caches activations in FP8).
+
+// E4M3 values and their scales.
+struct Fp8Tensor {
+    DeviceBuffer<fp8> q;
+    DeviceBuffer<float> scales;
+    Fp8Tensor(long elements, long scale_count) : q(elements), scales(scale_count) {}
+};
+
+// A weight [N, K] in FP8, in both orientations, quantized from the FP32 master copy after every optimizer step.
+struct Fp8Weight {
+    int N, K;
+    Fp8Tensor w, wT;
+    Fp8Weight(int n, int k)
+        : N(n), K(k), w(long(n) * k, long(scale_tiles(n)) * scale_tiles(k)), wT(long(n) * k, w.scales.count) {}
+    void refresh(const float* master, int* nonfinite, cudaStream_t s) {
+        quantize_weight(w.q.data(), wT.q.data(), w.scales.data(), wT.scales.data(), nonfinite, master, N, K, s);
+    }
+};
+
+// Operands quantized along rows ([rows, cols], scales [ceil(cols/128), rows]) or transposed ([cols, rows], scales
+// [ceil(rows/128), cols]) hold the same number of values and scale slots at most: one buffer size serves both.
+inline Fp8Tensor fp8_operand(int rows, int cols) {
+    return Fp8Tensor(long(rows) * cols, std::max(long(scale_tiles(cols)) * rows, long(scale_tiles(rows)) * cols));
+}
+
+// y = x W^T (+ y); x_saved receives x^T in FP8 for the backward pass; x_q is scratch for the forward GEMM's A.
+template <typename T>
+void fp8_linear_forward(Fp8Backend backend, Blas& blas, cudaStream_t s, T* y, const T* x, const Fp8Weight& W,
+                        Fp8Tensor& x_q, Fp8Tensor& x_saved, int M, int* nonfinite, bool accumulate = false) {
+    quantize_rows(x_q.q.data(), x_q.scales.data(), nonfinite, x, M, W.K, s);
+    quantize_transposed(x_saved.q.data(), x_saved.scales.data(), nonfinite, x, M, W.K, s);
+    fp8_matmul(backend, blas, s, y, x_q.q.data(), W.w.q.data(), x_q.scales.data(), W.w.scales.data(), M, W.N, W.K,
+               BScales::Block, accumulate);
+}
+
+// dx = dy W (+ dx), dW = dy^T x (+ dW, FP32), from x^T saved by the forward pass; dy_q and dy_t are scratch.
+template <typename T>
+void fp8_linear_backward(Fp8Backend backend, Blas& blas, cudaStream_t s, T* dx, float* dW, const T* dy,
+                         const Fp8Tensor& x_saved, const Fp8Weight& W, Fp8Tensor& dy_q, Fp8Tensor& dy_t, int M,
+                         int* nonfinite, bool accumulate_dx = false, bool accumulate_dw = false) {
+    quantize_rows(dy_q.q.data(), dy_q.scales.data(), nonfinite, dy, M, W.N, s);
+    fp8_matmul(backend, blas, s, dx, dy_q.q.data(), W.wT.q.data(), dy_q.scales.data(), W.wT.scales.data(), M, W.K, W.N,
+               BScales::Block, accumulate_dx);
+    quantize_transposed(dy_t.q.data(), dy_t.scales.data(), nonfinite, dy, M, W.N, s);
+    fp8_matmul(backend, blas, s, dW, dy_t.q.data(), x_saved.q.data(), dy_t.scales.data(), x_saved.scales.data(), W.N,
+               W.K, M, BScales::Row, accumulate_dw);
+}

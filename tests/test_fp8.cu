@@ -220,4 +220,58 @@ TEST_SUITE("gpu") {
             CHECK_CLOSE(ref::download(C), p.C, 2e-3);
         }
     }
+
+    // The model's path: the same quantizations and GEMMs as the references compose them; against the exact
+    // product in double, the error is that of E4M3 itself (3 mantissa bits: about 2-4% per product, and so of a
+    // random sum of them), bounded here by 8%.
+    TEST_CASE_TEMPLATE("fp8_linear: forward, data gradient and weight gradient, both backends", T, float, bf16) {
+        const double tol = std::is_same<T, float>::value ? 2e-3 : 1e-2;
+        Blas blas;
+        struct Shape {
+            int M, N, K;
+            Fp8Backend backend;
+        };
+        for (Shape shape : {Shape{144, 160, 576, Fp8Backend::Own}, Shape{256, 384, 256, Fp8Backend::Own},
+                            Shape{256, 384, 256, Fp8Backend::CuBLASLt}}) {
+            const int M = shape.M, N = shape.N, K = shape.K;
+            CAPTURE(M);
+            CAPTURE(int(shape.backend));
+            Rng rng(87);
+            ref::Tensor<T> x = ref::input<T>(rng, size_t(M) * K), dy = ref::input<T>(rng, size_t(M) * N);
+            std::vector<float> W_host = ref::random_uniform(rng, size_t(N) * K, -0.1, 0.1);
+            DeviceBuffer<float> master = ref::upload<float>(W_host);
+            DeviceBuffer<int> nonfinite(1);
+            CUDA_CHECK(cudaMemset(nonfinite.data(), 0, sizeof(int)));
+            Fp8Weight W(N, K);
+            W.refresh(master.data(), nonfinite.data(), stream);
+            Fp8Tensor x_q = fp8_operand(M, K), x_saved = fp8_operand(M, K), dy_q = fp8_operand(M, N),
+                      dy_t = fp8_operand(M, N);
+            DeviceBuffer<T> y(size_t(M) * N), dx(size_t(M) * K);
+            DeviceBuffer<float> dW(size_t(N) * K);
+            fp8_linear_forward(shape.backend, blas, stream, y.data(), x.data(), W, x_q, x_saved, M, nonfinite.data());
+            fp8_linear_backward(shape.backend, blas, stream, dx.data(), dW.data(), dy.data(), x_saved, W, dy_q, dy_t, M,
+                                nonfinite.data());
+            CHECK(nonfinite.download()[0] == 0);
+
+            std::vector<float> qx, sx, qW, sW, qdy, sdy, qWT, sWT, qdyT, sdyT, qxT, sxT;
+            ref::quantize_rows(x.host, M, K, qx, sx);
+            ref::quantize_blocks(W_host, N, K, qW, sW);
+            ref::quantize_rows(dy.host, M, N, qdy, sdy);
+            ref::quantize_blocks(ref::transpose(W_host, N, K), K, N, qWT, sWT);
+            ref::quantize_rows(ref::transpose(dy.host, M, N), N, M, qdyT, sdyT);
+            ref::quantize_rows(ref::transpose(x.host, M, K), K, M, qxT, sxT);
+            CHECK_CLOSE(ref::download(y), ref::fp8_gemm(qx, qW, sx, sW, M, N, K, true), tol);
+            CHECK_CLOSE(ref::download(dx), ref::fp8_gemm(qdy, qWT, sdy, sWT, M, K, N, true), tol);
+            CHECK_CLOSE(ref::download(dW), ref::fp8_gemm(qdyT, qxT, sdyT, sxT, N, K, M, false), 2e-3);
+
+            std::vector<double> y_exact(size_t(M) * N, 0.0);
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < N; n++)
+                    for (int k = 0; k < K; k++)
+                        y_exact[size_t(m) * N + n] += double(x.host[size_t(m) * K + k]) * W_host[size_t(n) * K + k];
+            double quantization_error = ref::rel_error(ref::download(y), y_exact);
+            INFO("FP8 forward against the exact product: relative error ", quantization_error);
+            CHECK(quantization_error < 0.08);
+        }
+    }
 }
