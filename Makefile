@@ -31,7 +31,7 @@ EVAL_MODELS = $(BASE),$(BASE):direct,$(BASE):r1zero,runs/r1zero/checkpoint,runs/
 PYTHON ?= python3
 
 .PHONY: all test train demo bench clean
-all: $(BUILD)/train $(BUILD)/run_tests $(BUILD)/bench_sampler
+all: $(BUILD)/train $(BUILD)/run_tests $(BUILD)/bench_sampler $(BUILD)/bench_fp8
 
 $(BUILD)/train: train.cu $(HEADERS) | $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -o $@ train.cu $(LIBS)
@@ -70,8 +70,9 @@ demo: $(BUILD)/train
 	./$(BUILD)/train chat --init $(DEMO_CHECKPOINT)
 
 # Benchmarks print tables; run them on the GPU machine.
-bench: $(BUILD)/bench_sampler
+bench: $(BUILD)/bench_sampler $(BUILD)/bench_fp8
 	./$(BUILD)/bench_sampler 256 256
+	./$(BUILD)/bench_fp8
 
 clean:
 	rm -rf $(BUILD)

@@ -295,11 +295,13 @@ void fp8_gemm(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const f
     CUDA_CHECK_LAUNCH();
 }
 
-// The same product through cuBLASLt's block-scaled FP8 GEMM (CUDA 12.9+, Hopper): A's scales 1x128
-// (VEC128_32F), B's 128x128 (BLK128x128_32F) or 1x128. The library promotes as V3 does unless fast_accum.
+// The same product through cuBLASLt's FP8 GEMM (block scaling needs CUDA 12.9+ and Hopper). The scale modes
+// name the layouts: VEC128_32F is 1x128 ([ceil(K/128), rows]), BLK128x128_32F 128x128 ([ceil(N/128),
+// ceil(K/128)]), SCALAR_32F one scale per tensor. The library promotes as V3 does unless fast_accum.
 template <typename OutT>
 void fp8_gemm_cublaslt(Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const fp8* B, const float* scale_a,
-                       const float* scale_b, int M, int N, int K, BScales b_scales, bool accumulate, bool fast_accum) {
+                       const float* scale_b, int M, int N, int K, cublasLtMatmulMatrixScale_t mode_a,
+                       cublasLtMatmulMatrixScale_t mode_b, bool accumulate, bool fast_accum) {
     MatmulKey key{M,
                   N,
                   K,
@@ -317,10 +319,7 @@ void fp8_gemm_cublaslt(Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const 
                   pointer_alignment(A),
                   pointer_alignment(B),
                   pointer_alignment(C)};
-    key.scale_mode_a = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
-    key.scale_mode_b = b_scales == BScales::Block ? CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F
-                                                  : CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
-    key.fast_accum = fast_accum;
+    key.scale_mode_a = mode_a, key.scale_mode_b = mode_b, key.fast_accum = fast_accum;
     const MatmulPlan& p = blas.plan(key);
     CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale_b, sizeof(scale_b)));
@@ -338,7 +337,10 @@ template <typename OutT>
 void fp8_matmul(Fp8Backend backend, Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const fp8* B,
                 const float* scale_a, const float* scale_b, int M, int N, int K, BScales b_scales, bool accumulate) {
     if (backend == Fp8Backend::CuBLASLt)
-        fp8_gemm_cublaslt(blas, s, C, A, B, scale_a, scale_b, M, N, K, b_scales, accumulate, false);
+        fp8_gemm_cublaslt(blas, s, C, A, B, scale_a, scale_b, M, N, K, CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
+                          b_scales == BScales::Block ? CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F
+                                                     : CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
+                          accumulate, false);
     else if (b_scales == BScales::Block)
         fp8_gemm<OutT, BScales::Block>(C, A, B, scale_a, scale_b, M, N, K, accumulate, true, s);
     else

@@ -215,8 +215,8 @@ TEST_SUITE("gpu") {
             DeviceBuffer<float> sA = ref::upload<float>(p.sA), sB = ref::upload<float>(p.sB);
             DeviceBuffer<float> C(size_t(p.M) * p.N);
             ref::poison(C);
-            fp8_gemm_cublaslt(blas, stream, C.data(), A.data(), B.data(), sA.data(), sB.data(), p.M, p.N, p.K,
-                              block_scales ? BScales::Block : BScales::Row, false, false);
+            fp8_matmul(Fp8Backend::CuBLASLt, blas, stream, C.data(), A.data(), B.data(), sA.data(), sB.data(), p.M, p.N,
+                       p.K, block_scales ? BScales::Block : BScales::Row, false);
             CHECK_CLOSE(ref::download(C), p.C, 2e-3);
         }
     }
