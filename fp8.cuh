@@ -11,8 +11,9 @@
 //
 // Layouts (row-major): x [M, K] -> q [M, K] and scales [ceil(K/128), M]: the scales of one K-tile are contiguous
 // over rows, which is what a GEMM reading a 128-row slab of A for one K-block wants. Weights W [N, K] -> q [N, K]
-// and scales [ceil(N/128), ceil(K/128)] (DeepSeek's `weight_scale_inv`), with the transposed copy qT [K, N] and
-// its scales [ceil(K/128), ceil(N/128)] for the data gradient.
+// and scales [ceil(N/128), ceil(K/128)] (DeepSeek's `weight_scale_inv`), each row of scales padded to a multiple
+// of 4 (cuBLASLt's layout), with the transposed copy qT [K, N] and its scales [ceil(K/128), ceil(N/128)] for the
+// data gradient. These are the layouts cuBLASLt reads, so both GEMM paths take the same tensors.
 #pragma once
 
 #include <cuda_fp8.h>
@@ -34,6 +35,12 @@ __host__ __device__ inline float tile_scale(float amax) { return amax > 0.0f ? a
 __host__ __device__ inline fp8 quantize(float x, float scale) { return fp8(x / scale); }
 
 __host__ __device__ inline int scale_tiles(int n) { return (n + N_C - 1) / N_C; }
+
+// The row stride of a 128x128 block-scale grid whose rows hold the blocks of `cols` columns.
+__host__ __device__ inline int block_scale_stride(int cols) { return (scale_tiles(cols) + 3) / 4 * 4; }
+
+// Scale slots of a weight [rows, cols] in 128x128 blocks.
+inline long block_scale_count(int rows, int cols) { return long(scale_tiles(rows)) * block_scale_stride(cols); }
 
 // ---------------------------------------------------------------------------------------------------------------
 // 1x128 tiles along rows: activations and output gradients for the forward and data-gradient GEMMs
@@ -153,8 +160,13 @@ static __global__ void quantize_weight_kernel(fp8* q, fp8* qT, float* scales, fl
     for (int w = 0; w < WARPS_PER_BLOCK; w++) block_amax = fmaxf(block_amax, warp_amax[w]);
     const float scale = tile_scale(block_amax);
     if (threadIdx.x == 0) {
-        scales[long(nb) * gridDim.x + kb] = scale;
-        scalesT[long(kb) * gridDim.y + nb] = scale;
+        scales[long(nb) * block_scale_stride(K) + kb] = scale;
+        scalesT[long(kb) * block_scale_stride(N) + nb] = scale;
+        // the last block of a row of scales also zeroes the row's padding
+        if (kb == gridDim.x - 1)
+            for (int j = kb + 1; j < block_scale_stride(K); j++) scales[long(nb) * block_scale_stride(K) + j] = 0.0f;
+        if (nb == gridDim.y - 1)
+            for (int j = nb + 1; j < block_scale_stride(N); j++) scalesT[long(kb) * block_scale_stride(N) + j] = 0.0f;
     }
     for (int r = warp; r < rows; r += WARPS_PER_BLOCK)
         for (int c = lane; c < cols; c += 32)
@@ -182,8 +194,12 @@ inline void quantize_weight(fp8* q, fp8* qT, float* scales, float* scalesT, int*
 // K in their own accumulator, whose limited precision (V3 §3.5.2: about 14 bits on H800) loses more as K grows.
 //
 // The scales of A are per row and K-block, [ceil(K/128), M]. Those of B are either per 128x128 block
-// ([ceil(N/128), ceil(K/128)]: a weight) or, like A's, per row and K-block ([ceil(K/128), N]: the weight
-// gradient's transposed activations).
+// ([ceil(N/128), ceil(K/128)] with padded rows: a weight) or, like A's, per row and K-block ([ceil(K/128), N]: the
+// weight gradient's transposed activations).
+//
+// This kernel is the readable form of the algorithm, written with mma.sync, the FP8 MMA of sm_89. Hopper runs FP8
+// on its tensor cores only through wgmma; there mma.sync on E4M3 is lowered to a conversion and FP16 MMAs with a
+// full FP32 accumulator, so it is correct but slow, and cannot show the limited FP8 accumulator.
 enum class BScales { Block, Row };
 
 constexpr int GEMM_TILE = 128;            // rows of A and of B per thread block; also N_C along K
@@ -238,12 +254,15 @@ __global__ void __launch_bounds__(256) fp8_gemm_kernel(OutT* C, const fp8* A, co
                 a_scale[i] = m0 + i < M ? scale_a[long(kb) * M + m0 + i] : 0.0f;
                 if (b_scales == BScales::Row) b_scale[i] = n0 + i < N ? scale_b[long(kb) * N + n0 + i] : 0.0f;
             }
-            if (b_scales == BScales::Block && threadIdx.x == 0) b_scale[0] = scale_b[long(blockIdx.x) * blocks + kb];
+            if (b_scales == BScales::Block && threadIdx.x == 0)
+                b_scale[0] = scale_b[long(blockIdx.x) * block_scale_stride(K) + kb];
         }
         __syncthreads();
 
+#pragma unroll
         for (int k = 0; k < N_C; k += 32) {  // four m16n8k32 steps per K-block
             uint32_t a[GEMM_MMA_M][4], b[GEMM_MMA_N][2];
+#pragma unroll
             for (int i = 0; i < GEMM_MMA_M; i++) {  // PTX ISA fragment layout for 8-bit A: rows g and g + 8
                 const uint8_t* p = a_tile + (wm + i * 16 + group) * GEMM_ROW_BYTES + k + thread_in_group * 4;
                 a[i][0] = *reinterpret_cast<const uint32_t*>(p);
@@ -251,18 +270,24 @@ __global__ void __launch_bounds__(256) fp8_gemm_kernel(OutT* C, const fp8* A, co
                 a[i][2] = *reinterpret_cast<const uint32_t*>(p + 16);
                 a[i][3] = *reinterpret_cast<const uint32_t*>(p + 8 * GEMM_ROW_BYTES + 16);
             }
+#pragma unroll
             for (int j = 0; j < GEMM_MMA_N; j++) {  // B's fragment: column g of B^T is row g of B
                 const uint8_t* p = b_tile + (wn + j * 8 + group) * GEMM_ROW_BYTES + k + thread_in_group * 4;
                 b[j][0] = *reinterpret_cast<const uint32_t*>(p);
                 b[j][1] = *reinterpret_cast<const uint32_t*>(p + 16);
             }
+#pragma unroll
             for (int i = 0; i < GEMM_MMA_M; i++)
+#pragma unroll
                 for (int j = 0; j < GEMM_MMA_N; j++) mma_e4m3(partial[i][j], a[i], b[j]);
         }
 
         if (promote || kb == blocks - 1) {  // V3 §3.3.2: promote the block's partial sums into FP32, scaled
+#pragma unroll
             for (int i = 0; i < GEMM_MMA_M; i++)
+#pragma unroll
                 for (int j = 0; j < GEMM_MMA_N; j++)
+#pragma unroll
                     for (int c = 0; c < 4; c++) {
                         int row = wm + i * 16 + group + (c / 2) * 8, col = wn + j * 8 + thread_in_group * 2 + c % 2;
                         float sb = b_scales == BScales::Block ? b_scale[0] : b_scale[col];
@@ -273,20 +298,27 @@ __global__ void __launch_bounds__(256) fp8_gemm_kernel(OutT* C, const fp8* A, co
         __syncthreads();  // the tiles are read: the next block may overwrite them
     }
 
+#pragma unroll
     for (int i = 0; i < GEMM_MMA_M; i++)
+#pragma unroll
         for (int j = 0; j < GEMM_MMA_N; j++)
+#pragma unroll
             for (int c = 0; c < 4; c++) {
                 int row = m0 + wm + i * 16 + group + (c / 2) * 8, col = n0 + wn + j * 8 + thread_in_group * 2 + c % 2;
-                if (row >= M || col >= N) continue;
-                float v = acc[i][j][c] + (accumulate ? to_float(C[long(row) * N + col]) : 0.0f);
-                C[long(row) * N + col] = from_float<OutT>(v);
+                if (row < M && col < N) {
+                    float v = acc[i][j][c] + (accumulate ? to_float(C[long(row) * N + col]) : 0.0f);
+                    C[long(row) * N + col] = from_float<OutT>(v);
+                }
             }
 }
 
 template <typename OutT, BScales b_scales>
 void fp8_gemm(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const float* scale_b, int M, int N, int K,
               bool accumulate, bool promote, cudaStream_t s) {
-    if (K % 16 != 0) throw std::invalid_argument("fp8_gemm: K = " + std::to_string(K) + " is not a multiple of 16");
+    // 16-byte loads of rows of A and B
+    if (K % 16 != 0 || pointer_alignment(A) < 16 || pointer_alignment(B) < 16)
+        throw std::invalid_argument("fp8_gemm: K = " + std::to_string(K) +
+                                    " must be a multiple of 16 and A, B 16-byte aligned");
     dim3 grid(ceil_div(N, GEMM_TILE), ceil_div(M, GEMM_TILE));
     if (promote)
         fp8_gemm_kernel<OutT, b_scales, true><<<grid, 256, 0, s>>>(C, A, B, scale_a, scale_b, M, N, K, accumulate);
@@ -320,7 +352,9 @@ void fp8_gemm_cublaslt(Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const 
                   pointer_alignment(B),
                   pointer_alignment(C)};
     key.scale_mode_a = mode_a, key.scale_mode_b = mode_b, key.fast_accum = fast_accum;
-    const MatmulPlan& p = blas.plan(key);
+    if (K % 16 != 0)
+        throw std::invalid_argument("fp8_gemm_cublaslt: K = " + std::to_string(K) + " is not a multiple of 16");
+    const MatmulPlan& p = blas.plan(key, scale_a, scale_b);
     CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale_b, sizeof(scale_b)));
     CUBLAS_CHECK(
@@ -368,7 +402,7 @@ struct Fp8Weight {
     int N, K;
     Fp8Tensor w, wT;
     Fp8Weight(int n, int k)
-        : N(n), K(k), w(long(n) * k, long(scale_tiles(n)) * scale_tiles(k)), wT(long(n) * k, w.scales.count) {}
+        : N(n), K(k), w(long(n) * k, block_scale_count(n, k)), wT(long(n) * k, block_scale_count(k, n)) {}
     void refresh(const float* master, int* nonfinite, cudaStream_t s) {
         quantize_weight(w.q.data(), wT.q.data(), w.scales.data(), wT.scales.data(), nonfinite, master, N, K, s);
     }

@@ -55,7 +55,8 @@ struct Blas {
     Blas(const Blas&) = delete;
     Blas& operator=(const Blas&) = delete;
 
-    const MatmulPlan& plan(const MatmulKey& k);
+    // scale_a and scale_b: for an FP8 key, scale tensors of that layout (the algorithm query wants them set).
+    const MatmulPlan& plan(const MatmulKey& k, const void* scale_a = nullptr, const void* scale_b = nullptr);
 };
 
 inline cublasLtMatrixLayout_t make_layout(cudaDataType_t type, int rows, int cols, int ld, int batch, long stride) {
@@ -71,7 +72,7 @@ inline cublasLtMatrixLayout_t make_layout(cudaDataType_t type, int rows, int col
     return layout;
 }
 
-inline const MatmulPlan& Blas::plan(const MatmulKey& k) {
+inline const MatmulPlan& Blas::plan(const MatmulKey& k, const void* scale_a, const void* scale_b) {
     auto found = plans.find(k);
     if (found != plans.end()) return found->second;
 
@@ -93,6 +94,10 @@ inline const MatmulPlan& Blas::plan(const MatmulKey& k) {
         CUBLAS_CHECK(
             cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode_b, sizeof(mode_b)));
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast)));
+        CUBLAS_CHECK(
+            cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale_b, sizeof(scale_b)));
+        CUBLAS_CHECK(
+            cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale_a, sizeof(scale_a)));
     }
 
     cublasLtMatmulPreference_t pref;
@@ -109,8 +114,10 @@ inline const MatmulPlan& Blas::plan(const MatmulKey& k) {
         CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attribute, &bytes, sizeof(bytes)));
     cublasLtMatmulHeuristicResult_t result;
     int found_count = 0;
-    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found_count));
+    cublasStatus_t status =
+        cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found_count);
     cublasLtMatmulPreferenceDestroy(pref);
+    if (status != CUBLAS_STATUS_NOT_SUPPORTED) CUBLAS_CHECK(status);  // not supported: no algorithm, said below
     if (found_count == 0) {
         throw std::runtime_error("cuBLASLt has no algorithm for M=" + std::to_string(k.M) +
                                  " N=" + std::to_string(k.N) + " K=" + std::to_string(k.K) +

@@ -260,9 +260,10 @@ struct AdamW {
 
 template <typename T>
 __global__ void adamw_kernel(float* master, T* weights, bf16* m, bf16* v, const float* grad, const float* grad_norm,
-                             long n, long n_decay, AdamW opt, float max_grad_norm, int step, uint64_t seed) {
+                             long n, long n_decay, AdamW opt, float max_grad_norm, int step, uint64_t seed,
+                             const int* skip) {
     long i = long(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i >= n) return;
+    if (i >= n || (skip && *skip)) return;
     float norm = sqrtf(*grad_norm);
     float clip = (max_grad_norm > 0.0f && norm > max_grad_norm) ? max_grad_norm / norm : 1.0f;
     float g = grad[i] * clip;
@@ -280,11 +281,13 @@ __global__ void adamw_kernel(float* master, T* weights, bf16* m, bf16* v, const 
     v[i] = bf16_stochastic_round(v_new, uint32_t(r >> 32));
 }
 
-// grad_norm points at the sum of squared gradients (on the device, so the step needs no host round trip).
+// grad_norm points at the sum of squared gradients (on the device, so the step needs no host round trip). Where
+// skip is given and *skip is set (a non-finite value met in FP8 quantization), nothing changes.
 template <typename T>
 void adamw_update(float* master, T* weights, bf16* m, bf16* v, const float* grad, const float* grad_norm, long n,
-                  long n_decay, const AdamW& opt, float max_grad_norm, int step, uint64_t seed, cudaStream_t s) {
+                  long n_decay, const AdamW& opt, float max_grad_norm, int step, uint64_t seed, cudaStream_t s,
+                  const int* skip = nullptr) {
     adamw_kernel<<<elementwise_blocks(n), 256, 0, s>>>(master, weights, m, v, grad, grad_norm, n, n_decay, opt,
-                                                       max_grad_norm, step, seed);
+                                                       max_grad_norm, step, seed, skip);
     CUDA_CHECK_LAUNCH();
 }

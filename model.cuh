@@ -13,10 +13,12 @@
 #pragma once
 
 #include <algorithm>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "attention.cuh"
+#include "fp8.cuh"
 #include "gemm.cuh"
 #include "layers.cuh"
 
@@ -166,6 +168,70 @@ inline void split_rows(const std::vector<int>& rows, int B, int T, std::vector<i
         }
 }
 
+// The projections of a layer: the Linear layers whose GEMMs FP8 training runs in FP8.
+enum Projection { Q_A, Q_B, KV_A, KV_B, O_PROJ, GATE_UP, DOWN, NUM_PROJECTIONS };
+
+struct ProjectionShape {
+    long offset;  // of the weight [out, in] in the parameter buffer
+    int out, in;
+};
+
+inline ProjectionShape projection_shape(const Config& c, const LayerOffsets& P, Projection p) {
+    int d = c.hidden_size, H = c.num_attention_heads;
+    switch (p) {
+        case Q_A:
+            return {P.q_a, c.q_lora_rank, d};
+        case Q_B:
+            return {P.q_b, H * c.qk_head_dim(), c.q_lora_rank};
+        case KV_A:
+            return {P.kv_a, c.kv_lora_rank + c.qk_rope_head_dim, d};
+        case KV_B:
+            return {P.kv_b, H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank};
+        case O_PROJ:
+            return {P.o, d, H * c.v_head_dim};
+        case GATE_UP:
+            return {P.gate_up, 2 * c.intermediate_size, d};
+        default:
+            return {P.down, d, c.intermediate_size};
+    }
+}
+
+// FP8 training (V3 §3.3): every projection's weight in FP8, quantized from the master weights after each
+// optimizer step; every projection's input kept for the backward pass as x^T in FP8; scratch for the quantized
+// operands of one GEMM; and a flag raised by any quantization that meets a NaN or Inf, on which the optimizer
+// skips the step.
+struct Fp8State {
+    Fp8Backend backend;
+    std::vector<std::vector<Fp8Weight>> weights;  // [layer][projection]
+    std::vector<std::vector<Fp8Tensor>> saved;    // [layer][projection]
+    Fp8Tensor x_q, dy_q, dy_t;
+    DeviceBuffer<int> nonfinite{1};
+
+    Fp8State(const Config& c, const ParamLayout& layout, int tokens, Fp8Backend b)
+        : backend(b),
+          x_q(fp8_operand(tokens, widest(c, layout))),
+          dy_q(fp8_operand(tokens, widest(c, layout))),
+          dy_t(fp8_operand(tokens, widest(c, layout))) {
+        weights.resize(c.num_hidden_layers), saved.resize(c.num_hidden_layers);
+        for (int l = 0; l < c.num_hidden_layers; l++)
+            for (int p = 0; p < NUM_PROJECTIONS; p++) {
+                ProjectionShape shape = projection_shape(c, layout.layers[l], Projection(p));
+                weights[l].emplace_back(shape.out, shape.in);
+                saved[l].push_back(fp8_operand(tokens, shape.in));
+            }
+        CUDA_CHECK(cudaMemset(nonfinite.data(), 0, sizeof(int)));
+    }
+
+    static int widest(const Config& c, const ParamLayout& layout) {
+        int w = 0;
+        for (int p = 0; p < NUM_PROJECTIONS; p++) {
+            ProjectionShape shape = projection_shape(c, layout.layers[0], Projection(p));
+            w = std::max({w, shape.out, shape.in});
+        }
+        return w;
+    }
+};
+
 // Activations of one layer kept for the backward pass.
 template <typename T>
 struct LayerActs {
@@ -198,6 +264,7 @@ struct Model {
     float* reduce_scratch;
     int *tokens_buf, *targets_buf;
     DeviceArena arena;
+    std::unique_ptr<Fp8State> fp8;  // set by enable_fp8: the projections' GEMMs in FP8
 
     Model(const Config& c, int B, int T_) : cfg(c), layout(c), max_B(B), max_T(T_) {
         cfg.validate();
@@ -282,12 +349,59 @@ struct Model {
         CUDA_CHECK(cudaMemsetAsync(adam_v.data(), 0, adam_v.bytes(), stream));
     }
 
-    // After the master weights change (init, load, optimizer step): the working copy in T.
+    // After the master weights change (init, load): the working copy in T, and the FP8 weights.
     void refresh_weights() {
         if constexpr (!std::is_same_v<T, float>) {
             convert_kernel<<<elementwise_blocks(layout.total), 256, 0, stream>>>(weights, master.data(), layout.total);
             CUDA_CHECK_LAUNCH();
         }
+        refresh_fp8_weights();
+    }
+
+    // From now on the projections' three GEMMs each run in FP8 (V3 §3.3), through our kernel or cuBLASLt; the
+    // embedding, the output head, attention and the norms keep the model's precision.
+    void enable_fp8(Fp8Backend backend) {
+        fp8 = std::make_unique<Fp8State>(cfg, layout, max_B * max_T, backend);
+        refresh_fp8_weights();
+    }
+
+    void refresh_fp8_weights() {
+        if (!fp8) return;
+        for (int l = 0; l < cfg.num_hidden_layers; l++)
+            for (int p = 0; p < NUM_PROJECTIONS; p++)
+                fp8->weights[l][p].refresh(
+                    master.data() + projection_shape(cfg, layout.layers[l], Projection(p)).offset,
+                    fp8->nonfinite.data(), stream);
+    }
+
+    // Whether the last step met a NaN or Inf in FP8 quantization, and so left the weights as they were.
+    bool step_skipped() {
+        if (!fp8) return false;
+        int flag = 0;
+        CUDA_CHECK(cudaMemcpyAsync(&flag, fp8->nonfinite.data(), sizeof(int), cudaMemcpyDeviceToHost, stream));
+        CUDA_CHECK(cudaStreamSynchronize(stream));
+        return flag != 0;
+    }
+
+    // y = x W^T (+ y) for projection p of layer l, in the model's precision or in FP8.
+    void project(int l, Projection p, T* y, const T* x, int N, bool accumulate = false) {
+        ProjectionShape shape = projection_shape(cfg, layout.layers[l], p);
+        if (fp8)
+            fp8_linear_forward(fp8->backend, blas, stream, y, x, fp8->weights[l][p], fp8->x_q, fp8->saved[l][p], N,
+                               fp8->nonfinite.data(), accumulate);
+        else
+            linear_forward(blas, stream, y, x, weights + shape.offset, N, shape.out, shape.in, accumulate);
+    }
+
+    // dx (+ dx) and the weight's gradient for projection p of layer l, whose input in the forward pass was x.
+    void project_backward(int l, Projection p, T* dx, const T* dy, const T* x, int N, bool accumulate_dx = false) {
+        ProjectionShape shape = projection_shape(cfg, layout.layers[l], p);
+        float* dW = grads.data() + shape.offset;
+        if (fp8)
+            fp8_linear_backward(fp8->backend, blas, stream, dx, dW, dy, fp8->saved[l][p], fp8->weights[l][p], fp8->dy_q,
+                                fp8->dy_t, N, fp8->nonfinite.data(), accumulate_dx);
+        else
+            linear_backward(blas, stream, dx, dW, dy, x, weights + shape.offset, N, shape.out, shape.in, accumulate_dx);
     }
 
     // ----- forward ----------------------------------------------------------------------------------------------
@@ -317,6 +431,7 @@ struct Model {
         const Config& c = cfg;
         int N = B * T_, d = c.hidden_size;
         CUDA_CHECK(cudaMemcpyAsync(tokens_buf, tokens.data(), sizeof(int) * N, cudaMemcpyHostToDevice, stream));
+        if (fp8) CUDA_CHECK(cudaMemsetAsync(fp8->nonfinite.data(), 0, sizeof(int), stream));
         embedding_forward(acts[0].x_in, tokens_buf, weights + layout.embed, N, d, stream);
         for (int l = 0; l < c.num_hidden_layers; l++) {
             T* x_out = l + 1 < c.num_hidden_layers ? acts[l + 1].x_in : x_final;
@@ -331,29 +446,28 @@ struct Model {
         const LayerOffsets& P = layout.layers[l];
         LayerActs<T>& A = acts[l];
         const T* W = weights;
-        int N = B * T_, d = c.hidden_size, H = c.num_attention_heads, I = c.intermediate_size;
+        int N = B * T_, d = c.hidden_size, I = c.intermediate_size;
         int kva_w = c.kv_lora_rank + c.qk_rope_head_dim;
         float eps = c.rms_norm_eps;
         MlaDims m = mla_dims(B, T_);
 
         rmsnorm_forward(A.h1, A.rstd1, A.x_in, d, W + P.input_norm, N, d, eps, stream);
-        linear_forward(blas, stream, A.cq_pre, A.h1, W + P.q_a, N, c.q_lora_rank, d);
+        project(l, Q_A, A.cq_pre, A.h1, N);
         rmsnorm_forward(A.cq, A.rstd_q, A.cq_pre, c.q_lora_rank, W + P.q_a_norm, N, c.q_lora_rank, LATENT_NORM_EPS,
                         stream);
-        linear_forward(blas, stream, A.q, A.cq, W + P.q_b, N, H * c.qk_head_dim(), c.q_lora_rank);
-        linear_forward(blas, stream, A.kva, A.h1, W + P.kv_a, N, kva_w, d);
+        project(l, Q_B, A.q, A.cq, N);
+        project(l, KV_A, A.kva, A.h1, N);
         rmsnorm_forward(A.ckv, A.rstd_kv, A.kva, kva_w, W + P.kv_a_norm, N, c.kv_lora_rank, LATENT_NORM_EPS, stream);
-        linear_forward(blas, stream, A.kvb, A.ckv, W + P.kv_b, N, H * (c.qk_nope_head_dim + c.v_head_dim),
-                       c.kv_lora_rank);
+        project(l, KV_B, A.kvb, A.ckv, N);
         mla_attention_forward(blas, stream, m, A.o, A.mla, mla_scratch, A.q, A.kva, A.kvb);
         CUDA_CHECK(cudaMemcpyAsync(A.x_mid, A.x_in, sizeof(T) * N * d, cudaMemcpyDeviceToDevice, stream));
-        linear_forward(blas, stream, A.x_mid, A.o, W + P.o, N, d, H * c.v_head_dim, true);
+        project(l, O_PROJ, A.x_mid, A.o, N, true);
 
         rmsnorm_forward(A.h2, A.rstd2, A.x_mid, d, W + P.post_norm, N, d, eps, stream);
-        linear_forward(blas, stream, A.gu, A.h2, W + P.gate_up, N, 2 * I, d);
+        project(l, GATE_UP, A.gu, A.h2, N);
         swiglu_forward(A.a, A.gu, N, I, stream);
         CUDA_CHECK(cudaMemcpyAsync(x_out, A.x_mid, sizeof(T) * N * d, cudaMemcpyDeviceToDevice, stream));
-        linear_forward(blas, stream, x_out, A.a, W + P.down, N, d, I, true);
+        project(l, DOWN, x_out, A.a, N, true);
     }
 
     // Per-token losses, their sum in scalars[0], and dlogits, for targets [B*T] on the host (negative: ignored).
@@ -388,29 +502,28 @@ struct Model {
         LayerActs<T>& A = acts[l];
         const T* W = weights;
         float* G = grads.data();
-        int N = B * T_, d = c.hidden_size, H = c.num_attention_heads, I = c.intermediate_size;
+        int N = B * T_, d = c.hidden_size, I = c.intermediate_size;
         int kva_w = c.kv_lora_rank + c.qk_rope_head_dim, qr = c.q_lora_rank, dc = c.kv_lora_rank;
         MlaDims m = mla_dims(B, T_);
 
         // FFN: x_out = x_mid + down(swiglu(gate_up(RMSNorm(x_mid))))
-        linear_backward(blas, stream, d_a, G + P.down, d_resid, A.a, W + P.down, N, d, I);
+        project_backward(l, DOWN, d_a, d_resid, A.a, N);
         swiglu_backward(d_gu, d_a, A.gu, N, I, stream);
-        linear_backward(blas, stream, d_h, G + P.gate_up, d_gu, A.h2, W + P.gate_up, N, 2 * I, d);
+        project_backward(l, GATE_UP, d_h, d_gu, A.h2, N);
         rmsnorm_backward(d_resid, G + P.post_norm, norm_scratch, d_h, A.x_mid, d, W + P.post_norm, A.rstd2, N, d, true,
                          false, stream);
 
         // MLA: x_mid = x_in + o_proj(attention(...))
-        linear_backward(blas, stream, d_o, G + P.o, d_resid, A.o, W + P.o, N, d, H * c.v_head_dim);
+        project_backward(l, O_PROJ, d_o, d_resid, A.o, N);
         mla_attention_backward(blas, stream, m, d_q, d_kva, d_kvb, A.mla, mla_scratch, d_o);
-        linear_backward(blas, stream, d_ckv, G + P.kv_b, d_kvb, A.ckv, W + P.kv_b, N,
-                        H * (c.qk_nope_head_dim + c.v_head_dim), dc);
+        project_backward(l, KV_B, d_ckv, d_kvb, A.ckv, N);
         rmsnorm_backward(d_kva, G + P.kv_a_norm, norm_scratch, d_ckv, A.kva, kva_w, W + P.kv_a_norm, A.rstd_kv, N, dc,
                          false, false, stream);
-        linear_backward(blas, stream, d_cq, G + P.q_b, d_q, A.cq, W + P.q_b, N, H * c.qk_head_dim(), qr);
+        project_backward(l, Q_B, d_cq, d_q, A.cq, N);
         rmsnorm_backward(d_cq_pre, G + P.q_a_norm, norm_scratch, d_cq, A.cq_pre, qr, W + P.q_a_norm, A.rstd_q, N, qr,
                          false, false, stream);
-        linear_backward(blas, stream, d_h, G + P.q_a, d_cq_pre, A.h1, W + P.q_a, N, qr, d);
-        linear_backward(blas, stream, d_h, G + P.kv_a, d_kva, A.h1, W + P.kv_a, N, kva_w, d, true);
+        project_backward(l, Q_A, d_h, d_cq_pre, A.h1, N);
+        project_backward(l, KV_A, d_h, d_kva, A.h1, N, true);
         rmsnorm_backward(d_resid, G + P.input_norm, norm_scratch, d_h, A.x_in, d, W + P.input_norm, A.rstd1, N, d, true,
                          false, stream);
     }
@@ -421,7 +534,8 @@ struct Model {
     void optimizer_step(const AdamW& opt, float max_grad_norm, int step, uint64_t seed) {
         sum_reduce(scalars + 1, reduce_scratch, grads.data(), layout.total, true, stream);
         adamw_update(master.data(), weights, adam_m.data(), adam_v.data(), grads.data(), scalars + 1, layout.total,
-                     layout.n_decay, opt, max_grad_norm, step, seed, stream);
+                     layout.n_decay, opt, max_grad_norm, step, seed, stream, fp8 ? fp8->nonfinite.data() : nullptr);
+        refresh_fp8_weights();
     }
 
     // One optimizer step on inputs [B, T] and targets [B*T] (negative: no loss). The loss and gradient norm are

@@ -58,7 +58,7 @@ std::string tflops(double ms, double flops) {
 void speed(Blas& blas, const char* name, int M, int N, int K) {
     Rng rng(uint64_t(M) * 31 + N * 7 + K);
     DeviceBuffer<fp8> A = upload(random_e4m3(size_t(M) * K, rng)), B = upload(random_e4m3(size_t(N) * K, rng));
-    DeviceBuffer<float> sA(size_t(scale_tiles(K)) * M), sB(size_t(scale_tiles(N)) * scale_tiles(K));
+    DeviceBuffer<float> sA(size_t(scale_tiles(K)) * M), sB(block_scale_count(N, K));
     sA.upload(std::vector<float>(sA.count, 1.0f)), sB.upload(std::vector<float>(sB.count, 1.0f));
     DeviceBuffer<bf16> C(size_t(M) * N), Ab(size_t(M) * K), Bb(size_t(N) * K);
     CUDA_CHECK(cudaMemset(Ab.data(), 0, Ab.bytes()));
@@ -104,7 +104,7 @@ void accumulation(Blas& blas, int K) {
             ref[size_t(m) * N + n] = sum;
         }
     DeviceBuffer<fp8> A = upload(a), B = upload(b);
-    DeviceBuffer<float> sA(size_t(scale_tiles(K)) * M), sB(size_t(scale_tiles(N)) * scale_tiles(K)), one(1);
+    DeviceBuffer<float> sA(size_t(scale_tiles(K)) * M), sB(block_scale_count(N, K)), one(1);
     sA.upload(std::vector<float>(sA.count, 1.0f)), sB.upload(std::vector<float>(sB.count, 1.0f));
     one.upload({1.0f});
     DeviceBuffer<float> C(size_t(M) * N);

@@ -15,6 +15,9 @@ constexpr double E4M3_LARGEST = 448.0;
 
 inline int tiles(int n) { return (n + TILE - 1) / TILE; }
 
+// A row of 128x128 block scales is padded to a multiple of 4 entries, zeros (cuBLASLt's layout).
+inline int padded_tiles(int n) { return (tiles(n) + 3) / 4 * 4; }
+
 // amax / 448, or 1 for an all-zero tile.
 inline float scale_of(double amax) { return amax > 0.0 ? float(amax / E4M3_LARGEST) : 1.0f; }
 
@@ -44,10 +47,10 @@ inline std::vector<float> transpose(const std::vector<float>& x, int R, int C) {
     return t;
 }
 
-// W [N, K] in 128x128 blocks: q [N, K], scales [tiles(N), tiles(K)].
+// W [N, K] in 128x128 blocks: q [N, K], scales [tiles(N), padded_tiles(K)].
 inline void quantize_blocks(const std::vector<float>& W, int N, int K, std::vector<float>& q,
                             std::vector<float>& scales) {
-    q.assign(W.size(), 0.0f), scales.assign(size_t(tiles(N)) * tiles(K), 0.0f);
+    q.assign(W.size(), 0.0f), scales.assign(size_t(tiles(N)) * padded_tiles(K), 0.0f);
     for (int nb = 0; nb < tiles(N); nb++)
         for (int kb = 0; kb < tiles(K); kb++) {
             double amax = 0.0;
@@ -55,7 +58,7 @@ inline void quantize_blocks(const std::vector<float>& W, int N, int K, std::vect
                 for (int k = kb * TILE; k < std::min(K, (kb + 1) * TILE); k++)
                     amax = std::max(amax, std::fabs(double(W[size_t(n) * K + k])));
             float scale = scale_of(amax);
-            scales[size_t(nb) * tiles(K) + kb] = scale;
+            scales[size_t(nb) * padded_tiles(K) + kb] = scale;
             for (int n = nb * TILE; n < std::min(N, (nb + 1) * TILE); n++)
                 for (int k = kb * TILE; k < std::min(K, (kb + 1) * TILE); k++)
                     q[size_t(n) * K + k] = e4m3(W[size_t(n) * K + k], scale);
@@ -63,7 +66,7 @@ inline void quantize_blocks(const std::vector<float>& W, int N, int K, std::vect
 }
 
 // C [M, N] = sum over K-blocks b of (sum over k in b of qA[m][k] qB[n][k]) * sA[b][m] * sB(n, b), in double;
-// sB is [tiles(N), tiles(K)] for a weight (block_scales) or [tiles(K), N] like sA.
+// sB is [tiles(N), padded_tiles(K)] for a weight (block_scales) or [tiles(K), N] like sA.
 inline std::vector<double> fp8_gemm(const std::vector<float>& qA, const std::vector<float>& qB,
                                     const std::vector<float>& sA, const std::vector<float>& sB, int M, int N, int K,
                                     bool block_scales) {
@@ -74,7 +77,7 @@ inline std::vector<double> fp8_gemm(const std::vector<float>& qA, const std::vec
                 double partial = 0.0;
                 for (int k = b * TILE; k < std::min(K, (b + 1) * TILE); k++)
                     partial += double(qA[size_t(m) * K + k]) * qB[size_t(n) * K + k];
-                double scale_b = block_scales ? sB[size_t(n / TILE) * tiles(K) + b] : sB[size_t(b) * N + n];
+                double scale_b = block_scales ? sB[size_t(n / TILE) * padded_tiles(K) + b] : sB[size_t(b) * N + n];
                 C[size_t(m) * N + n] += partial * sA[size_t(b) * M + m] * scale_b;
             }
     return C;

@@ -125,18 +125,20 @@ TEST_SUITE("gpu") {
         std::vector<float> W = spread_values(rng, N, K);
         DeviceBuffer<float> W_dev = ref::upload<float>(W);
         DeviceBuffer<fp8> q(size_t(N) * K), qT(size_t(N) * K);
-        const int NB = ref::tiles(N), KB = ref::tiles(K);
-        DeviceBuffer<float> scales(size_t(NB) * KB), scalesT(size_t(NB) * KB);
+        DeviceBuffer<float> scales(size_t(ref::tiles(N)) * ref::padded_tiles(K)),
+            scalesT(size_t(ref::tiles(K)) * ref::padded_tiles(N));
+        ref::poison(scales), ref::poison(scalesT);
         DeviceBuffer<int> nonfinite(1);
         CUDA_CHECK(cudaMemset(nonfinite.data(), 0, sizeof(int)));
         quantize_weight(q.data(), qT.data(), scales.data(), scalesT.data(), nonfinite.data(), W_dev.data(), N, K,
                         stream);
-        std::vector<float> want_q, want_scales;
+        std::vector<float> want_q, want_scales, want_qT, want_scalesT;
         ref::quantize_blocks(W, N, K, want_q, want_scales);
+        ref::quantize_blocks(ref::transpose(W, N, K), K, N, want_qT, want_scalesT);
         CHECK(codes(q) == want_q);
-        CHECK(codes(qT) == ref::transpose(want_q, N, K));
+        CHECK(codes(qT) == want_qT);
         CHECK(scales.download() == want_scales);
-        CHECK(scalesT.download() == ref::transpose(want_scales, NB, KB));
+        CHECK(scalesT.download() == want_scalesT);
         CHECK(nonfinite.download()[0] == 0);
     }
 
@@ -150,7 +152,8 @@ TEST_SUITE("gpu") {
                 x[at] = bad;
                 DeviceBuffer<float> x_dev = ref::upload<float>(x);
                 DeviceBuffer<fp8> q(x.size()), qT(x.size());
-                DeviceBuffer<float> scales(size_t(ref::tiles(K)) * ref::tiles(M) * 128), scalesT(scales.count);
+                DeviceBuffer<float> scales(size_t(ref::padded_tiles(K)) * ref::padded_tiles(M) * 128),
+                    scalesT(scales.count);
                 DeviceBuffer<int> flags(3);
                 CUDA_CHECK(cudaMemset(flags.data(), 0, 3 * sizeof(int)));
                 quantize_rows(q.data(), scales.data(), flags.data(), x_dev.data(), M, K, stream);
@@ -193,7 +196,7 @@ TEST_SUITE("gpu") {
         for (float x : A) p.qA.push_back(ref::e4m3(x, scale));
         for (float x : B) p.qB.push_back(ref::e4m3(x, scale));
         p.sA.assign(size_t(ref::tiles(K)) * M, scale);
-        p.sB.assign(size_t(ref::tiles(N)) * ref::tiles(K), scale);
+        p.sB.assign(size_t(ref::tiles(N)) * ref::padded_tiles(K), scale);
         p.C = ref::fp8_gemm(p.qA, p.qB, p.sA, p.sB, M, N, K, true);
         for (bool promote : {true, false}) {
             CAPTURE(promote);
