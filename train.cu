@@ -67,6 +67,20 @@ inline data::ProblemMix problem_mix(const Options& o) {
     return mix;
 }
 
+// --precision fp8: the training model's projections run their GEMMs in FP8 (V3 §3.3).
+template <typename T>
+void apply_precision(const Options& o, Model<T>& model) {
+    if (o.precision == "fp8") model.enable_fp8(o.fp8_gemm == "cublaslt" ? Fp8Backend::CuBLASLt : Fp8Backend::Own);
+}
+
+// A step that met a NaN or Inf in FP8 quantization left the weights as they were: say so, and go on.
+template <typename T>
+bool skipped_step(Model<T>& model, int step) {
+    if (!model.step_skipped()) return false;
+    std::printf("step %d skipped: a NaN or Inf in an FP8 tile; the weights are unchanged\n", step);
+    return true;
+}
+
 // Forward-pass model FLOPs per token (a training step costs three of them per token).
 inline double forward_flops_per_token(const Config& cfg, int T) { return cfg.train_flops_per_token(T) / 3.0; }
 
@@ -302,6 +316,7 @@ int pretrain(const Options& o) {
     } else if (source.empty()) {
         model.init_weights(uint64_t(o.seed));
     }
+    apply_precision(o, model);
     fs::create_directories(o.out);
     JsonlLog log(o.out + "/log.jsonl", o.resume);
 
@@ -325,7 +340,8 @@ int pretrain(const Options& o) {
         if (step < o.steps) data::pretrain_batch(tok, corpus, step + 1, o.batch, o.seq, next_rows);  // overlaps the GPU
         auto [loss_sum, grad_norm] = model.read_scalars();
         float loss = loss_sum / float(tokens_per_step);
-        if (!std::isfinite(loss)) {
+        const bool skipped = skipped_step(model, step);
+        if (!skipped && !std::isfinite(loss)) {
             std::fprintf(stderr, "error: loss is %f at step %d; stopping (the last checkpoint is intact)\n", loss,
                          step);
             return 1;
@@ -339,7 +355,7 @@ int pretrain(const Options& o) {
         Json record = Json::object();
         record["step"] = step, record["loss"] = double(loss), record["lr"] = double(lr);
         record["grad_norm"] = double(grad_norm), record["tokens_per_s"] = tokens_per_s, record["mfu"] = mfu;
-        record["ms"] = seconds * 1e3;
+        record["ms"] = seconds * 1e3, record["skipped"] = skipped;
         log.write(record);
         if (step % o.log_every == 0 || step == start + 1 || step == o.steps) {
             double per_step = step > start + 1 ? timed_seconds / (step - start - 1) : seconds;
@@ -436,6 +452,7 @@ int cold_start(const Options& given) {
     auto loaded = load_model<T>(given.init, given.batch, given.seq);
     Model<T>& model = *loaded;
     model.reset_optimizer();
+    apply_precision(given, model);
     const double flops_per_step = model.cfg.train_flops_per_token(given.seq) * given.batch * given.seq;
     Options o = given;
     if (!o.same_flops_as.empty()) {
@@ -463,7 +480,7 @@ int cold_start(const Options& given) {
         model.train_step(inputs, targets, o.batch, o.seq, adamw_at(o, step), o.grad_clip, step, uint64_t(o.seed));
         auto [loss_sum, grad_norm] = model.read_scalars();
         float loss = loss_sum / float(std::max(counted, 1L));
-        if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
+        if (!skipped_step(model, step) && (!std::isfinite(loss) || !std::isfinite(grad_norm))) {
             std::fprintf(stderr, "error: loss %f, gradient norm %f at step %d; stopping without a checkpoint\n", loss,
                          grad_norm, step);
             return 1;
@@ -493,6 +510,7 @@ int reinforce(const Options& o) {
     auto loaded_policy = load_model<T>(o.init, S, o.seq), reference = load_model<T>(o.init, S, o.seq);
     Model<T>& policy = *loaded_policy;
     policy.reset_optimizer();
+    apply_precision(o, policy);
     GrpoTrainer<T> trainer(policy, *reference, S, o.seq);
     GrpoOptions g;
     g.group = o.group, g.updates = o.updates, g.max_new = o.max_new, g.temperature = o.temperature;
@@ -517,7 +535,7 @@ int reinforce(const Options& o) {
         GrpoStats st =
             trainer.step(problems, g, adamw_at(o, step), o.grad_clip, optimizer_step, uint64_t(o.seed), step);
         float grad_norm = policy.read_scalars().second;
-        if (!std::isfinite(st.objective) || !std::isfinite(grad_norm)) {
+        if (!skipped_step(policy, step) && (!std::isfinite(st.objective) || !std::isfinite(grad_norm))) {
             std::fprintf(stderr, "error: objective %f, gradient norm %f at step %d; stopping without a checkpoint\n",
                          st.objective, grad_norm, step);
             return 1;

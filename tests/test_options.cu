@@ -48,7 +48,7 @@ TEST_SUITE("options") {
         CHECK(parse_error({"pretrain", "--steps", "ten"}).find("expects a number, got 'ten'") != std::string::npos);
         CHECK(parse_error({"pretrain", "--steps", "10x"}).find("expects a number") != std::string::npos);
         CHECK(parse_error({"pretrain", "--steps", "0"}).find("--steps must be positive") != std::string::npos);
-        CHECK(parse_error({"pretrain", "--precision", "fp16"}).find("fp32 or bf16") != std::string::npos);
+        CHECK(parse_error({"pretrain", "--precision", "fp16"}).find("fp32, bf16 or fp8") != std::string::npos);
         CHECK(parse_error({"pretrain", "--lr", "-1"}).find("--lr must be positive") != std::string::npos);
         CHECK(parse_error({"pretrain", "extra"}).find("unexpected argument 'extra'") != std::string::npos);
         CHECK(parse_error({"eval"}).find("needs --init") != std::string::npos);
@@ -159,6 +159,9 @@ TEST_SUITE("options") {
         CHECK(parse_error({"eval", "--init", "x", "--eval-temperature", "-1"}).find("must not be negative") !=
               std::string::npos);
         CHECK(parse_error({"chat", "--init", "x", "--template", "zero"}).find("--template must be auto") !=
+              std::string::npos);
+        CHECK(parse({"pretrain", "--precision", "fp8", "--fp8-gemm", "cublaslt"}).fp8_gemm == "cublaslt");
+        CHECK(parse_error({"pretrain", "--precision", "fp8", "--fp8-gemm", "cutlass"}).find("own or cublaslt") !=
               std::string::npos);
     }
 
