@@ -231,6 +231,24 @@ __device__ __forceinline__ void load_fp8_tile(uint8_t* tile, const fp8* X, int r
     }
 }
 
+// The scales of K-block kb for the tile's 128 rows of A and (per row, or the one block) of B; zero past the edge.
+template <BScales b_scales>
+__device__ void load_block_scales(float* a_scale, float* b_scale, const float* scale_a, const float* scale_b, int M,
+                                  int N, int K, int m0, int n0, int kb) {
+    for (int i = threadIdx.x; i < GEMM_TILE; i += blockDim.x) {
+        a_scale[i] = m0 + i < M ? scale_a[long(kb) * M + m0 + i] : 0.0f;
+        if (b_scales == BScales::Row) b_scale[i] = n0 + i < N ? scale_b[long(kb) * N + n0 + i] : 0.0f;
+    }
+    if (b_scales == BScales::Block && threadIdx.x == 0)
+        b_scale[0] = scale_b[long(n0 / GEMM_TILE) * block_scale_stride(K) + kb];
+}
+
+template <typename OutT>
+__device__ __forceinline__ void store_output(OutT* C, int row, int col, float v, int M, int N, bool accumulate) {
+    if (row < M && col < N)
+        C[long(row) * N + col] = from_float<OutT>(v + (accumulate ? to_float(C[long(row) * N + col]) : 0.0f));
+}
+
 // 8 warps, each 64 rows x 32 columns of the 128x128 output tile; each thread keeps its part of the promoted sum
 // (acc) and of the current block's tensor-core sum (partial). With promote = false the partial sum runs over all
 // of K and is scaled once at the end by the first block's scales: valid only where the scales do not change along
@@ -249,14 +267,8 @@ __global__ void __launch_bounds__(256) fp8_gemm_kernel(OutT* C, const fp8* A, co
     for (int kb = 0; kb < blocks; kb++) {
         load_fp8_tile(a_tile, A, M, K, m0, kb * N_C);
         load_fp8_tile(b_tile, B, N, K, n0, kb * N_C);
-        if (promote || kb == 0) {  // without promotion the first block's scales serve for all of K
-            for (int i = threadIdx.x; i < GEMM_TILE; i += blockDim.x) {
-                a_scale[i] = m0 + i < M ? scale_a[long(kb) * M + m0 + i] : 0.0f;
-                if (b_scales == BScales::Row) b_scale[i] = n0 + i < N ? scale_b[long(kb) * N + n0 + i] : 0.0f;
-            }
-            if (b_scales == BScales::Block && threadIdx.x == 0)
-                b_scale[0] = scale_b[long(blockIdx.x) * block_scale_stride(K) + kb];
-        }
+        if (promote || kb == 0)  // without promotion the first block's scales serve for all of K
+            load_block_scales<b_scales>(a_scale, b_scale, scale_a, scale_b, M, N, K, m0, n0, kb);
         __syncthreads();
 
 #pragma unroll
@@ -303,13 +315,9 @@ __global__ void __launch_bounds__(256) fp8_gemm_kernel(OutT* C, const fp8* A, co
 #pragma unroll
         for (int j = 0; j < GEMM_MMA_N; j++)
 #pragma unroll
-            for (int c = 0; c < 4; c++) {
-                int row = m0 + wm + i * 16 + group + (c / 2) * 8, col = n0 + wn + j * 8 + thread_in_group * 2 + c % 2;
-                if (row < M && col < N) {
-                    float v = acc[i][j][c] + (accumulate ? to_float(C[long(row) * N + col]) : 0.0f);
-                    C[long(row) * N + col] = from_float<OutT>(v);
-                }
-            }
+            for (int c = 0; c < 4; c++)
+                store_output(C, m0 + wm + i * 16 + group + (c / 2) * 8, n0 + wn + j * 8 + thread_in_group * 2 + c % 2,
+                             acc[i][j][c], M, N, accumulate);
 }
 
 template <typename OutT, BScales b_scales>

@@ -263,7 +263,7 @@ __global__ void adamw_kernel(float* master, T* weights, bf16* m, bf16* v, const 
                              long n, long n_decay, AdamW opt, float max_grad_norm, int step, uint64_t seed,
                              const int* skip) {
     long i = long(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i >= n || (skip && *skip)) return;
+    if (i >= n || (skip && (*skip || !isfinite(*grad_norm)))) return;
     float norm = sqrtf(*grad_norm);
     float clip = (max_grad_norm > 0.0f && norm > max_grad_norm) ? max_grad_norm / norm : 1.0f;
     float g = grad[i] * clip;
@@ -282,7 +282,8 @@ __global__ void adamw_kernel(float* master, T* weights, bf16* m, bf16* v, const 
 }
 
 // grad_norm points at the sum of squared gradients (on the device, so the step needs no host round trip). Where
-// skip is given and *skip is set (a non-finite value met in FP8 quantization), nothing changes.
+// skip is given and *skip is set (a non-finite value met in FP8 quantization), or the gradient is not finite,
+// nothing changes.
 template <typename T>
 void adamw_update(float* master, T* weights, bf16* m, bf16* v, const float* grad, const float* grad_norm, long n,
                   long n_decay, const AdamW& opt, float max_grad_norm, int step, uint64_t seed, cudaStream_t s,

@@ -198,14 +198,15 @@ inline ProjectionShape projection_shape(const Config& c, const LayerOffsets& P, 
 
 // FP8 training (V3 §3.3): every projection's weight in FP8, quantized from the master weights after each
 // optimizer step; every projection's input kept for the backward pass as x^T in FP8; scratch for the quantized
-// operands of one GEMM; and a flag raised by any quantization that meets a NaN or Inf, on which the optimizer
-// skips the step.
+// operands of one GEMM; and a flag raised when the quantization of an activation or gradient meets a NaN or Inf,
+// on which the optimizer skips its update (the weights' quantization has a flag of its own: a non-finite weight
+// shows in the loss).
 struct Fp8State {
     Fp8Backend backend;
     std::vector<std::vector<Fp8Weight>> weights;  // [layer][projection]
     std::vector<std::vector<Fp8Tensor>> saved;    // [layer][projection]
     Fp8Tensor x_q, dy_q, dy_t;
-    DeviceBuffer<int> nonfinite{1};
+    DeviceBuffer<int> nonfinite{1}, weights_nonfinite{1};
 
     Fp8State(const Config& c, const ParamLayout& layout, int tokens, Fp8Backend b)
         : backend(b),
@@ -220,6 +221,7 @@ struct Fp8State {
                 saved[l].push_back(fp8_operand(tokens, shape.in));
             }
         CUDA_CHECK(cudaMemset(nonfinite.data(), 0, sizeof(int)));
+        CUDA_CHECK(cudaMemset(weights_nonfinite.data(), 0, sizeof(int)));
     }
 
     static int widest(const Config& c, const ParamLayout& layout) {
@@ -371,14 +373,16 @@ struct Model {
             for (int p = 0; p < NUM_PROJECTIONS; p++)
                 fp8->weights[l][p].refresh(
                     master.data() + projection_shape(cfg, layout.layers[l], Projection(p)).offset,
-                    fp8->nonfinite.data(), stream);
+                    fp8->weights_nonfinite.data(), stream);
     }
 
-    // Whether the last step met a NaN or Inf in FP8 quantization, and so left the weights as they were.
+    // Whether an FP8 quantization met a NaN or Inf since the last call, so that the optimizer steps since then left
+    // the weights as they were; clears the flag.
     bool step_skipped() {
         if (!fp8) return false;
         int flag = 0;
         CUDA_CHECK(cudaMemcpyAsync(&flag, fp8->nonfinite.data(), sizeof(int), cudaMemcpyDeviceToHost, stream));
+        CUDA_CHECK(cudaMemsetAsync(fp8->nonfinite.data(), 0, sizeof(int), stream));
         CUDA_CHECK(cudaStreamSynchronize(stream));
         return flag != 0;
     }
@@ -431,7 +435,6 @@ struct Model {
         const Config& c = cfg;
         int N = B * T_, d = c.hidden_size;
         CUDA_CHECK(cudaMemcpyAsync(tokens_buf, tokens.data(), sizeof(int) * N, cudaMemcpyHostToDevice, stream));
-        if (fp8) CUDA_CHECK(cudaMemsetAsync(fp8->nonfinite.data(), 0, sizeof(int), stream));
         embedding_forward(acts[0].x_in, tokens_buf, weights + layout.embed, N, d, stream);
         for (int l = 0; l < c.num_hidden_layers; l++) {
             T* x_out = l + 1 < c.num_hidden_layers ? acts[l + 1].x_in : x_final;

@@ -181,6 +181,8 @@ struct Options {
         if (!known) throw std::invalid_argument("unknown stage '" + stage + "' (one of: " + names + ")");
         if (precision != "fp32" && precision != "bf16" && precision != "fp8")
             throw std::invalid_argument("--precision must be fp32, bf16 or fp8, got '" + precision + "'");
+        if (precision == "fp8" && (long(batch) * seq) % 16 != 0)
+            throw std::invalid_argument("--precision fp8 needs --batch x --seq to be a multiple of 16");
         if (fp8_gemm != "own" && fp8_gemm != "cublaslt")
             throw std::invalid_argument("--fp8-gemm must be own or cublaslt, got '" + fp8_gemm + "'");
         auto positive = [](long v, const char* name) {

@@ -73,13 +73,22 @@ void apply_precision(const Options& o, Model<T>& model) {
     if (o.precision == "fp8") model.enable_fp8(o.fp8_gemm == "cublaslt" ? Fp8Backend::CuBLASLt : Fp8Backend::Own);
 }
 
-// A step that met a NaN or Inf in FP8 quantization left the weights as they were: say so, and go on.
-template <typename T>
-bool skipped_step(Model<T>& model, int step) {
-    if (!model.step_skipped()) return false;
-    std::printf("step %d skipped: a NaN or Inf in an FP8 tile; the weights are unchanged\n", step);
-    return true;
-}
+// A step that met a NaN or Inf in FP8 quantization left the weights as they were: say so, and go on; but a run
+// whose steps keep meeting them has diverged, and stops.
+struct SkippedSteps {
+    static constexpr int kMaxInARow = 10;
+    int in_a_row = 0;
+
+    template <typename T>
+    bool check(Model<T>& model, int step) {
+        if (!model.step_skipped()) return in_a_row = 0, false;
+        std::printf("step %d skipped: a NaN or Inf in an FP8 tile; the weights are unchanged\n", step);
+        if (++in_a_row == kMaxInARow)
+            throw std::runtime_error(std::to_string(kMaxInARow) +
+                                     " steps in a row met a NaN or Inf: the run diverged; stopping");
+        return true;
+    }
+};
 
 // Forward-pass model FLOPs per token (a training step costs three of them per token).
 inline double forward_flops_per_token(const Config& cfg, int T) { return cfg.train_flops_per_token(T) / 3.0; }
@@ -330,6 +339,7 @@ int pretrain(const Options& o) {
     std::vector<int> rows, next_rows, inputs, targets;
     data::pretrain_batch(tok, corpus, start + 1, o.batch, o.seq, rows);
     WallTimer run_clock;
+    SkippedSteps skipped_steps;
     double timed_seconds = 0.0;
     for (int step = start + 1; step <= o.steps; step++) {
         WallTimer step_clock;
@@ -340,7 +350,7 @@ int pretrain(const Options& o) {
         if (step < o.steps) data::pretrain_batch(tok, corpus, step + 1, o.batch, o.seq, next_rows);  // overlaps the GPU
         auto [loss_sum, grad_norm] = model.read_scalars();
         float loss = loss_sum / float(tokens_per_step);
-        const bool skipped = skipped_step(model, step);
+        const bool skipped = skipped_steps.check(model, step);
         if (!skipped && !std::isfinite(loss)) {
             std::fprintf(stderr, "error: loss is %f at step %d; stopping (the last checkpoint is intact)\n", loss,
                          step);
@@ -468,6 +478,7 @@ int cold_start(const Options& given) {
     JsonlLog log(o.out + "/log.jsonl", false);
     std::vector<int> inputs, targets;
     WallTimer clock;
+    SkippedSteps skipped_steps;
     for (int step = 1; step <= o.steps; step++) {
         inputs.clear(), targets.clear();
         for (int b = 0; b < o.batch; b++) {
@@ -480,7 +491,8 @@ int cold_start(const Options& given) {
         model.train_step(inputs, targets, o.batch, o.seq, adamw_at(o, step), o.grad_clip, step, uint64_t(o.seed));
         auto [loss_sum, grad_norm] = model.read_scalars();
         float loss = loss_sum / float(std::max(counted, 1L));
-        if (!skipped_step(model, step) && (!std::isfinite(loss) || !std::isfinite(grad_norm))) {
+        const bool skipped = skipped_steps.check(model, step);
+        if (!skipped && (!std::isfinite(loss) || !std::isfinite(grad_norm))) {
             std::fprintf(stderr, "error: loss %f, gradient norm %f at step %d; stopping without a checkpoint\n", loss,
                          grad_norm, step);
             return 1;
@@ -488,6 +500,7 @@ int cold_start(const Options& given) {
         Json record = Json::object();
         record["step"] = step, record["loss"] = double(loss), record["lr"] = double(lr);
         record["grad_norm"] = double(grad_norm), record["train_flops"] = flops_per_step * step;
+        record["skipped"] = skipped;
         log.write(record);
         if (step % o.log_every == 0 || step == 1 || step == o.steps)
             std::printf("sft step %5d/%d | loss %.4f | lr %.2e | %s\n", step, o.steps, loss, lr,
@@ -527,6 +540,7 @@ int reinforce(const Options& o) {
     int optimizer_step = 0;
     double train_flops = 0;
     WallTimer clock;
+    SkippedSteps skipped_steps;
     for (int step = 1; step <= o.steps; step++) {
         Rng rng(uint64_t(o.seed), rng_hash(0x726c, uint64_t(step), 0));
         std::vector<data::Problem> problems;
@@ -535,7 +549,8 @@ int reinforce(const Options& o) {
         GrpoStats st =
             trainer.step(problems, g, adamw_at(o, step), o.grad_clip, optimizer_step, uint64_t(o.seed), step);
         float grad_norm = policy.read_scalars().second;
-        if (!skipped_step(policy, step) && (!std::isfinite(st.objective) || !std::isfinite(grad_norm))) {
+        const bool skipped = skipped_steps.check(policy, step);
+        if (!skipped && (!std::isfinite(st.objective) || !std::isfinite(grad_norm))) {
             std::fprintf(stderr, "error: objective %f, gradient norm %f at step %d; stopping without a checkpoint\n",
                          st.objective, grad_norm, step);
             return 1;
@@ -547,7 +562,7 @@ int reinforce(const Options& o) {
         record["response_tokens"] = st.response_tokens, record["objective"] = st.objective, record["kl"] = st.kl;
         record["clip_fraction"] = st.clip_fraction, record["grad_norm"] = double(grad_norm);
         record["uniform_groups"] = st.uniform_groups, record["lr"] = double(lr), record["seconds"] = clock.seconds();
-        record["train_flops"] = train_flops;
+        record["train_flops"] = train_flops, record["skipped"] = skipped;
         log.write(record);
         if (step % o.log_every == 0 || step == 1 || step == o.steps)
             std::printf(
