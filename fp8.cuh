@@ -197,9 +197,9 @@ inline void quantize_weight(fp8* q, fp8* qT, float* scales, float* scalesT, int*
 // ([ceil(N/128), ceil(K/128)] with padded rows: a weight) or, like A's, per row and K-block ([ceil(K/128), N]: the
 // weight gradient's transposed activations).
 //
-// This kernel is the readable form of the algorithm, written with mma.sync, the FP8 MMA of sm_89. Hopper runs FP8
-// on its tensor cores only through wgmma; there mma.sync on E4M3 is lowered to a conversion and FP16 MMAs with a
-// full FP32 accumulator, so it is correct but slow, and cannot show the limited FP8 accumulator.
+// This kernel is the portable form, written with mma.sync, the FP8 MMA of sm_89. Hopper runs FP8 on its tensor
+// cores only through wgmma (the kernel after this one); there mma.sync on E4M3 is lowered to a conversion and
+// FP16 MMAs with a full FP32 accumulator: correct, but slow, and blind to the FP8 accumulator's limit.
 enum class BScales { Block, Row };
 
 constexpr int GEMM_TILE = 128;            // rows of A and of B per thread block; also N_C along K
@@ -320,18 +320,137 @@ __global__ void __launch_bounds__(256) fp8_gemm_kernel(OutT* C, const fp8* A, co
                              acc[i][j][c], M, N, accumulate);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The same GEMM with wgmma, Hopper's FP8 tensor-core instruction
+// ---------------------------------------------------------------------------------------------------------------
+//
+// wgmma reads A and B from shared memory through descriptors. Without swizzling, its K-major operand layout (PTX
+// ISA: the canonical layouts) cuts a tile into core matrices of 8 rows x 16 bytes, each stored as 128 contiguous
+// bytes; core matrices follow each other along K (the leading byte offset, 128), then along rows (the stride
+// byte offset: one 8-row group of a 128-byte K-block, 1024).
+enum class Fp8Mma { Sync, Wgmma };
+
+constexpr int CORE_BYTES = 128;
+constexpr int CORE_ROW_GROUP_BYTES = (N_C / 16) * CORE_BYTES;
+
+__device__ __forceinline__ int core_offset(int row, int byte) {
+    return (row / 8) * CORE_ROW_GROUP_BYTES + (byte / 16) * CORE_BYTES + (row % 8) * 16 + byte % 16;
+}
+
+// A 128-row K-block of X [rows, K] into shared memory in the core-matrix layout, 16 bytes per load; zero past the
+// edges. Consecutive threads fill the 8 rows of one core matrix: 128 contiguous bytes, no bank conflicts.
+__device__ __forceinline__ void load_core_tile(uint8_t* tile, const fp8* X, int rows, int K, int r0, int k0) {
+    for (int i = threadIdx.x; i < GEMM_TILE * (N_C / 16); i += blockDim.x) {
+        int r = i / 64 * 8 + i % 8, c = i / 8 % 8 * 16;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r0 + r < rows && k0 + c < K) v = *reinterpret_cast<const uint4*>(X + long(r0 + r) * K + k0 + c);
+        *reinterpret_cast<uint4*>(tile + core_offset(r, c)) = v;
+    }
+}
+
+// Address >> 4, leading byte offset >> 4 (bits 16-29), stride byte offset >> 4 (bits 32-45), no swizzle (62-63).
+__device__ __forceinline__ uint64_t smem_descriptor(const void* p) {
+    uint64_t address = __cvta_generic_to_shared(p);
+    return ((address & 0x3FFFF) >> 4) | (uint64_t(CORE_BYTES >> 4) << 16) | (uint64_t(CORE_ROW_GROUP_BYTES >> 4) << 32);
+}
+
+// D (+)= A B^T for a 64x32 slice of A and a 128x32 slice of B in shared memory. Each thread of the warpgroup holds
+// 64 of the 64x128 FP32 results, laid out as 16 side-by-side m16n8 fragments per warp. accumulate = false starts
+// from zero: the tensor cores' fresh partial sum of a K-block.
+__device__ __forceinline__ void wgmma_e4m3_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                      bool accumulate) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+          "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+          "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));
+#else
+    __trap();  // wgmma needs sm_90a
+#endif
+}
+
+// Two warpgroups, each 64 rows of the 128x128 output tile. Per K-block of 128: load both tiles, four wgmma of
+// K = 32 into the tensor cores' partial sum, wait for them, and promote (V3 §3.3.2, as in fp8_gemm_kernel).
+template <typename OutT, BScales b_scales, bool promote>
+__global__ void __launch_bounds__(256)
+    fp8_gemm_wgmma_kernel(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const float* scale_b, int M, int N,
+                          int K, bool accumulate) {
+    __shared__ __align__(128) uint8_t a_tile[GEMM_TILE * N_C], b_tile[GEMM_TILE * N_C];
+    __shared__ float a_scale[GEMM_TILE], b_scale[GEMM_TILE];
+    const int m0 = blockIdx.y * GEMM_TILE, n0 = blockIdx.x * GEMM_TILE;
+    const int warpgroup = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
+    const int row0 = warpgroup * 64 + warp * 16 + lane / 4, col0 = lane % 4 * 2;  // of the thread's first result
+    float acc[64] = {}, partial[64] = {};
+    const int blocks = scale_tiles(K);
+
+    for (int kb = 0; kb < blocks; kb++) {
+        load_core_tile(a_tile, A, M, K, m0, kb * N_C);
+        load_core_tile(b_tile, B, N, K, n0, kb * N_C);
+        if (promote || kb == 0) load_block_scales<b_scales>(a_scale, b_scale, scale_a, scale_b, M, N, K, m0, n0, kb);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // make the stores visible to wgmma
+        __syncthreads();
+
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int k = 0; k < N_C / 32; k++)
+            wgmma_e4m3_m64n128k32(partial,
+                                  smem_descriptor(a_tile + warpgroup * 8 * CORE_ROW_GROUP_BYTES + k * 2 * CORE_BYTES),
+                                  smem_descriptor(b_tile + k * 2 * CORE_BYTES), k > 0 || (!promote && kb > 0));
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+
+        if (promote || kb == blocks - 1) {  // V3 §3.3.2: promote the block's partial sums into FP32, scaled
+#pragma unroll
+            for (int i = 0; i < 64; i++) {
+                int row = row0 + i % 4 / 2 * 8, col = i / 4 * 8 + col0 + i % 2;
+                acc[i] += partial[i] * a_scale[row] * (b_scales == BScales::Block ? b_scale[0] : b_scale[col]);
+            }
+        }
+        __syncthreads();  // the tiles are read: the next block may overwrite them
+    }
+
+#pragma unroll
+    for (int i = 0; i < 64; i++)
+        store_output(C, m0 + row0 + i % 4 / 2 * 8, n0 + i / 4 * 8 + col0 + i % 2, acc[i], M, N, accumulate);
+}
+
+// wgmma where the GPU has it (Hopper), the portable mma.sync kernel elsewhere.
+inline Fp8Mma default_fp8_mma() {
+    int device = 0, major = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    return major == 9 ? Fp8Mma::Wgmma : Fp8Mma::Sync;
+}
+
 template <typename OutT, BScales b_scales>
 void fp8_gemm(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const float* scale_b, int M, int N, int K,
-              bool accumulate, bool promote, cudaStream_t s) {
+              bool accumulate, bool promote, cudaStream_t s, Fp8Mma mma = default_fp8_mma()) {
     // 16-byte loads of rows of A and B
     if (K % 16 != 0 || pointer_alignment(A) < 16 || pointer_alignment(B) < 16)
         throw std::invalid_argument("fp8_gemm: K = " + std::to_string(K) +
                                     " must be a multiple of 16 and A, B 16-byte aligned");
     dim3 grid(ceil_div(N, GEMM_TILE), ceil_div(M, GEMM_TILE));
-    if (promote)
-        fp8_gemm_kernel<OutT, b_scales, true><<<grid, 256, 0, s>>>(C, A, B, scale_a, scale_b, M, N, K, accumulate);
-    else
-        fp8_gemm_kernel<OutT, b_scales, false><<<grid, 256, 0, s>>>(C, A, B, scale_a, scale_b, M, N, K, accumulate);
+    auto kernel =
+        mma == Fp8Mma::Wgmma
+            ? (promote ? fp8_gemm_wgmma_kernel<OutT, b_scales, true> : fp8_gemm_wgmma_kernel<OutT, b_scales, false>)
+            : (promote ? fp8_gemm_kernel<OutT, b_scales, true> : fp8_gemm_kernel<OutT, b_scales, false>);
+    kernel<<<grid, 256, 0, s>>>(C, A, B, scale_a, scale_b, M, N, K, accumulate);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -1,11 +1,10 @@
 // FP8 GEMMs on the GPU: speed, and the accumulation error that promotion fixes (V3 §3.3.2).
 //   ./build/bench_fp8
-// Table 1: TFLOP/s of our FP8 kernel (promotion every 128), cuBLASLt's block-scaled FP8 (1x128 x 128x128) and
-// cuBLASLt BF16, at the shapes of the default model's forward GEMMs for one training step (64 x 512 tokens) and
-// at 4096^3 and 8192^3. Table 2: relative error against an FP64 product of the same E4M3 values (per-tensor
-// scale, values in [-4, 4], 128 x 128 outputs) as K grows, with and without promotion. (Our kernel is written with
-// mma.sync, which Hopper runs through FP16 tensor cores with a full FP32 accumulator: its column without promotion
-// shows what the algorithm does, not the FP8 accumulator's limit; cuBLASLt's fast-accumulation column does.)
+// Table 1: TFLOP/s of our FP8 kernels (promotion every 128; wgmma and the portable mma.sync one), cuBLASLt's
+// block-scaled FP8 (1x128 x 128x128) and cuBLASLt BF16, at the shapes of the default model's forward GEMMs for
+// one training step (64 x 512 tokens) and at 4096^3 and 8192^3. Table 2: relative error against an FP64 product
+// of the same E4M3 values (per-tensor scale, values in [-4, 4], 128 x 128 outputs) as K grows, with and without
+// promotion, our wgmma kernel beside cuBLASLt.
 #include <cstdio>
 #include <functional>
 #include <string>
@@ -66,17 +65,20 @@ void speed(Blas& blas, const char* name, int M, int N, int K) {
     CUDA_CHECK(cudaMemset(Ab.data(), 0, Ab.bytes()));
     CUDA_CHECK(cudaMemset(Bb.data(), 0, Bb.bytes()));
     double flops = 2.0 * M * N * K;
-    double ours = time_ms([&] {
-        fp8_matmul(Fp8Backend::Own, blas, nullptr, C.data(), A.data(), B.data(), sA.data(), sB.data(), M, N, K,
-                   BScales::Block, false);
-    });
+    auto ours = [&](Fp8Mma mma) {
+        return time_ms([&] {
+            fp8_gemm<bf16, BScales::Block>(C.data(), A.data(), B.data(), sA.data(), sB.data(), M, N, K, false, true,
+                                           nullptr, mma);
+        });
+    };
+    double wgmma = ours(Fp8Mma::Wgmma), sync = ours(Fp8Mma::Sync);
     double lt = time_ms([&] {
         fp8_matmul(Fp8Backend::CuBLASLt, blas, nullptr, C.data(), A.data(), B.data(), sA.data(), sB.data(), M, N, K,
                    BScales::Block, false);
     });
     double bf = time_ms([&] { matmul(blas, nullptr, C.data(), Ab.data(), Bb.data(), Matmul{M, N, K, false, true}); });
-    std::printf("| %s | %d, %d, %d | %s | %s | %s |\n", name, M, N, K, tflops(ours, flops).c_str(),
-                tflops(lt, flops).c_str(), tflops(bf, flops).c_str());
+    std::printf("| %s | %d, %d, %d | %s | %s | %s | %s |\n", name, M, N, K, tflops(wgmma, flops).c_str(),
+                tflops(sync, flops).c_str(), tflops(lt, flops).c_str(), tflops(bf, flops).c_str());
 }
 
 struct Errors {
@@ -148,8 +150,8 @@ int main() {
     Blas blas;
     const int tokens = 64 * 512;
     std::printf("TFLOP/s (n/a: no algorithm for the shape)\n\n");
-    std::printf("| GEMM | M, N, K | ours, FP8 | cuBLASLt FP8 1x128 x 128x128 | cuBLASLt BF16 |\n");
-    std::printf("| --- | --- | --- | --- | --- |\n");
+    std::printf("| GEMM | M, N, K | ours, wgmma | ours, mma.sync | cuBLASLt FP8 1x128 x 128x128 | cuBLASLt BF16 |\n");
+    std::printf("| --- | --- | --- | --- | --- | --- |\n");
     speed(blas, "q_a_proj", tokens, 256, 384);
     speed(blas, "q_b_proj", tokens, 576, 256);
     speed(blas, "kv_a_proj_with_mqa", tokens, 160, 384);

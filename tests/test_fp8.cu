@@ -42,16 +42,22 @@ Fp8Problem fp8_problem(int M, int N, int K, bool block_scales, Rng& rng) {
     return p;
 }
 
+// Both kernels where the GPU runs both (wgmma needs Hopper), else the portable one.
+std::vector<Fp8Mma> mma_kinds() {
+    if (default_fp8_mma() == Fp8Mma::Wgmma) return {Fp8Mma::Sync, Fp8Mma::Wgmma};
+    return {Fp8Mma::Sync};
+}
+
 template <typename OutT>
-void run_fp8_gemm(const Fp8Problem& p, DeviceBuffer<OutT>& C, bool accumulate, bool promote) {
+void run_fp8_gemm(const Fp8Problem& p, DeviceBuffer<OutT>& C, bool accumulate, bool promote, Fp8Mma mma) {
     DeviceBuffer<fp8> A = upload_codes(p.qA), B = upload_codes(p.qB);
     DeviceBuffer<float> sA = ref::upload<float>(p.sA), sB = ref::upload<float>(p.sB);
     if (p.block_scales)
         fp8_gemm<OutT, BScales::Block>(C.data(), A.data(), B.data(), sA.data(), sB.data(), p.M, p.N, p.K, accumulate,
-                                       promote, stream);
+                                       promote, stream, mma);
     else
         fp8_gemm<OutT, BScales::Row>(C.data(), A.data(), B.data(), sA.data(), sB.data(), p.M, p.N, p.K, accumulate,
-                                     promote, stream);
+                                     promote, stream, mma);
 }
 
 // Values over six decades, so that a tile holds its amax and values deep in E4M3's subnormals; row 1's first tile
@@ -174,15 +180,17 @@ TEST_SUITE("gpu") {
         for (bool block_scales : {true, false}) {
             CAPTURE(block_scales);
             Fp8Problem p = fp8_problem(200, 160, 576, block_scales, rng);  // partial tiles along M, N and K
-            for (bool accumulate : {false, true}) {
-                CAPTURE(accumulate);
-                ref::Tensor<T> C = ref::output<T>(rng, size_t(p.M) * p.N, accumulate);
-                std::vector<double> want = p.C;
-                if (accumulate)
-                    for (size_t i = 0; i < want.size(); i++) want[i] += C.host[i];
-                run_fp8_gemm(p, C.device, accumulate, true);
-                CHECK_CLOSE(ref::download(C.device), want, tol);
-            }
+            for (Fp8Mma mma : mma_kinds())
+                for (bool accumulate : {false, true}) {
+                    CAPTURE(int(mma));
+                    CAPTURE(accumulate);
+                    ref::Tensor<T> C = ref::output<T>(rng, size_t(p.M) * p.N, accumulate);
+                    std::vector<double> want = p.C;
+                    if (accumulate)
+                        for (size_t i = 0; i < want.size(); i++) want[i] += C.host[i];
+                    run_fp8_gemm(p, C.device, accumulate, true, mma);
+                    CHECK_CLOSE(ref::download(C.device), want, tol);
+                }
         }
     }
 
@@ -198,13 +206,15 @@ TEST_SUITE("gpu") {
         p.sA.assign(size_t(ref::tiles(K)) * M, scale);
         p.sB.assign(size_t(ref::tiles(N)) * ref::padded_tiles(K), scale);
         p.C = ref::fp8_gemm(p.qA, p.qB, p.sA, p.sB, M, N, K, true);
-        for (bool promote : {true, false}) {
-            CAPTURE(promote);
-            DeviceBuffer<float> C(size_t(M) * N);
-            ref::poison(C);
-            run_fp8_gemm(p, C, false, promote);
-            CHECK_CLOSE(ref::download(C), p.C, 2e-3);
-        }
+        for (Fp8Mma mma : mma_kinds())
+            for (bool promote : {true, false}) {
+                CAPTURE(int(mma));
+                CAPTURE(promote);
+                DeviceBuffer<float> C(size_t(M) * N);
+                ref::poison(C);
+                run_fp8_gemm(p, C, false, promote, mma);
+                CHECK_CLOSE(ref::download(C), p.C, 2e-3);
+            }
     }
 
     // cuBLASLt's scale layouts are the ones fp8.cuh writes: the same reference checks both paths.
