@@ -414,6 +414,8 @@ __global__ void __launch_bounds__(256)
                                   smem_descriptor(b_tile + k * 2 * CORE_BYTES), k > 0 || (!promote && kb > 0));
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+        for (int i = 0; i < 64; i++) asm volatile("" : "+f"(partial[i])::"memory");  // no read moves above the wait
 
         if (promote || kb == blocks - 1) {  // V3 §3.3.2: promote the block's partial sums into FP32, scaled
 #pragma unroll
@@ -430,12 +432,23 @@ __global__ void __launch_bounds__(256)
         store_output(C, m0 + row0 + i % 4 / 2 * 8, n0 + i / 4 * 8 + col0 + i % 2, acc[i], M, N, accumulate);
 }
 
-// wgmma where the GPU has it (Hopper), the portable mma.sync kernel elsewhere.
+static __global__ void has_wgmma_kernel(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    *out = 1;
+#else
+    *out = 0;
+#endif
+}
+
+// wgmma where the code running on this GPU was built with it (sm_90a), the portable mma.sync kernel elsewhere.
 inline Fp8Mma default_fp8_mma() {
-    int device = 0, major = 0;
-    CUDA_CHECK(cudaGetDevice(&device));
-    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    return major == 9 ? Fp8Mma::Wgmma : Fp8Mma::Sync;
+    static const Fp8Mma choice = [] {
+        DeviceBuffer<int> flag(1);
+        has_wgmma_kernel<<<1, 1>>>(flag.data());
+        CUDA_CHECK_LAUNCH();
+        return flag.download()[0] ? Fp8Mma::Wgmma : Fp8Mma::Sync;
+    }();
+    return choice;
 }
 
 template <typename OutT, BScales b_scales>
