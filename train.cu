@@ -162,8 +162,10 @@ struct EvalSettings {
 };
 
 inline EvalSettings eval_settings(const Options& o, bool r1zero_template, bool direct = false) {
-    return {o.samples,       o.eval_temperature > 0 ? o.eval_k : 1, o.eval_temperature, r1zero_template, direct,
-            uint64_t(o.seed)};
+    EvalSettings e;
+    e.problems = o.samples, e.k = o.eval_temperature > 0 ? o.eval_k : 1, e.temperature = o.eval_temperature;
+    e.r1zero_template = r1zero_template, e.direct = direct, e.seed = uint64_t(o.seed);
+    return e;
 }
 
 struct EvalRow {
