@@ -14,6 +14,13 @@ std::vector<float> codes(const DeviceBuffer<fp8>& q) {
     return std::vector<float>(stored.begin(), stored.end());
 }
 
+// n cleared non-finite flags, as the quantization kernels raise them.
+DeviceBuffer<int> clear_flags(int n) {
+    DeviceBuffer<int> flags(n);
+    CUDA_CHECK(cudaMemset(flags.data(), 0, flags.bytes()));
+    return flags;
+}
+
 // E4M3 values (exactly representable floats) to the device.
 DeviceBuffer<fp8> upload_codes(const std::vector<float>& values) {
     std::vector<fp8> stored(values.begin(), values.end());
@@ -91,8 +98,7 @@ TEST_SUITE("gpu") {
         DeviceBuffer<T> x_dev = ref::upload<T>(x);
         DeviceBuffer<fp8> q(size_t(M) * K);
         DeviceBuffer<float> scales(size_t(ref::tiles(K)) * M);
-        DeviceBuffer<int> nonfinite(1);
-        CUDA_CHECK(cudaMemset(nonfinite.data(), 0, sizeof(int)));
+        DeviceBuffer<int> nonfinite = clear_flags(1);
         ref::poison(scales);
         quantize_rows(q.data(), scales.data(), nonfinite.data(), x_dev.data(), M, K, stream);
         std::vector<float> want_q, want_scales;
@@ -114,8 +120,7 @@ TEST_SUITE("gpu") {
         DeviceBuffer<bf16> x_dev = ref::upload<bf16>(x);
         DeviceBuffer<fp8> qT(size_t(R) * C);
         DeviceBuffer<float> scales(size_t(ref::tiles(R)) * C);
-        DeviceBuffer<int> nonfinite(1);
-        CUDA_CHECK(cudaMemset(nonfinite.data(), 0, sizeof(int)));
+        DeviceBuffer<int> nonfinite = clear_flags(1);
         ref::poison(scales);
         quantize_transposed(qT.data(), scales.data(), nonfinite.data(), x_dev.data(), R, C, stream);
         std::vector<float> want_q, want_scales;
@@ -134,8 +139,7 @@ TEST_SUITE("gpu") {
         DeviceBuffer<float> scales(size_t(ref::tiles(N)) * ref::padded_tiles(K)),
             scalesT(size_t(ref::tiles(K)) * ref::padded_tiles(N));
         ref::poison(scales), ref::poison(scalesT);
-        DeviceBuffer<int> nonfinite(1);
-        CUDA_CHECK(cudaMemset(nonfinite.data(), 0, sizeof(int)));
+        DeviceBuffer<int> nonfinite = clear_flags(1);
         quantize_weight(q.data(), qT.data(), scales.data(), scalesT.data(), nonfinite.data(), W_dev.data(), N, K,
                         stream);
         std::vector<float> want_q, want_scales, want_qT, want_scalesT;
@@ -160,8 +164,7 @@ TEST_SUITE("gpu") {
                 DeviceBuffer<fp8> q(x.size()), qT(x.size());
                 DeviceBuffer<float> scales(size_t(ref::padded_tiles(K)) * ref::padded_tiles(M) * 128),
                     scalesT(scales.count);
-                DeviceBuffer<int> flags(3);
-                CUDA_CHECK(cudaMemset(flags.data(), 0, 3 * sizeof(int)));
+                DeviceBuffer<int> flags = clear_flags(3);
                 quantize_rows(q.data(), scales.data(), flags.data(), x_dev.data(), M, K, stream);
                 quantize_transposed(qT.data(), scales.data(), flags.data() + 1, x_dev.data(), M, K, stream);
                 quantize_weight(q.data(), qT.data(), scales.data(), scalesT.data(), flags.data() + 2, x_dev.data(), M,
@@ -253,8 +256,7 @@ TEST_SUITE("gpu") {
             ref::Tensor<T> x = ref::input<T>(rng, size_t(M) * K), dy = ref::input<T>(rng, size_t(M) * N);
             std::vector<float> W_host = ref::random_uniform(rng, size_t(N) * K, -0.1, 0.1);
             DeviceBuffer<float> master = ref::upload<float>(W_host);
-            DeviceBuffer<int> nonfinite(1);
-            CUDA_CHECK(cudaMemset(nonfinite.data(), 0, sizeof(int)));
+            DeviceBuffer<int> nonfinite = clear_flags(1);
             Fp8Weight W(N, K);
             W.refresh(master.data(), nonfinite.data(), stream);
             Fp8Tensor x_q = fp8_operand(M, K), x_saved = fp8_operand(M, K), dy_q = fp8_operand(M, N),
