@@ -251,7 +251,7 @@ __device__ __forceinline__ void store_output(OutT* C, int row, int col, float v,
 
 // 8 warps, each 64 rows x 32 columns of the 128x128 output tile; each thread keeps its part of the promoted sum
 // (acc) and of the current block's tensor-core sum (partial). With promote = false the partial sum runs over all
-// of K and is scaled once at the end by the first block's scales: valid only where the scales do not change along
+// of K and is scaled once at the end by one block's scales: valid only where the scales do not change along
 // K (one scale per tensor), which is how the accumulation study uses it.
 template <typename OutT, BScales b_scales, bool promote>
 __global__ void __launch_bounds__(256) fp8_gemm_kernel(OutT* C, const fp8* A, const fp8* B, const float* scale_a,
@@ -337,15 +337,51 @@ __device__ __forceinline__ int core_offset(int row, int byte) {
     return (row / 8) * CORE_ROW_GROUP_BYTES + (byte / 16) * CORE_BYTES + (row % 8) * 16 + byte % 16;
 }
 
-// A 128-row K-block of X [rows, K] into shared memory in the core-matrix layout, 16 bytes per load; zero past the
-// edges. Consecutive threads fill the 8 rows of one core matrix: 128 contiguous bytes, no bank conflicts.
-__device__ __forceinline__ void load_core_tile(uint8_t* tile, const fp8* X, int rows, int K, int r0, int k0) {
+// Global -> shared copies that bypass the registers (cp.async, sm_80), so that the next K-blocks load while the
+// tensor cores work on this one. A copy of 0 bytes writes zeros: the tiles past the matrix's edge.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool inside) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(uint32_t(__cvta_generic_to_shared(dst))),
+                 "l"(src), "r"(inside ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool inside) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(uint32_t(__cvta_generic_to_shared(dst))),
+                 "l"(src), "r"(inside ? 4 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
+}
+
+// One K-block in flight: the 128-row tiles of A and B in the core-matrix layout, and their scales.
+struct WgmmaStage {
+    uint8_t a[GEMM_TILE * N_C], b[GEMM_TILE * N_C];
+    float a_scale[GEMM_TILE], b_scale[GEMM_TILE];
+};
+constexpr int WGMMA_STAGES = 4;  // K-blocks loading ahead of the tensor cores
+constexpr int WGMMA_SMEM_BYTES = WGMMA_STAGES * sizeof(WgmmaStage);
+
+// Starts the copies of K-block kb: 16 bytes per copy, consecutive threads filling the 8 rows of one core matrix
+// (128 contiguous bytes, no bank conflicts), then the block's scales as load_block_scales reads them.
+template <BScales b_scales>
+__device__ void load_stage_async(WgmmaStage& st, const fp8* A, const fp8* B, const float* scale_a,
+                                 const float* scale_b, int M, int N, int K, int m0, int n0, int kb) {
+    const int k0 = kb * N_C;
     for (int i = threadIdx.x; i < GEMM_TILE * (N_C / 16); i += blockDim.x) {
         int r = i / 64 * 8 + i % 8, c = i / 8 % 8 * 16;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r0 + r < rows && k0 + c < K) v = *reinterpret_cast<const uint4*>(X + long(r0 + r) * K + k0 + c);
-        *reinterpret_cast<uint4*>(tile + core_offset(r, c)) = v;
+        bool a_inside = m0 + r < M && k0 + c < K, b_inside = n0 + r < N && k0 + c < K;
+        cp_async_16(st.a + core_offset(r, c), a_inside ? A + long(m0 + r) * K + k0 + c : A, a_inside);
+        cp_async_16(st.b + core_offset(r, c), b_inside ? B + long(n0 + r) * K + k0 + c : B, b_inside);
     }
+    for (int i = threadIdx.x; i < GEMM_TILE; i += blockDim.x) {
+        cp_async_4(&st.a_scale[i], m0 + i < M ? scale_a + long(kb) * M + m0 + i : scale_a, m0 + i < M);
+        if (b_scales == BScales::Row)
+            cp_async_4(&st.b_scale[i], n0 + i < N ? scale_b + long(kb) * N + n0 + i : scale_b, n0 + i < N);
+    }
+    if (b_scales == BScales::Block && threadIdx.x == 0)
+        cp_async_4(&st.b_scale[0], scale_b + long(n0 / GEMM_TILE) * block_scale_stride(K) + kb, true);
 }
 
 // Address >> 4, leading byte offset >> 4 (bits 16-29), stride byte offset >> 4 (bits 32-45), no swizzle (62-63).
@@ -385,33 +421,41 @@ __device__ __forceinline__ void wgmma_e4m3_m64n128k32(float (&d)[64], uint64_t d
 #endif
 }
 
-// Two warpgroups, each 64 rows of the 128x128 output tile. Per K-block of 128: load both tiles, four wgmma of
-// K = 32 into the tensor cores' partial sum, wait for them, and promote (V3 §3.3.2, as in fp8_gemm_kernel).
+// Two warpgroups, each 64 rows of the 128x128 output tile, and a pipeline of WGMMA_STAGES K-blocks: while the
+// tensor cores multiply block kb, blocks kb+1 .. kb+STAGES-1 are being copied in. Per block: four wgmma of K = 32
+// into the tensor cores' partial sum, wait for them, and promote (V3 §3.3.2, as in fp8_gemm_kernel). Without
+// promotion the partial sum runs over all of K and the last block's scales serve for all of it.
 template <typename OutT, BScales b_scales, bool promote>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 1)
     fp8_gemm_wgmma_kernel(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const float* scale_b, int M, int N,
                           int K, bool accumulate) {
-    __shared__ __align__(128) uint8_t a_tile[GEMM_TILE * N_C], b_tile[GEMM_TILE * N_C];
-    __shared__ float a_scale[GEMM_TILE], b_scale[GEMM_TILE];
+    extern __shared__ __align__(128) uint8_t wgmma_smem[];
+    WgmmaStage* stages = reinterpret_cast<WgmmaStage*>(wgmma_smem);
     const int m0 = blockIdx.y * GEMM_TILE, n0 = blockIdx.x * GEMM_TILE;
     const int warpgroup = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
     const int row0 = warpgroup * 64 + warp * 16 + lane / 4, col0 = lane % 4 * 2;  // of the thread's first result
     float acc[64] = {}, partial[64] = {};
     const int blocks = scale_tiles(K);
+    auto load = [&](int kb) {
+        if (kb < blocks)
+            load_stage_async<b_scales>(stages[kb % WGMMA_STAGES], A, B, scale_a, scale_b, M, N, K, m0, n0, kb);
+        cp_async_commit();  // an empty group past the end keeps the count that cp_async_wait relies on
+    };
+    for (int kb = 0; kb < WGMMA_STAGES - 1; kb++) load(kb);
 
     for (int kb = 0; kb < blocks; kb++) {
-        load_core_tile(a_tile, A, M, K, m0, kb * N_C);
-        load_core_tile(b_tile, B, N, K, n0, kb * N_C);
-        if (promote || kb == 0) load_block_scales<b_scales>(a_scale, b_scale, scale_a, scale_b, M, N, K, m0, n0, kb);
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // make the stores visible to wgmma
-        __syncthreads();
+        cp_async_wait<WGMMA_STAGES - 2>();                                 // this thread's copies of block kb are in
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // and visible to wgmma (the async proxy);
+        __syncthreads();  // so are everyone's, and block kb-1 is read: its stage takes block kb+STAGES-1
+        load(kb + WGMMA_STAGES - 1);
+        const WgmmaStage& st = stages[kb % WGMMA_STAGES];
 
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
         for (int k = 0; k < N_C / 32; k++)
             wgmma_e4m3_m64n128k32(partial,
-                                  smem_descriptor(a_tile + warpgroup * 8 * CORE_ROW_GROUP_BYTES + k * 2 * CORE_BYTES),
-                                  smem_descriptor(b_tile + k * 2 * CORE_BYTES), k > 0 || (!promote && kb > 0));
+                                  smem_descriptor(st.a + warpgroup * 8 * CORE_ROW_GROUP_BYTES + k * 2 * CORE_BYTES),
+                                  smem_descriptor(st.b + k * 2 * CORE_BYTES), k > 0 || (!promote && kb > 0));
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #pragma unroll
@@ -421,10 +465,9 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
             for (int i = 0; i < 64; i++) {
                 int row = row0 + i % 4 / 2 * 8, col = i / 4 * 8 + col0 + i % 2;
-                acc[i] += partial[i] * a_scale[row] * (b_scales == BScales::Block ? b_scale[0] : b_scale[col]);
+                acc[i] += partial[i] * st.a_scale[row] * (b_scales == BScales::Block ? st.b_scale[0] : st.b_scale[col]);
             }
         }
-        __syncthreads();  // the tiles are read: the next block may overwrite them
     }
 
 #pragma unroll
@@ -459,11 +502,15 @@ void fp8_gemm(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const f
         throw std::invalid_argument("fp8_gemm: K = " + std::to_string(K) +
                                     " must be a multiple of 16 and A, B 16-byte aligned");
     dim3 grid(ceil_div(N, GEMM_TILE), ceil_div(M, GEMM_TILE));
-    auto kernel =
-        mma == Fp8Mma::Wgmma
-            ? (promote ? fp8_gemm_wgmma_kernel<OutT, b_scales, true> : fp8_gemm_wgmma_kernel<OutT, b_scales, false>)
-            : (promote ? fp8_gemm_kernel<OutT, b_scales, true> : fp8_gemm_kernel<OutT, b_scales, false>);
-    kernel<<<grid, 256, 0, s>>>(C, A, B, scale_a, scale_b, M, N, K, accumulate);
+    if (mma == Fp8Mma::Wgmma) {
+        auto kernel =
+            promote ? fp8_gemm_wgmma_kernel<OutT, b_scales, true> : fp8_gemm_wgmma_kernel<OutT, b_scales, false>;
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WGMMA_SMEM_BYTES));
+        kernel<<<grid, 256, WGMMA_SMEM_BYTES, s>>>(C, A, B, scale_a, scale_b, M, N, K, accumulate);
+    } else {
+        auto kernel = promote ? fp8_gemm_kernel<OutT, b_scales, true> : fp8_gemm_kernel<OutT, b_scales, false>;
+        kernel<<<grid, 256, 0, s>>>(C, A, B, scale_a, scale_b, M, N, K, accumulate);
+    }
     CUDA_CHECK_LAUNCH();
 }
 
