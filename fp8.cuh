@@ -324,17 +324,17 @@ __global__ void __launch_bounds__(256) fp8_gemm_kernel(OutT* C, const fp8* A, co
 // The same GEMM with wgmma, Hopper's FP8 tensor-core instruction
 // ---------------------------------------------------------------------------------------------------------------
 //
-// wgmma reads A and B from shared memory through descriptors. Without swizzling, its K-major operand layout (PTX
-// ISA: the canonical layouts) cuts a tile into core matrices of 8 rows x 16 bytes, each stored as 128 contiguous
-// bytes; core matrices follow each other along K (the leading byte offset, 128), then along rows (the stride
-// byte offset: one 8-row group of a 128-byte K-block, 1024).
+// wgmma reads A and B from shared memory through descriptors. A K-block of 128 E4M3 values is one 128-byte row,
+// which is the width of wgmma's 128-byte swizzled K-major layout (PTX ISA: the canonical layouts): row r is stored
+// at r * 128 with its 16-byte chunk c moved to chunk c ^ (r % 8). The tensor cores read 16-byte columns of
+// 8 consecutive rows at a time (a core matrix); the swizzle puts those 8 chunks in 8 different bank groups. The
+// 8-row groups are 1024 bytes apart (the stride byte offset), and a 1024-byte group must start 1024-aligned.
 enum class Fp8Mma { Sync, Wgmma };
 
-constexpr int CORE_BYTES = 128;
-constexpr int CORE_ROW_GROUP_BYTES = (N_C / 16) * CORE_BYTES;
+constexpr int SWIZZLE_ROWS = 8, SWIZZLE_GROUP_BYTES = SWIZZLE_ROWS * N_C;
 
-__device__ __forceinline__ int core_offset(int row, int byte) {
-    return (row / 8) * CORE_ROW_GROUP_BYTES + (byte / 16) * CORE_BYTES + (row % 8) * 16 + byte % 16;
+__device__ __forceinline__ int swizzled_offset(int row, int byte) {
+    return row * N_C + ((byte / 16) ^ (row % SWIZZLE_ROWS)) * 16 + byte % 16;
 }
 
 // Global -> shared copies that bypass the registers (cp.async, sm_80), so that the next K-blocks load while the
@@ -355,25 +355,27 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
 }
 
-// One K-block in flight: the 128-row tiles of A and B in the core-matrix layout, and their scales.
+// One K-block in flight: the 128-row tiles of A and B, swizzled, and their scales. Its size is a multiple of
+// 1024, so every stage's tiles stay 1024-aligned.
 struct WgmmaStage {
     uint8_t a[GEMM_TILE * N_C], b[GEMM_TILE * N_C];
     float a_scale[GEMM_TILE], b_scale[GEMM_TILE];
 };
+static_assert(sizeof(WgmmaStage) % SWIZZLE_GROUP_BYTES == 0, "stages must keep the swizzle's alignment");
 constexpr int WGMMA_STAGES = 4;  // K-blocks loading ahead of the tensor cores
 constexpr int WGMMA_SMEM_BYTES = WGMMA_STAGES * sizeof(WgmmaStage);
 
-// Starts the copies of K-block kb: 16 bytes per copy, consecutive threads filling the 8 rows of one core matrix
-// (128 contiguous bytes, no bank conflicts), then the block's scales as load_block_scales reads them.
+// Starts the copies of K-block kb: 16 bytes per copy, 8 consecutive threads copying one 128-byte row (one
+// coalesced read, and a write to 8 distinct bank groups), then the block's scales as load_block_scales reads them.
 template <BScales b_scales>
 __device__ void load_stage_async(WgmmaStage& st, const fp8* A, const fp8* B, const float* scale_a,
                                  const float* scale_b, int M, int N, int K, int m0, int n0, int kb) {
     const int k0 = kb * N_C;
     for (int i = threadIdx.x; i < GEMM_TILE * (N_C / 16); i += blockDim.x) {
-        int r = i / 64 * 8 + i % 8, c = i / 8 % 8 * 16;
+        int r = i / (N_C / 16), c = i % (N_C / 16) * 16;
         bool a_inside = m0 + r < M && k0 + c < K, b_inside = n0 + r < N && k0 + c < K;
-        cp_async_16(st.a + core_offset(r, c), a_inside ? A + long(m0 + r) * K + k0 + c : A, a_inside);
-        cp_async_16(st.b + core_offset(r, c), b_inside ? B + long(n0 + r) * K + k0 + c : B, b_inside);
+        cp_async_16(st.a + swizzled_offset(r, c), a_inside ? A + long(m0 + r) * K + k0 + c : A, a_inside);
+        cp_async_16(st.b + swizzled_offset(r, c), b_inside ? B + long(n0 + r) * K + k0 + c : B, b_inside);
     }
     for (int i = threadIdx.x; i < GEMM_TILE; i += blockDim.x) {
         cp_async_4(&st.a_scale[i], m0 + i < M ? scale_a + long(kb) * M + m0 + i : scale_a, m0 + i < M);
@@ -384,10 +386,13 @@ __device__ void load_stage_async(WgmmaStage& st, const fp8* A, const fp8* B, con
         cp_async_4(&st.b_scale[0], scale_b + long(n0 / GEMM_TILE) * block_scale_stride(K) + kb, true);
 }
 
-// Address >> 4, leading byte offset >> 4 (bits 16-29), stride byte offset >> 4 (bits 32-45), no swizzle (62-63).
+// Address >> 4, leading byte offset >> 4 (bits 16-29: unused by a swizzled K-major operand, 1 by convention),
+// stride byte offset >> 4 (bits 32-45), 128-byte swizzle (mode 1, bits 62-63). A step of 32 along K within the
+// row moves the start address by 32 bytes; the hardware applies the swizzle to the address it forms.
 __device__ __forceinline__ uint64_t smem_descriptor(const void* p) {
     uint64_t address = __cvta_generic_to_shared(p);
-    return ((address & 0x3FFFF) >> 4) | (uint64_t(CORE_BYTES >> 4) << 16) | (uint64_t(CORE_ROW_GROUP_BYTES >> 4) << 32);
+    return ((address & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(SWIZZLE_GROUP_BYTES >> 4) << 32) |
+           (uint64_t(1) << 62);
 }
 
 // D (+)= A B^T for a 64x32 slice of A and a 128x32 slice of B in shared memory. Each thread of the warpgroup holds
@@ -429,7 +434,7 @@ template <typename OutT, BScales b_scales, bool promote>
 __global__ void __launch_bounds__(256, 1)
     fp8_gemm_wgmma_kernel(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const float* scale_b, int M, int N,
                           int K, bool accumulate) {
-    extern __shared__ __align__(128) uint8_t wgmma_smem[];
+    extern __shared__ __align__(1024) uint8_t wgmma_smem[];  // the swizzle's 1024-byte alignment
     WgmmaStage* stages = reinterpret_cast<WgmmaStage*>(wgmma_smem);
     const int m0 = blockIdx.y * GEMM_TILE, n0 = blockIdx.x * GEMM_TILE;
     const int warpgroup = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
@@ -454,8 +459,8 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
         for (int k = 0; k < N_C / 32; k++)
             wgmma_e4m3_m64n128k32(partial,
-                                  smem_descriptor(st.a + warpgroup * 8 * CORE_ROW_GROUP_BYTES + k * 2 * CORE_BYTES),
-                                  smem_descriptor(st.b + k * 2 * CORE_BYTES), k > 0 || (!promote && kb > 0));
+                                  smem_descriptor(st.a + warpgroup * 64 * N_C + k * 32),
+                                  smem_descriptor(st.b + k * 32), k > 0 || (!promote && kb > 0));
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #pragma unroll
