@@ -503,9 +503,9 @@ template <typename OutT, BScales b_scales>
 void fp8_gemm(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const float* scale_b, int M, int N, int K,
               bool accumulate, bool promote, cudaStream_t s, Fp8Mma mma = default_fp8_mma()) {
     // 16-byte loads of rows of A and B
-    if (K % 16 != 0 || pointer_alignment(A) < 16 || pointer_alignment(B) < 16)
+    if (K <= 0 || K % 16 != 0 || pointer_alignment(A) < 16 || pointer_alignment(B) < 16)
         throw std::invalid_argument("fp8_gemm: K = " + std::to_string(K) +
-                                    " must be a multiple of 16 and A, B 16-byte aligned");
+                                    " must be a positive multiple of 16 and A, B 16-byte aligned");
     dim3 grid(ceil_div(N, GEMM_TILE), ceil_div(M, GEMM_TILE));
     if (mma == Fp8Mma::Wgmma) {
         auto kernel =

@@ -180,9 +180,13 @@ TEST_SUITE("gpu") {
     TEST_CASE_TEMPLATE("fp8_gemm: per-block promotion with 1x128 x 128x128 and 1x128 x 1x128 scales", T, float, bf16) {
         Rng rng(84);
         const double tol = std::is_same<T, float>::value ? 2e-3 : 1e-2;
-        for (bool block_scales : {true, false}) {
+        // K: 5 blocks, the last one partial (so are the last tiles along M and N); 2 blocks; 1 partial block.
+        for (std::pair<int, bool> shape : {std::pair{576, true}, {576, false}, {256, true}, {112, false}}) {
+            const int K = shape.first;
+            const bool block_scales = shape.second;
+            CAPTURE(K);
             CAPTURE(block_scales);
-            Fp8Problem p = fp8_problem(200, 160, 576, block_scales, rng);  // partial tiles along M, N and K
+            Fp8Problem p = fp8_problem(200, 160, K, block_scales, rng);
             for (Fp8Mma mma : mma_kinds())
                 for (bool accumulate : {false, true}) {
                     CAPTURE(int(mma));
