@@ -21,17 +21,48 @@ __global__ void embedding_forward_kernel(T* x, const int* tokens, const T* E, in
     x[i] = E[long(tokens[n]) * D + d];
 }
 
-// dE[v] = sum of dx[n] over the tokens n equal to v. One block per vocabulary row scans all tokens, so each row
-// is summed in token order: deterministic without atomics, and cheap for a small vocabulary.
+// dE[v] = sum of dx[n] over the tokens n equal to v, summed in token order: deterministic without atomics. A warp
+// per vocabulary row and 32 columns scans the tokens 32 at a time, a ballot finding the matches; their rows are
+// loaded a few at a time, so that the loads overlap, and added in token order. (A scan per column, one token at a
+// time, would wait on a load per token: milliseconds per step for tens of thousands of tokens.)
+constexpr int EMBEDDING_SCAN_WORDS = 4;  // ballots per step of the scan: their token loads overlap
+constexpr int EMBEDDING_LOADS = 4;       // matched rows loaded before they are added
+
 template <typename T>
-__global__ void embedding_backward_kernel(float* dE, const T* dx, const int* tokens, int N, int D, bool accumulate) {
-    int v = blockIdx.x;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float sum = accumulate ? dE[long(v) * D + d] : 0.0f;
-        for (int n = 0; n < N; n++)
-            if (tokens[n] == v) sum += to_float(dx[long(n) * D + d]);
-        dE[long(v) * D + d] = sum;
+__global__ void embedding_backward_kernel(float* dE, const T* dx, const int* tokens, int N, int V, int D,
+                                          bool accumulate) {
+    const long warp = (long(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32, tiles = (D + 31) / 32;
+    if (warp >= long(V) * tiles) return;
+    const int v = int(warp / tiles), d = int(warp % tiles) * 32 + lane;
+    const bool column = d < D;
+    float sum = accumulate && column ? dE[long(v) * D + d] : 0.0f;
+    for (int n0 = 0; n0 < N; n0 += 32 * EMBEDDING_SCAN_WORDS) {
+        unsigned match[EMBEDDING_SCAN_WORDS];
+#pragma unroll
+        for (int w = 0; w < EMBEDDING_SCAN_WORDS; w++) {
+            int n = n0 + w * 32 + lane;
+            match[w] = __ballot_sync(0xFFFFFFFFu, n < N && tokens[n] == v);
+        }
+#pragma unroll
+        for (int w = 0; w < EMBEDDING_SCAN_WORDS; w++)
+            for (unsigned m = match[w]; m != 0;) {  // EMBEDDING_LOADS matched rows at a time: loaded, then added
+                float row[EMBEDDING_LOADS];
+                int loaded = 0;
+#pragma unroll
+                for (int j = 0; j < EMBEDDING_LOADS; j++)
+                    if (m != 0) {
+                        int n = n0 + w * 32 + __ffs(m) - 1;
+                        m &= m - 1;
+                        row[j] = column ? to_float(dx[long(n) * D + d]) : 0.0f;
+                        loaded = j + 1;
+                    }
+#pragma unroll
+                for (int j = 0; j < EMBEDDING_LOADS; j++)
+                    if (j < loaded) sum += row[j];
+            }
     }
+    if (column) dE[long(v) * D + d] = sum;
 }
 
 template <typename T>
@@ -43,7 +74,9 @@ void embedding_forward(T* x, const int* tokens, const T* E, int N, int D, cudaSt
 template <typename T>
 void embedding_backward(float* dE, const T* dx, const int* tokens, int N, int V, int D, bool accumulate,
                         cudaStream_t s) {
-    embedding_backward_kernel<<<V, 128, 0, s>>>(dE, dx, tokens, N, D, accumulate);
+    long warps = long(V) * ((D + 31) / 32);
+    embedding_backward_kernel<<<ceil_div(warps, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(dE, dx, tokens, N, V, D,
+                                                                                              accumulate);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -161,25 +161,29 @@ TEST_SUITE("gpu") {
 
     TEST_CASE_TEMPLATE("embedding: forward gathers rows; backward sums repeated tokens, overwriting or accumulating", T,
                        float, bf16) {
-        const int V = 11, D = 40, N = 26;
+        const int V = 11, D = 40;
         Rng rng(4);
-        // 26 tokens over the first 10 rows: repeats are certain, and the last row receives no gradient.
-        std::vector<int> tokens(N);
-        for (int& t : tokens) t = int(rng.range(0, V - 2));
-        DeviceBuffer<int> tokens_device;
-        tokens_device.upload(tokens);
+        // Tokens over the first 10 rows: repeats are certain, and the last row receives no gradient. 26 tokens
+        // end within the backward scan's first ballot, 300 need three steps of its scan.
+        for (int N : {26, 300}) {
+            CAPTURE(N);
+            std::vector<int> tokens(N);
+            for (int& t : tokens) t = int(rng.range(0, V - 2));
+            DeviceBuffer<int> tokens_device;
+            tokens_device.upload(tokens);
 
-        ref::Tensor<T> E = ref::input<T>(rng, V * D), x = ref::output<T>(rng, N * D, false);
-        embedding_forward(x.data(), tokens_device.data(), E.data(), N, D, stream);
-        CHECK(ref::download(x.device) == ref::embedding_forward(E.host, tokens, D));  // a gather is exact
+            ref::Tensor<T> E = ref::input<T>(rng, V * D), x = ref::output<T>(rng, N * D, false);
+            embedding_forward(x.data(), tokens_device.data(), E.data(), N, D, stream);
+            CHECK(ref::download(x.device) == ref::embedding_forward(E.host, tokens, D));  // a gather is exact
 
-        ref::Tensor<T> dx = ref::input<T>(rng, N * D);
-        for (bool accumulate : {false, true}) {
-            CAPTURE(accumulate);
-            ref::Tensor<float> dE = ref::output<float>(rng, V * D, accumulate);
-            embedding_backward(dE.data(), dx.data(), tokens_device.data(), N, V, D, accumulate, stream);
-            ref::embedding_backward(dx.host, tokens, D, dE.host, accumulate);
-            CHECK_CLOSE(ref::download(dE.device), dE.host, ref::tolerance<float>());
+            ref::Tensor<T> dx = ref::input<T>(rng, N * D);
+            for (bool accumulate : {false, true}) {
+                CAPTURE(accumulate);
+                ref::Tensor<float> dE = ref::output<float>(rng, V * D, accumulate);
+                embedding_backward(dE.data(), dx.data(), tokens_device.data(), N, V, D, accumulate, stream);
+                ref::embedding_backward(dx.host, tokens, D, dE.host, accumulate);
+                CHECK_CLOSE(ref::download(dE.device), dE.host, ref::tolerance<float>());
+            }
         }
     }
 
