@@ -33,14 +33,12 @@ HD void rope_rotate(float& x0, float& x1, int pos, int i, int d_rope, float thet
     x0 = y0, x1 = y1;
 }
 
-// One thread per (token, head, rope pair or nope/v element): builds Q, K and V.
+// Element c of head h of token n: a nope column of q and k, a rotated rope pair, or a v column.
 template <typename T>
-__global__ void mla_pack_kernel(T* Q, T* K, T* V, const T* q, const T* kva, const T* kvb, MlaDims m) {
-    int half = m.d_rope / 2, width = m.d_nope + half + m.d_v;
-    long idx = long(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (idx >= long(m.N()) * m.H * width) return;
-    int c = int(idx % width), h = int(idx / width % m.H), n = int(idx / width / m.H);
-    int b = n / m.T, t = n % m.T;
+__device__ __forceinline__ void mla_pack_element(T* __restrict__ Q, T* __restrict__ K, T* __restrict__ V,
+                                                 const T* __restrict__ q, const T* __restrict__ kva,
+                                                 const T* __restrict__ kvb, const MlaDims& m, int n, int h, int c) {
+    int half = m.d_rope / 2, b = n / m.T, t = n % m.T;
     long row = (long(b) * m.H + h) * m.T + t;
     const T* qh = q + long(n) * m.H * m.d_qk() + h * m.d_qk();
     const T* kvh = kvb + long(n) * m.H * (m.d_nope + m.d_v) + h * (m.d_nope + m.d_v);
@@ -64,14 +62,25 @@ __global__ void mla_pack_kernel(T* Q, T* K, T* V, const T* q, const T* kva, cons
     }
 }
 
-// The adjoint of mla_pack_kernel for q and kvb: gradients flow back through the layout and the rotation.
+// A row of row_grid per token, an item per (head, nope column, rope pair or v column): builds Q, K and V.
 template <typename T>
-__global__ void mla_unpack_qkv_kernel(T* dq, T* dkvb, const T* dQ, const T* dK, const T* dV, MlaDims m) {
-    int half = m.d_rope / 2, width = m.d_nope + half + m.d_v;
-    long idx = long(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (idx >= long(m.N()) * m.H * width) return;
-    int c = int(idx % width), h = int(idx / width % m.H), n = int(idx / width / m.H);
-    int b = n / m.T, t = n % m.T;
+__global__ void mla_pack_kernel(T* __restrict__ Q, T* __restrict__ K, T* __restrict__ V, const T* __restrict__ q,
+                                const T* __restrict__ kva, const T* __restrict__ kvb, MlaDims m) {
+    const int half = m.d_rope / 2, width = m.d_nope + half + m.d_v, n = blockIdx.x;
+#pragma unroll
+    for (int item = 0; item < ROW_ITEMS; item++) {
+        const int column = row_grid_column(item);
+        if (column >= m.H * width) break;
+        mla_pack_element(Q, K, V, q, kva, kvb, m, n, column / width, column % width);
+    }
+}
+
+// The adjoint of mla_pack_element for q and kvb: gradients flow back through the layout and the rotation.
+template <typename T>
+__device__ __forceinline__ void mla_unpack_element(T* __restrict__ dq, T* __restrict__ dkvb, const T* __restrict__ dQ,
+                                                   const T* __restrict__ dK, const T* __restrict__ dV,
+                                                   const MlaDims& m, int n, int h, int c) {
+    int half = m.d_rope / 2, b = n / m.T, t = n % m.T;
     long row = (long(b) * m.H + h) * m.T + t;
     T* dqh = dq + long(n) * m.H * m.d_qk() + h * m.d_qk();
     T* dkvh = dkvb + long(n) * m.H * (m.d_nope + m.d_v) + h * (m.d_nope + m.d_v);
@@ -86,6 +95,18 @@ __global__ void mla_unpack_qkv_kernel(T* dq, T* dkvb, const T* dQ, const T* dK, 
     } else {
         int e = c - m.d_nope - half;
         dkvh[m.d_nope + e] = dV[row * m.d_v + e];
+    }
+}
+
+template <typename T>
+__global__ void mla_unpack_qkv_kernel(T* __restrict__ dq, T* __restrict__ dkvb, const T* __restrict__ dQ,
+                                      const T* __restrict__ dK, const T* __restrict__ dV, MlaDims m) {
+    const int width = m.d_nope + m.d_rope / 2 + m.d_v, n = blockIdx.x;
+#pragma unroll
+    for (int item = 0; item < ROW_ITEMS; item++) {
+        const int column = row_grid_column(item);
+        if (column >= m.H * width) break;
+        mla_unpack_element(dq, dkvb, dQ, dK, dV, m, n, column / width, column % width);
     }
 }
 
@@ -142,20 +163,41 @@ __global__ void causal_softmax_backward_kernel(T* dS, const float* dP, const T* 
 
 // Moves per-head outputs [B*H, T, d_v] to token rows [N, H*d_v] (to_tokens) or back (the backward pass).
 template <typename T>
-__global__ void heads_tokens_kernel(T* dst, const T* src, MlaDims m, bool to_tokens) {
-    long idx = long(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (idx >= long(m.N()) * m.H * m.d_v) return;
-    int e = int(idx % m.d_v), h = int(idx / m.d_v % m.H), n = int(idx / m.d_v / m.H);
-    long head_idx = ((long(n / m.T) * m.H + h) * m.T + n % m.T) * m.d_v + e;
-    if (to_tokens)
-        dst[idx] = src[head_idx];
-    else
-        dst[head_idx] = src[idx];
+__global__ void heads_tokens_kernel(T* __restrict__ dst, const T* __restrict__ src, MlaDims m, bool to_tokens) {
+    const int n = blockIdx.x;
+#pragma unroll
+    for (int item = 0; item < ROW_ITEMS; item++) {
+        const int column = row_grid_column(item), h = column / m.d_v, e = column % m.d_v;
+        if (column >= m.H * m.d_v) break;
+        long idx = long(n) * m.H * m.d_v + column;
+        long head_idx = ((long(n / m.T) * m.H + h) * m.T + n % m.T) * m.d_v + e;
+        if (to_tokens)
+            dst[idx] = src[head_idx];
+        else
+            dst[head_idx] = src[idx];
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+void mla_pack(T* Q, T* K, T* V, const T* q, const T* kva, const T* kvb, const MlaDims& m, cudaStream_t s) {
+    mla_pack_kernel<<<row_grid(m.N(), m.H * (m.d_nope + m.d_rope / 2 + m.d_v)), ROW_THREADS, 0, s>>>(Q, K, V, q,
+                                                                                                        kva, kvb, m);
+    CUDA_CHECK_LAUNCH();
+}
+
+// dq, dkvb, and the k_rope columns of dkva, from the gradients of Q, K and V.
+template <typename T>
+void mla_unpack(T* dq, T* dkva, T* dkvb, const T* dQ, const T* dK, const T* dV, const MlaDims& m, cudaStream_t s) {
+    mla_unpack_qkv_kernel<<<row_grid(m.N(), m.H * (m.d_nope + m.d_rope / 2 + m.d_v)), ROW_THREADS, 0, s>>>(
+        dq, dkvb, dQ, dK, dV, m);
+    CUDA_CHECK_LAUNCH();
+    mla_unpack_krope_kernel<<<elementwise_blocks(long(m.N()) * m.d_rope / 2), 256, 0, s>>>(dkva, dK, m);
+    CUDA_CHECK_LAUNCH();
+}
 
 template <typename T>
 struct MlaSaved {  // what the backward pass needs, per layer
@@ -172,9 +214,7 @@ struct MlaScratch {  // reused by every layer: S doubles as dP, O as dO
 template <typename T>
 void mla_attention_forward(Blas& blas, cudaStream_t s, const MlaDims& m, T* o, const MlaSaved<T>& saved,
                            const MlaScratch<T>& scratch, const T* q, const T* kva, const T* kvb) {
-    long pack_n = long(m.N()) * m.H * (m.d_nope + m.d_rope / 2 + m.d_v);
-    mla_pack_kernel<<<elementwise_blocks(pack_n), 256, 0, s>>>(saved.Q, saved.K, saved.V, q, kva, kvb, m);
-    CUDA_CHECK_LAUNCH();
+    mla_pack(saved.Q, saved.K, saved.V, q, kva, kvb, m, s);
     long tt = long(m.T) * m.T;
     long qk_stride = long(m.T) * m.d_qk(), v_stride = long(m.T) * m.d_v;
     // S = Q K^T, per (sequence, head)
@@ -187,7 +227,7 @@ void mla_attention_forward(Blas& blas, cudaStream_t s, const MlaDims& m, T* o, c
     // O = P V
     matmul(blas, s, scratch.O, saved.P, saved.V,
            Matmul{m.T, m.d_v, m.T, false, false, 1.0f, 0.0f, int(m.heads()), tt, v_stride, v_stride});
-    heads_tokens_kernel<<<elementwise_blocks(long(m.N()) * m.H * m.d_v), 256, 0, s>>>(o, scratch.O, m, true);
+    heads_tokens_kernel<<<row_grid(m.N(), m.H * m.d_v), ROW_THREADS, 0, s>>>(o, scratch.O, m, true);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -200,7 +240,7 @@ void mla_attention_backward(Blas& blas, cudaStream_t s, const MlaDims& m, T* dq,
     int heads = int(m.heads());
     T* dO = scratch.O;
     float* dP = scratch.S;
-    heads_tokens_kernel<<<elementwise_blocks(long(m.N()) * m.H * m.d_v), 256, 0, s>>>(dO, d_o, m, false);
+    heads_tokens_kernel<<<row_grid(m.N(), m.H * m.d_v), ROW_THREADS, 0, s>>>(dO, d_o, m, false);
     CUDA_CHECK_LAUNCH();
     // dP = dO V^T, dV = P^T dO
     matmul(blas, s, dP, dO, saved.V, Matmul{m.T, m.T, m.d_v, false, true, 1.0f, 0.0f, heads, v_stride, v_stride, tt});
@@ -215,9 +255,5 @@ void mla_attention_backward(Blas& blas, cudaStream_t s, const MlaDims& m, T* dq,
            Matmul{m.T, m.d_qk(), m.T, false, false, 1.0f, 0.0f, heads, tt, qk_stride, qk_stride});
     matmul(blas, s, scratch.dK, scratch.dS, saved.Q,
            Matmul{m.T, m.d_qk(), m.T, true, false, 1.0f, 0.0f, heads, tt, qk_stride, qk_stride});
-    long unpack_n = long(m.N()) * m.H * (m.d_nope + m.d_rope / 2 + m.d_v);
-    mla_unpack_qkv_kernel<<<elementwise_blocks(unpack_n), 256, 0, s>>>(dq, dkvb, scratch.dQ, scratch.dK, scratch.dV, m);
-    CUDA_CHECK_LAUNCH();
-    mla_unpack_krope_kernel<<<elementwise_blocks(long(m.N()) * m.d_rope / 2), 256, 0, s>>>(dkva, scratch.dK, m);
-    CUDA_CHECK_LAUNCH();
+    mla_unpack(dq, dkva, dkvb, scratch.dQ, scratch.dK, scratch.dV, m, s);
 }

@@ -18,6 +18,8 @@
 
 #include <cuda_fp8.h>
 
+#include <cfloat>
+
 #include "common.cuh"
 #include "gemm.cuh"
 #include "layers.cuh"
@@ -28,11 +30,16 @@ constexpr float E4M3_MAX = 448.0f;
 constexpr int N_C = 128;  // V3 §3.3: the tile edge of the scales, and the interval of the accumulation fix
 
 // The scale that maps a tile's largest magnitude to E4M3's largest value. An all-zero tile gets 1: its values
-// quantize to zero whatever the scale, and a zero scale would make dequantization 0 * inf.
-__host__ __device__ inline float tile_scale(float amax) { return amax > 0.0f ? amax / E4M3_MAX : 1.0f; }
+// quantize to zero whatever the scale, and a zero scale would make dequantization 0 * inf. A scale is at least
+// the smallest normal float, so that its inverse, which quantization multiplies by, is finite (a tile of values
+// near 1e-38, as a nearly saturated softmax can leave in a gradient, would otherwise quantize 0 to 0 * inf = NaN).
+__host__ __device__ inline float tile_scale(float amax) {
+    return amax > 0.0f ? fmaxf(amax / E4M3_MAX, FLT_MIN) : 1.0f;
+}
 
-// E4M3 of x / scale, rounded to nearest even and saturated at +-448.
-__host__ __device__ inline fp8 quantize(float x, float scale) { return fp8(x / scale); }
+// E4M3 of x / scale, rounded to nearest even and saturated at +-448, as x times the tile's 1 / scale: one
+// division per tile instead of one per element.
+__host__ __device__ inline fp8 quantize(float x, float inverse_scale) { return fp8(x * inverse_scale); }
 
 __host__ __device__ inline int scale_tiles(int n) { return (n + N_C - 1) / N_C; }
 
@@ -43,91 +50,167 @@ __host__ __device__ inline int block_scale_stride(int cols) { return (scale_tile
 inline long block_scale_count(int rows, int cols) { return long(scale_tiles(rows)) * block_scale_stride(cols); }
 
 // ---------------------------------------------------------------------------------------------------------------
-// 1x128 tiles along rows: activations and output gradients for the forward and data-gradient GEMMs
+// A 128x128 tile in registers: the shape every quantizer works on
 // ---------------------------------------------------------------------------------------------------------------
+//
+// A block of 8 warps holds one 128x128 tile of a row-major matrix [R, C]: warp w holds rows w, w + 8, ..., w + 120
+// of the tile and lane l columns 4l ... 4l + 3 of each, so that a warp reads and writes whole rows in 4-element
+// vectors. Outside the matrix the tile holds zeros, which change no amax. The quantizers read their input once and
+// write each output once, in rows; they run at memory speed.
+constexpr int TILE_THREADS = 256, TILE_WARPS = TILE_THREADS / 32, TILE_ROWS = N_C / TILE_WARPS;
 
-// One warp per tile: each lane holds 4 of its 128 values, the warp agrees on the amax, every lane writes its 4.
+__device__ inline void load_vector4(float (&v)[4], const float* p) {
+    float4 f = *reinterpret_cast<const float4*>(p);
+    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+}
+
+__device__ inline void load_vector4(float (&v)[4], const bf16* p) {
+    uint2 u = *reinterpret_cast<const uint2*>(p);
+    float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+    float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+    v[0] = lo.x, v[1] = lo.y, v[2] = hi.x, v[3] = hi.y;
+}
+
+// The first `valid` of p[0..3] (the rest are zero), as one vector load where all four are there and aligned.
+template <typename T>
+__device__ void load4(float (&v)[4], const T* p, int valid, bool vector) {
+    if (valid == 4 && vector) return load_vector4(v, p);
+    for (int j = 0; j < 4; j++) v[j] = j < valid ? to_float(p[j]) : 0.0f;
+}
+
+// q[0..valid-1] to p, as one 4-byte store where all four go and p is aligned.
+__device__ inline void store4(fp8* p, const fp8 (&q)[4], int valid, bool vector) {
+    if (valid == 4 && vector) {
+        *reinterpret_cast<uint32_t*>(p) = q[0].__x | q[1].__x << 8 | q[2].__x << 16 | uint32_t(q[3].__x) << 24;
+        return;
+    }
+    for (int j = 0; j < valid; j++) p[j] = q[j];
+}
+
+// This thread's part of the tile at (r0, c0) of x [R, C]; false if it holds a NaN or Inf. Inside the matrix the
+// loads have no branch between them, so that all 16 are in flight at once: one memory latency per tile, not 16.
+template <typename T>
+__device__ bool load_tile(float (&v)[TILE_ROWS][4], const T* x, int R, int C, int r0, int c0, bool vector) {
+    const int c = c0 + 4 * (threadIdx.x % 32);
+    const int r = r0 + threadIdx.x / 32;
+    if (vector && r0 + N_C <= R && c0 + N_C <= C) {
+#pragma unroll
+        for (int i = 0; i < TILE_ROWS; i++) load_vector4(v[i], x + long(r + TILE_WARPS * i) * C + c);
+    } else {
+#pragma unroll
+        for (int i = 0; i < TILE_ROWS; i++) {
+            const int ri = r + TILE_WARPS * i;
+            load4(v[i], x + long(min(ri, R - 1)) * C + c, ri < R ? min(4, max(0, C - c)) : 0, vector);
+        }
+    }
+    bool finite = true;
+#pragma unroll
+    for (int i = 0; i < TILE_ROWS; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) finite &= isfinite(v[i][j]);
+    return finite;
+}
+
+// The tile quantized to q [R, C], this thread's row i by the inverse scale row_inverse(i).
+template <typename RowInverse>
+__device__ void store_tile(fp8* q, const float (&v)[TILE_ROWS][4], RowInverse row_inverse, int R, int C, int r0,
+                           int c0, bool vector) {
+    const int c = c0 + 4 * (threadIdx.x % 32);
+#pragma unroll
+    for (int i = 0; i < TILE_ROWS; i++) {
+        const int r = r0 + threadIdx.x / 32 + TILE_WARPS * i;
+        if (r >= R) break;
+        fp8 out[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) out[j] = quantize(v[i][j], row_inverse(i));
+        store4(q + long(r) * C + c, out, min(4, max(0, C - c)), vector);
+    }
+}
+
+// The tile's transpose quantized to qT [C, R], this thread's column j by the inverse scale column_inverse(j). The
+// tile goes through shared memory so that a warp writes rows of qT; the staging rows are 129 bytes apart, so that
+// lanes writing one column each land in different banks.
+template <typename ColumnInverse>
+__device__ void store_tile_transposed(fp8* qT, fp8 (*staged)[N_C + 1], const float (&v)[TILE_ROWS][4],
+                                      ColumnInverse column_inverse, int R, int C, int r0, int c0, bool vector) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float inverse = column_inverse(j);
+#pragma unroll
+        for (int i = 0; i < TILE_ROWS; i++) staged[4 * lane + j][warp + TILE_WARPS * i] = quantize(v[i][j], inverse);
+    }
+    __syncthreads();
+    const int r = r0 + 4 * lane;
+#pragma unroll
+    for (int i = 0; i < TILE_ROWS; i++) {
+        const int c = warp + TILE_WARPS * i;
+        if (c0 + c >= C) break;
+        fp8 out[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) out[j] = staged[c][4 * lane + j];
+        store4(qT + long(c0 + c) * R + r, out, min(4, max(0, R - r)), vector);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Activations and output gradients: 1x128 tiles along rows and 128x1 tiles along columns, in one pass
+// ---------------------------------------------------------------------------------------------------------------
+//
+// x [R, C] (R tokens) -> q [R, C] in 1x128 tiles (scales [ceil(C/128), R]) for the forward and data-gradient GEMMs,
+// and qT [C, R] in 1x128 tiles of x^T (scales [ceil(R/128), C]) for the weight-gradient GEMM, whose reduction runs
+// over tokens. In the tile a row's amax is its warp's, a column's is found across the warps.
 // A NaN or Inf anywhere sets *nonfinite (the step that made it must be skipped: V3 trains without loss scaling,
 // so a non-finite value is a diverging step, not an overflow to retry).
 template <typename T>
-__global__ void quantize_rows_kernel(fp8* q, float* scales, int* nonfinite, const T* x, int M, int K) {
-    const int tiles = scale_tiles(K);
-    const long tile = long(blockIdx.x) * WARPS_PER_BLOCK + threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    if (tile >= long(M) * tiles) return;
-    const int m = int(tile / tiles), t = int(tile % tiles);
-    const long row = long(m) * K;
-    float v[N_C / 32], amax = 0.0f;
-    bool finite = true;
-    for (int i = 0; i < N_C / 32; i++) {
-        int k = t * N_C + i * 32 + lane;
-        v[i] = k < K ? to_float(x[row + k]) : 0.0f;
-        finite &= isfinite(v[i]);
-        amax = fmaxf(amax, fabsf(v[i]));
+__global__ void __launch_bounds__(TILE_THREADS)
+    quantize_rows_and_transposed_kernel(fp8* q, float* scales, fp8* qT, float* scalesT, int* nonfinite, const T* x,
+                                        int R, int C, bool vector_rows, bool vector_columns) {
+    __shared__ float column_amax[TILE_WARPS][N_C];
+    __shared__ float column_inverse[N_C];
+    __shared__ fp8 staged[N_C][N_C + 1];
+    const int r0 = blockIdx.y * N_C, c0 = blockIdx.x * N_C, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float v[TILE_ROWS][4];
+    if (__syncthreads_or(!load_tile(v, x, R, C, r0, c0, vector_rows)) && threadIdx.x == 0) *nonfinite = 1;
+
+    float row_inverse[TILE_ROWS];
+#pragma unroll
+    for (int i = 0; i < TILE_ROWS; i++) {
+        float amax = 0.0f;
+        for (int j = 0; j < 4; j++) amax = fmaxf(amax, fabsf(v[i][j]));
+        const float scale = tile_scale(warp_max(amax));
+        row_inverse[i] = 1.0f / scale;
+        const int r = r0 + warp + TILE_WARPS * i;
+        if (lane == 0 && r < R) scales[long(blockIdx.x) * R + r] = scale;
     }
-    amax = warp_max(amax);
-    if (!__all_sync(0xFFFFFFFFu, finite) && lane == 0) *nonfinite = 1;
-    const float scale = tile_scale(amax);
-    for (int i = 0; i < N_C / 32; i++) {
-        int k = t * N_C + i * 32 + lane;
-        if (k < K) q[row + k] = quantize(v[i], scale);
-    }
-    if (lane == 0) scales[long(t) * M + m] = scale;
-}
-
-template <typename T>
-void quantize_rows(fp8* q, float* scales, int* nonfinite, const T* x, int M, int K, cudaStream_t s) {
-    long tiles = long(M) * scale_tiles(K);
-    quantize_rows_kernel<<<ceil_div(tiles, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(q, scales, nonfinite, x, M,
-                                                                                           K);
-    CUDA_CHECK_LAUNCH();
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// 128x1 tiles: the transposed copy for the weight-gradient GEMM, quantized along the token dimension
-// ---------------------------------------------------------------------------------------------------------------
-
-// x [R, C] -> qT [C, R] with scales [ceil(R/128), C]: each column's 128-row tiles become 1x128 tiles of a row of
-// qT. A block takes 128 rows x 32 columns through shared memory, so that it reads rows and writes rows.
-constexpr int TRANSPOSE_COLUMNS = 32;
-
-template <typename T>
-__global__ void quantize_transposed_kernel(fp8* qT, float* scales, int* nonfinite, const T* x, int R, int C) {
-    __shared__ float tile[N_C][TRANSPOSE_COLUMNS + 1];  // +1: the column-wise reads hit distinct banks
-    __shared__ float warp_amax[WARPS_PER_BLOCK][TRANSPOSE_COLUMNS];
-    __shared__ float column_scale[TRANSPOSE_COLUMNS];
-    const int r0 = blockIdx.y * N_C, c0 = blockIdx.x * TRANSPOSE_COLUMNS;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    float amax = 0.0f;
-    bool finite = true;
-    for (int r = warp; r < N_C; r += WARPS_PER_BLOCK) {  // lane = column: consecutive lanes read consecutive columns
-        bool inside = r0 + r < R && c0 + lane < C;
-        float v = inside ? to_float(x[long(r0 + r) * C + c0 + lane]) : 0.0f;
-        finite &= isfinite(v);
-        amax = fmaxf(amax, fabsf(v));
-        tile[r][lane] = v;
-    }
-    warp_amax[warp][lane] = amax;
-    if (!__all_sync(0xFFFFFFFFu, finite) && lane == 0) *nonfinite = 1;
-    __syncthreads();
-    if (warp == 0) {
-        float column_amax = 0.0f;
-        for (int w = 0; w < WARPS_PER_BLOCK; w++) column_amax = fmaxf(column_amax, warp_amax[w][lane]);
-        column_scale[lane] = tile_scale(column_amax);
-        if (c0 + lane < C) scales[long(blockIdx.y) * C + c0 + lane] = column_scale[lane];
+    for (int j = 0; j < 4; j++) {
+        float amax = 0.0f;
+        for (int i = 0; i < TILE_ROWS; i++) amax = fmaxf(amax, fabsf(v[i][j]));
+        column_amax[warp][4 * lane + j] = amax;
     }
     __syncthreads();
-    for (int c = warp; c < TRANSPOSE_COLUMNS; c += WARPS_PER_BLOCK) {  // lane = row: a row of qT per warp
-        if (c0 + c >= C) continue;
-        for (int r = lane; r < N_C; r += 32)
-            if (r0 + r < R) qT[long(c0 + c) * R + r0 + r] = quantize(tile[r][c], column_scale[c]);
+    if (threadIdx.x < N_C) {
+        float amax = 0.0f;
+        for (int w = 0; w < TILE_WARPS; w++) amax = fmaxf(amax, column_amax[w][threadIdx.x]);
+        const float scale = tile_scale(amax);
+        column_inverse[threadIdx.x] = 1.0f / scale;
+        if (c0 + threadIdx.x < C) scalesT[long(blockIdx.y) * C + c0 + threadIdx.x] = scale;
     }
+    __syncthreads();
+
+    store_tile(q, v, [&](int i) { return row_inverse[i]; }, R, C, r0, c0, vector_rows);
+    store_tile_transposed(qT, staged, v, [&](int j) { return column_inverse[4 * lane + j]; }, R, C, r0, c0,
+                          vector_columns);
 }
 
 template <typename T>
-void quantize_transposed(fp8* qT, float* scales, int* nonfinite, const T* x, int R, int C, cudaStream_t s) {
-    dim3 grid(ceil_div(C, TRANSPOSE_COLUMNS), scale_tiles(R));
-    quantize_transposed_kernel<<<grid, WARPS_PER_BLOCK * 32, 0, s>>>(qT, scales, nonfinite, x, R, C);
+void quantize_rows_and_transposed(fp8* q, float* scales, fp8* qT, float* scalesT, int* nonfinite, const T* x, int R,
+                                  int C, cudaStream_t s) {
+    const bool vector_rows = C % 4 == 0 && pointer_alignment(x) >= 4 * sizeof(T) && pointer_alignment(q) >= 4;
+    const bool vector_columns = R % 4 == 0 && pointer_alignment(qT) >= 4;
+    dim3 grid(scale_tiles(C), scale_tiles(R));
+    quantize_rows_and_transposed_kernel<<<grid, TILE_THREADS, 0, s>>>(q, scales, qT, scalesT, nonfinite, x, R, C,
+                                                                      vector_rows, vector_columns);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -138,26 +221,22 @@ void quantize_transposed(fp8* qT, float* scales, int* nonfinite, const T* x, int
 // One thread block per 128x128 block of W [N, K] (FP32 master weights): the block's amax, then q [N, K] and
 // qT [K, N]. Transposing a quantized block is exact and keeps its scale, so both copies share one scale grid,
 // stored once per orientation.
-static __global__ void quantize_weight_kernel(fp8* q, fp8* qT, float* scales, float* scalesT, int* nonfinite,
-                                              const float* W, int N, int K) {
-    __shared__ float warp_amax[WARPS_PER_BLOCK];
+static __global__ void __launch_bounds__(TILE_THREADS)
+    quantize_weight_kernel(fp8* q, fp8* qT, float* scales, float* scalesT, int* nonfinite, const float* W, int N,
+                           int K, bool vector_rows, bool vector_columns) {
+    __shared__ float warp_amax[TILE_WARPS];
+    __shared__ fp8 staged[N_C][N_C + 1];
     const int nb = blockIdx.y, kb = blockIdx.x, n0 = nb * N_C, k0 = kb * N_C;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int rows = min(N_C, N - n0), cols = min(N_C, K - k0);
+    float v[TILE_ROWS][4];
+    if (__syncthreads_or(!load_tile(v, W, N, K, n0, k0, vector_rows)) && threadIdx.x == 0) *nonfinite = 1;
     float amax = 0.0f;
-    bool finite = true;
-    for (int r = warp; r < rows; r += WARPS_PER_BLOCK)
-        for (int c = lane; c < cols; c += 32) {
-            float v = W[long(n0 + r) * K + k0 + c];
-            finite &= isfinite(v);
-            amax = fmaxf(amax, fabsf(v));
-        }
+    for (int i = 0; i < TILE_ROWS; i++)
+        for (int j = 0; j < 4; j++) amax = fmaxf(amax, fabsf(v[i][j]));
     amax = warp_max(amax);
-    if (!__all_sync(0xFFFFFFFFu, finite) && lane == 0) *nonfinite = 1;
-    if (lane == 0) warp_amax[warp] = amax;
+    if (threadIdx.x % 32 == 0) warp_amax[threadIdx.x / 32] = amax;
     __syncthreads();
     float block_amax = 0.0f;
-    for (int w = 0; w < WARPS_PER_BLOCK; w++) block_amax = fmaxf(block_amax, warp_amax[w]);
+    for (int w = 0; w < TILE_WARPS; w++) block_amax = fmaxf(block_amax, warp_amax[w]);
     const float scale = tile_scale(block_amax);
     if (threadIdx.x == 0) {
         scales[long(nb) * block_scale_stride(K) + kb] = scale;
@@ -168,18 +247,18 @@ static __global__ void quantize_weight_kernel(fp8* q, fp8* qT, float* scales, fl
         if (nb == gridDim.y - 1)
             for (int j = nb + 1; j < block_scale_stride(N); j++) scalesT[long(kb) * block_scale_stride(N) + j] = 0.0f;
     }
-    for (int r = warp; r < rows; r += WARPS_PER_BLOCK)
-        for (int c = lane; c < cols; c += 32)
-            q[long(n0 + r) * K + k0 + c] = quantize(W[long(n0 + r) * K + k0 + c], scale);
-    for (int c = warp; c < cols; c += WARPS_PER_BLOCK)  // a row of qT per warp: W is read down a column
-        for (int r = lane; r < rows; r += 32)
-            qT[long(k0 + c) * N + n0 + r] = quantize(W[long(n0 + r) * K + k0 + c], scale);
+    const float inverse = 1.0f / scale;
+    store_tile(q, v, [=](int) { return inverse; }, N, K, n0, k0, vector_rows);
+    store_tile_transposed(qT, staged, v, [=](int) { return inverse; }, N, K, n0, k0, vector_columns);
 }
 
 inline void quantize_weight(fp8* q, fp8* qT, float* scales, float* scalesT, int* nonfinite, const float* W, int N,
                             int K, cudaStream_t s) {
+    const bool vector_rows = K % 4 == 0 && pointer_alignment(W) >= 16 && pointer_alignment(q) >= 4;
+    const bool vector_columns = N % 4 == 0 && pointer_alignment(qT) >= 4;
     dim3 grid(scale_tiles(K), scale_tiles(N));
-    quantize_weight_kernel<<<grid, WARPS_PER_BLOCK * 32, 0, s>>>(q, qT, scales, scalesT, nonfinite, W, N, K);
+    quantize_weight_kernel<<<grid, TILE_THREADS, 0, s>>>(q, qT, scales, scalesT, nonfinite, W, N, K, vector_rows,
+                                                         vector_columns);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -610,8 +689,8 @@ inline Fp8Tensor fp8_operand(int rows, int cols) {
 template <typename T>
 void fp8_linear_forward(Fp8Backend backend, Blas& blas, cudaStream_t s, T* y, const T* x, const Fp8Weight& W,
                         Fp8Tensor& x_q, Fp8Tensor& x_saved, int M, int* nonfinite, bool accumulate = false) {
-    quantize_rows(x_q.q.data(), x_q.scales.data(), nonfinite, x, M, W.K, s);
-    quantize_transposed(x_saved.q.data(), x_saved.scales.data(), nonfinite, x, M, W.K, s);
+    quantize_rows_and_transposed(x_q.q.data(), x_q.scales.data(), x_saved.q.data(), x_saved.scales.data(), nonfinite,
+                                 x, M, W.K, s);
     fp8_matmul(backend, blas, s, y, x_q.q.data(), W.w.q.data(), x_q.scales.data(), W.w.scales.data(), M, W.N, W.K,
                BScales::Block, accumulate);
 }
@@ -621,10 +700,10 @@ template <typename T>
 void fp8_linear_backward(Fp8Backend backend, Blas& blas, cudaStream_t s, T* dx, float* dW, const T* dy,
                          const Fp8Tensor& x_saved, const Fp8Weight& W, Fp8Tensor& dy_q, Fp8Tensor& dy_t, int M,
                          int* nonfinite, bool accumulate_dx = false, bool accumulate_dw = false) {
-    quantize_rows(dy_q.q.data(), dy_q.scales.data(), nonfinite, dy, M, W.N, s);
+    quantize_rows_and_transposed(dy_q.q.data(), dy_q.scales.data(), dy_t.q.data(), dy_t.scales.data(), nonfinite, dy,
+                                 M, W.N, s);
     fp8_matmul(backend, blas, s, dx, dy_q.q.data(), W.wT.q.data(), dy_q.scales.data(), W.wT.scales.data(), M, W.K, W.N,
                BScales::Block, accumulate_dx);
-    quantize_transposed(dy_t.q.data(), dy_t.scales.data(), nonfinite, dy, M, W.N, s);
     fp8_matmul(backend, blas, s, dW, dy_t.q.data(), x_saved.q.data(), dy_t.scales.data(), x_saved.scales.data(), W.N,
                W.K, M, BScales::Row, accumulate_dw);
 }

@@ -14,11 +14,14 @@ constexpr int WARPS_PER_BLOCK = 8;
 // ---------------------------------------------------------------------------------------------------------------
 
 template <typename T>
-__global__ void embedding_forward_kernel(T* x, const int* tokens, const T* E, int N, int D) {
-    long i = long(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i >= long(N) * D) return;
-    int n = int(i / D), d = int(i % D);
-    x[i] = E[long(tokens[n]) * D + d];
+__global__ void embedding_forward_kernel(T* __restrict__ x, const int* __restrict__ tokens, const T* __restrict__ E,
+                                         int D) {
+    const long n = blockIdx.x, token = tokens[n];
+#pragma unroll
+    for (int k = 0; k < ROW_ITEMS; k++) {
+        const int d = row_grid_column(k);
+        if (d < D) x[n * D + d] = E[token * D + d];
+    }
 }
 
 // dE[v] = sum of dx[n] over the tokens n equal to v, summed in token order: deterministic without atomics. A warp
@@ -67,7 +70,7 @@ __global__ void embedding_backward_kernel(float* dE, const T* dx, const int* tok
 
 template <typename T>
 void embedding_forward(T* x, const int* tokens, const T* E, int N, int D, cudaStream_t s) {
-    embedding_forward_kernel<<<elementwise_blocks(long(N) * D), 256, 0, s>>>(x, tokens, E, N, D);
+    embedding_forward_kernel<<<row_grid(N, D), ROW_THREADS, 0, s>>>(x, tokens, E, D);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -98,17 +101,19 @@ __global__ void rmsnorm_forward_kernel(T* y, float* rstd, const T* x, int x_stri
 }
 
 // dx = r (w dy - xhat mean(w dy xhat)), xhat = r x. Each block also writes its partial sum of dy * xhat over its
-// rows (the weight gradient), which rmsnorm_dw_reduce_kernel adds up in block order.
-constexpr int RMSNORM_ROWS_PER_BLOCK = 64;
+// rows (the weight gradient), which rmsnorm_dw_reduce_kernel adds up in block order. A block takes enough rows
+// that there are at most RMSNORM_BLOCKS of them: enough to fill the GPU, few enough partial sums to add up.
+constexpr int RMSNORM_BLOCKS = 512, RMSNORM_MIN_ROWS = WARPS_PER_BLOCK;
+inline int rmsnorm_rows_per_block(int N) { return std::max(RMSNORM_MIN_ROWS, ceil_div(N, RMSNORM_BLOCKS)); }
 
 template <typename T>
 __global__ void rmsnorm_backward_kernel(T* dx, float* dw_partial, const T* dy, const T* x, int x_stride, const T* w,
-                                        const float* rstd, int N, int D, bool accumulate_dx) {
+                                        const float* rstd, int N, int D, int rows_per_block, bool accumulate_dx) {
     extern __shared__ float warp_dw[];  // [WARPS_PER_BLOCK][D]
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int d = lane; d < D; d += 32) warp_dw[warp * D + d] = 0.0f;
-    int first = blockIdx.x * RMSNORM_ROWS_PER_BLOCK;
-    for (int n = first + warp; n < min(first + RMSNORM_ROWS_PER_BLOCK, N); n += WARPS_PER_BLOCK) {
+    int first = blockIdx.x * rows_per_block;
+    for (int n = first + warp; n < min(first + rows_per_block, N); n += WARPS_PER_BLOCK) {
         const T* xr = x + long(n) * x_stride;
         const T* dyr = dy + long(n) * D;
         float r = rstd[n], dot = 0.0f;
@@ -130,12 +135,19 @@ __global__ void rmsnorm_backward_kernel(T* dx, float* dw_partial, const T* dy, c
     }
 }
 
+// dw over 32 columns per block: warp w adds the partial sums w, w + 8, ..., then warp 0 adds the warps' sums in
+// order (a fixed order: the same dw on every run).
 static __global__ void rmsnorm_dw_reduce_kernel(float* dw, const float* dw_partial, int blocks, int D,
                                                 bool accumulate) {
-    int d = blockIdx.x * blockDim.x + threadIdx.x;
-    if (d >= D) return;
+    __shared__ float warp_dw[WARPS_PER_BLOCK][32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, d = blockIdx.x * 32 + lane;
     float sum = 0.0f;
-    for (int b = 0; b < blocks; b++) sum += dw_partial[long(b) * D + d];
+    if (d < D)
+        for (int b = warp; b < blocks; b += WARPS_PER_BLOCK) sum += dw_partial[long(b) * D + d];
+    warp_dw[warp][lane] = sum;
+    __syncthreads();
+    if (warp > 0 || d >= D) return;
+    for (int k = 1; k < WARPS_PER_BLOCK; k++) sum += warp_dw[k][lane];
     dw[d] = accumulate ? dw[d] + sum : sum;
 }
 
@@ -148,21 +160,23 @@ void rmsnorm_forward(T* y, float* rstd, const T* x, int x_stride, const T* w, in
     CUDA_CHECK_LAUNCH();
 }
 
-// Scratch floats needed by rmsnorm_backward for N rows of width D.
-inline long rmsnorm_scratch_size(int N, int D) { return long(ceil_div(N, RMSNORM_ROWS_PER_BLOCK)) * D; }
+// Scratch floats needed by rmsnorm_backward for up to N rows of width D.
+inline long rmsnorm_scratch_size(int N, int D) {
+    return long(std::min(ceil_div(N, RMSNORM_MIN_ROWS), RMSNORM_BLOCKS)) * D;
+}
 
 template <typename T>
 void rmsnorm_backward(T* dx, float* dw, float* scratch, const T* dy, const T* x, int x_stride, const T* w,
                       const float* rstd, int N, int D, bool accumulate_dx, bool accumulate_dw, cudaStream_t s) {
-    int blocks = ceil_div(N, RMSNORM_ROWS_PER_BLOCK);
+    const int rows_per_block = rmsnorm_rows_per_block(N), blocks = ceil_div(N, rows_per_block);
     size_t smem = sizeof(float) * WARPS_PER_BLOCK * D;
     if (smem > 48 * 1024)  // wide rows need more than the default dynamic shared memory
         CUDA_CHECK(
             cudaFuncSetAttribute(rmsnorm_backward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     rmsnorm_backward_kernel<<<blocks, WARPS_PER_BLOCK * 32, smem, s>>>(dx, scratch, dy, x, x_stride, w, rstd, N, D,
-                                                                       accumulate_dx);
+                                                                       rows_per_block, accumulate_dx);
     CUDA_CHECK_LAUNCH();
-    rmsnorm_dw_reduce_kernel<<<ceil_div(D, 128), 128, 0, s>>>(dw, scratch, blocks, D, accumulate_dw);
+    rmsnorm_dw_reduce_kernel<<<ceil_div(D, 32), WARPS_PER_BLOCK * 32, 0, s>>>(dw, scratch, blocks, D, accumulate_dw);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -174,34 +188,40 @@ void rmsnorm_backward(T* dx, float* dw, float* scratch, const T* dy, const T* x,
 HD float silu(float x) { return x / (1.0f + expf(-x)); }
 
 template <typename T>
-__global__ void swiglu_forward_kernel(T* a, const T* gu, int N, int I) {
-    long i = long(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i >= long(N) * I) return;
-    long n = i / I, j = i % I;
-    float g = to_float(gu[n * 2 * I + j]), u = to_float(gu[n * 2 * I + I + j]);
-    a[i] = from_float<T>(silu(g) * u);
+__global__ void swiglu_forward_kernel(T* __restrict__ a, const T* __restrict__ gu, int I) {
+    const long n = blockIdx.x;
+#pragma unroll
+    for (int k = 0; k < ROW_ITEMS; k++) {
+        const int j = row_grid_column(k);
+        if (j >= I) break;
+        float g = to_float(gu[n * 2 * I + j]), u = to_float(gu[n * 2 * I + I + j]);
+        a[n * I + j] = from_float<T>(silu(g) * u);
+    }
 }
 
 template <typename T>
-__global__ void swiglu_backward_kernel(T* dgu, const T* da, const T* gu, int N, int I) {
-    long i = long(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i >= long(N) * I) return;
-    long n = i / I, j = i % I;
-    float g = to_float(gu[n * 2 * I + j]), u = to_float(gu[n * 2 * I + I + j]), d = to_float(da[i]);
-    float sig = 1.0f / (1.0f + expf(-g));
-    dgu[n * 2 * I + j] = from_float<T>(d * u * sig * (1.0f + g * (1.0f - sig)));
-    dgu[n * 2 * I + I + j] = from_float<T>(d * g * sig);
+__global__ void swiglu_backward_kernel(T* __restrict__ dgu, const T* __restrict__ da, const T* __restrict__ gu, int I) {
+    const long n = blockIdx.x;
+#pragma unroll
+    for (int k = 0; k < ROW_ITEMS; k++) {
+        const int j = row_grid_column(k);
+        if (j >= I) break;
+        float g = to_float(gu[n * 2 * I + j]), u = to_float(gu[n * 2 * I + I + j]), d = to_float(da[n * I + j]);
+        float sig = 1.0f / (1.0f + expf(-g));
+        dgu[n * 2 * I + j] = from_float<T>(d * u * sig * (1.0f + g * (1.0f - sig)));
+        dgu[n * 2 * I + I + j] = from_float<T>(d * g * sig);
+    }
 }
 
 template <typename T>
 void swiglu_forward(T* a, const T* gu, int N, int I, cudaStream_t s) {
-    swiglu_forward_kernel<<<elementwise_blocks(long(N) * I), 256, 0, s>>>(a, gu, N, I);
+    swiglu_forward_kernel<<<row_grid(N, I), ROW_THREADS, 0, s>>>(a, gu, I);
     CUDA_CHECK_LAUNCH();
 }
 
 template <typename T>
 void swiglu_backward(T* dgu, const T* da, const T* gu, int N, int I, cudaStream_t s) {
-    swiglu_backward_kernel<<<elementwise_blocks(long(N) * I), 256, 0, s>>>(dgu, da, gu, N, I);
+    swiglu_backward_kernel<<<row_grid(N, I), ROW_THREADS, 0, s>>>(dgu, da, gu, I);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -291,27 +311,41 @@ struct AdamW {
     float lr, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
 };
 
+// Each thread updates ADAMW_ITEMS parameters, 256 apart, loading all of them before it updates any, so that their
+// loads are in flight together (for T = float, weights is master: the stores could not pass the loads).
+constexpr int ADAMW_ITEMS = 4;
+
 template <typename T>
 __global__ void adamw_kernel(float* master, T* weights, bf16* m, bf16* v, const float* grad, const float* grad_norm,
                              long n, long n_decay, AdamW opt, float max_grad_norm, int step, uint64_t seed,
                              const int* skip) {
-    long i = long(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i >= n || (skip && (*skip || !isfinite(*grad_norm)))) return;
-    float norm = sqrtf(*grad_norm);
-    float clip = (max_grad_norm > 0.0f && norm > max_grad_norm) ? max_grad_norm / norm : 1.0f;
-    float g = grad[i] * clip;
-    float m_new = opt.beta1 * to_float(m[i]) + (1.0f - opt.beta1) * g;
-    float v_new = opt.beta2 * to_float(v[i]) + (1.0f - opt.beta2) * g * g;
-    float m_hat = m_new / (1.0f - powf(opt.beta1, float(step)));
-    float v_hat = v_new / (1.0f - powf(opt.beta2, float(step)));
-    float p = master[i];
-    float decay = i < n_decay ? opt.weight_decay * p : 0.0f;
-    p -= opt.lr * (m_hat / (sqrtf(v_hat) + opt.eps) + decay);
-    master[i] = p;
-    weights[i] = from_float<T>(p);
-    uint64_t r = rng_hash(seed, uint64_t(step), uint64_t(i));
-    m[i] = bf16_stochastic_round(m_new, uint32_t(r));
-    v[i] = bf16_stochastic_round(v_new, uint32_t(r >> 32));
+    if (skip && (*skip || !isfinite(*grad_norm))) return;
+    const float norm = sqrtf(*grad_norm);
+    const float clip = (max_grad_norm > 0.0f && norm > max_grad_norm) ? max_grad_norm / norm : 1.0f;
+    const long first = long(blockIdx.x) * ADAMW_ITEMS * blockDim.x + threadIdx.x;
+    float g[ADAMW_ITEMS], m_old[ADAMW_ITEMS], v_old[ADAMW_ITEMS], p[ADAMW_ITEMS];
+#pragma unroll
+    for (int k = 0; k < ADAMW_ITEMS; k++) {
+        const long i = first + k * blockDim.x;
+        if (i >= n) break;
+        g[k] = grad[i] * clip, m_old[k] = to_float(m[i]), v_old[k] = to_float(v[i]), p[k] = master[i];
+    }
+#pragma unroll
+    for (int k = 0; k < ADAMW_ITEMS; k++) {
+        const long i = first + k * blockDim.x;
+        if (i >= n) break;
+        float m_new = opt.beta1 * m_old[k] + (1.0f - opt.beta1) * g[k];
+        float v_new = opt.beta2 * v_old[k] + (1.0f - opt.beta2) * g[k] * g[k];
+        float m_hat = m_new / (1.0f - powf(opt.beta1, float(step)));
+        float v_hat = v_new / (1.0f - powf(opt.beta2, float(step)));
+        float decay = i < n_decay ? opt.weight_decay * p[k] : 0.0f;
+        float updated = p[k] - opt.lr * (m_hat / (sqrtf(v_hat) + opt.eps) + decay);
+        master[i] = updated;
+        weights[i] = from_float<T>(updated);
+        uint64_t r = rng_hash(seed, uint64_t(step), uint64_t(i));
+        m[i] = bf16_stochastic_round(m_new, uint32_t(r));
+        v[i] = bf16_stochastic_round(v_new, uint32_t(r >> 32));
+    }
 }
 
 // grad_norm points at the sum of squared gradients (on the device, so the step needs no host round trip). Where
@@ -321,7 +355,7 @@ template <typename T>
 void adamw_update(float* master, T* weights, bf16* m, bf16* v, const float* grad, const float* grad_norm, long n,
                   long n_decay, const AdamW& opt, float max_grad_norm, int step, uint64_t seed, cudaStream_t s,
                   const int* skip = nullptr) {
-    adamw_kernel<<<elementwise_blocks(n), 256, 0, s>>>(master, weights, m, v, grad, grad_norm, n, n_decay, opt,
-                                                       max_grad_norm, step, seed, skip);
+    adamw_kernel<<<ceil_div(n, 256 * ADAMW_ITEMS), 256, 0, s>>>(master, weights, m, v, grad, grad_norm, n, n_decay,
+                                                                opt, max_grad_norm, step, seed, skip);
     CUDA_CHECK_LAUNCH();
 }

@@ -88,7 +88,7 @@ class FlagSet {
 // Everything train can be told. Model shape comes from the Config defaults or --config (a config.json).
 struct Options {
     std::string stage;
-    std::string out, init, config_path, precision = "bf16", fp8_gemm = "cublaslt", text, prompt, same_flops_as;
+    std::string out, init, config_path, precision = "fp8", fp8_gemm = "cublaslt", text, prompt, same_flops_as;
     int steps = 2000, batch = 64, seq = 512, warmup = 100, eval_every = 250, ckpt_every = 500, eval_batches = 4;
     int log_every = 10, samples = 64, eval_k = 4;
     float lr = 2e-3f, min_lr_frac = 0.1f, weight_decay = 0.1f, grad_clip = 1.0f, beta2 = 0.95f;
@@ -111,7 +111,7 @@ struct Options {
         f.add("out", &out, "run folder: checkpoint/, log.jsonl (default runs/STAGE)");
         f.add("init", &init, "checkpoint folder to start from (needed by every stage but pretrain)");
         f.add("config", &config_path, "config.json with the model shape (default: the demo model)");
-        f.add("precision", &precision, "fp32 | bf16 | fp8 (bf16 with every projection's GEMMs in FP8)");
+        f.add("precision", &precision, "fp8 (bf16 with every projection's GEMMs in FP8) | bf16 | fp32");
         f.add("fp8-gemm", &fp8_gemm, "the FP8 GEMMs of --precision fp8: cublaslt (the faster) | own (fp8.cuh's kernel)");
         f.add("steps", &steps, "optimizer steps");
         f.add("batch", &batch, "sequences per step");

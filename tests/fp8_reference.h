@@ -5,7 +5,9 @@
 
 #include <cuda_fp8.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace ref {
@@ -18,11 +20,13 @@ inline int tiles(int n) { return (n + TILE - 1) / TILE; }
 // A row of 128x128 block scales is padded to a multiple of 4 entries, zeros (cuBLASLt's layout).
 inline int padded_tiles(int n) { return (tiles(n) + 3) / 4 * 4; }
 
-// amax / 448, or 1 for an all-zero tile.
-inline float scale_of(double amax) { return amax > 0.0 ? float(amax / E4M3_LARGEST) : 1.0f; }
+// amax / 448 but at least the smallest normal float, or 1 for an all-zero tile.
+inline float scale_of(double amax) {
+    return amax > 0.0 ? std::max(float(amax / E4M3_LARGEST), std::numeric_limits<float>::min()) : 1.0f;
+}
 
-// The E4M3 value (as a float) of x in units of scale.
-inline float e4m3(float x, float scale) { return float(__nv_fp8_e4m3(x / scale)); }
+// The E4M3 value (as a float) of x in units of scale, as x times the FP32 inverse of the scale.
+inline float e4m3(float x, float scale) { return float(__nv_fp8_e4m3(x * (1.0f / scale))); }
 
 // x [M, K] in 1x128 tiles along each row: q [M, K] (E4M3 values as floats), scales [tiles(K), M].
 inline void quantize_rows(const std::vector<float>& x, int M, int K, std::vector<float>& q,

@@ -198,16 +198,10 @@ TEST_SUITE("gpu") {
             DeviceBuffer<T> dkva(kva_size(m));
             CUDA_CHECK(cudaMemset(dkva.data(), 0, dkva.bytes()));
 
-            // The launchers' grids: one thread per (token, head, nope column, rope pair or v column).
-            long threads = long(m.N()) * m.H * (m.d_nope + m.d_rope / 2 + m.d_v);
-            mla_pack_kernel<<<elementwise_blocks(threads), 256>>>(packed.Q.data(), packed.K.data(), packed.V.data(),
-                                                                  x.q.data(), x.kva.data(), x.kvb.data(), m);
-            CUDA_CHECK_LAUNCH();
-            mla_unpack_qkv_kernel<<<elementwise_blocks(threads), 256>>>(dq.data(), dkvb.data(), yQ.data(), yK.data(),
-                                                                        yV.data(), m);
-            CUDA_CHECK_LAUNCH();
-            mla_unpack_krope_kernel<<<elementwise_blocks(long(m.N()) * m.d_rope / 2), 256>>>(dkva.data(), yK.data(), m);
-            CUDA_CHECK_LAUNCH();
+            mla_pack(packed.Q.data(), packed.K.data(), packed.V.data(), x.q.data(), x.kva.data(), x.kvb.data(), m,
+                     stream);
+            mla_unpack(dq.data(), dkva.data(), dkvb.data(), yQ.data(), yK.data(), yV.data(), m, stream);
+            CUDA_CHECK(cudaStreamSynchronize(stream));
 
             std::vector<float> Q = ref::download(packed.Q), K = ref::download(packed.K), V = ref::download(packed.V);
             std::vector<float> dq_got = ref::download(dq.device), dkva_got = ref::download(dkva);

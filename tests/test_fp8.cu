@@ -68,12 +68,15 @@ void run_fp8_gemm(const Fp8Problem& p, DeviceBuffer<OutT>& C, bool accumulate, b
 }
 
 // Values over six decades, so that a tile holds its amax and values deep in E4M3's subnormals; row 1's first tile
-// is all zero.
+// is all zero, and row 2's holds zeros and values near the smallest normal float (a scale below it would have an
+// infinite inverse).
 std::vector<float> spread_values(Rng& rng, int rows, int cols) {
     std::vector<float> x(size_t(rows) * cols);
     for (float& v : x) v = float((2.0 * rng.uniform() - 1.0) * std::pow(10.0, 6.0 * rng.uniform() - 3.0));
-    if (rows > 1)
-        for (int k = 0; k < std::min(cols, ref::TILE); k++) x[size_t(cols) + k] = 0.0f;
+    for (int k = 0; k < std::min(cols, ref::TILE); k++) {
+        if (rows > 1) x[size_t(cols) + k] = 0.0f;
+        if (rows > 2) x[size_t(2) * cols + k] = k % 2 ? 0.0f : float(k) * 1e-39f;
+    }
     return x;
 }
 
@@ -91,65 +94,64 @@ void check_round_trip(const std::vector<float>& x, const std::vector<float>& q, 
 }  // namespace
 
 TEST_SUITE("gpu") {
-    TEST_CASE_TEMPLATE("quantize_rows: 1x128 tiles with online scales, partial last tile", T, float, bf16) {
-        const int M = 37, K = 300;
+    // Shapes: a partial last tile each way with 4-element vectors (300 x 300), none (256 x 128), and rows or
+    // columns not a multiple of 4, which take the scalar path (37 x 300, 300 x 45).
+    TEST_CASE_TEMPLATE("quantize_rows_and_transposed: 1x128 tiles along rows, 128x1 along columns", T, float, bf16) {
         Rng rng(81);
-        std::vector<float> x = ref::round_to<T>(spread_values(rng, M, K));
-        DeviceBuffer<T> x_dev = ref::upload<T>(x);
-        DeviceBuffer<fp8> q(size_t(M) * K);
-        DeviceBuffer<float> scales(size_t(ref::tiles(K)) * M);
-        DeviceBuffer<int> nonfinite = clear_flags(1);
-        ref::poison(scales);
-        quantize_rows(q.data(), scales.data(), nonfinite.data(), x_dev.data(), M, K, stream);
-        std::vector<float> want_q, want_scales;
-        ref::quantize_rows(x, M, K, want_q, want_scales);
-        CHECK(codes(q) == want_q);
-        CHECK(scales.download() == want_scales);
-        CHECK(nonfinite.download()[0] == 0);
-        CHECK(want_scales[size_t(0) * M + 1] == 1.0f);  // the all-zero tile
-        std::vector<float> scale_of(x.size());
-        for (int m = 0; m < M; m++)
-            for (int k = 0; k < K; k++) scale_of[size_t(m) * K + k] = want_scales[size_t(k / ref::TILE) * M + m];
-        check_round_trip(x, want_q, scale_of);
+        for (std::pair<int, int> shape : {std::pair{300, 300}, {256, 128}, {37, 300}, {300, 45}}) {
+            const int R = shape.first, C = shape.second;
+            CAPTURE(R);
+            CAPTURE(C);
+            std::vector<float> x = ref::round_to<T>(spread_values(rng, R, C));
+            DeviceBuffer<T> x_dev = ref::upload<T>(x);
+            DeviceBuffer<fp8> q(size_t(R) * C), qT(size_t(R) * C);
+            DeviceBuffer<float> scales(size_t(ref::tiles(C)) * R), scalesT(size_t(ref::tiles(R)) * C);
+            DeviceBuffer<int> nonfinite = clear_flags(1);
+            ref::poison(scales), ref::poison(scalesT);
+            quantize_rows_and_transposed(q.data(), scales.data(), qT.data(), scalesT.data(), nonfinite.data(),
+                                         x_dev.data(), R, C, stream);
+            std::vector<float> want_q, want_scales, want_qT, want_scalesT;
+            ref::quantize_rows(x, R, C, want_q, want_scales);
+            ref::quantize_rows(ref::transpose(x, R, C), C, R, want_qT, want_scalesT);
+            CHECK(codes(q) == want_q);
+            CHECK(scales.download() == want_scales);
+            CHECK(codes(qT) == want_qT);
+            CHECK(scalesT.download() == want_scalesT);
+            CHECK(nonfinite.download()[0] == 0);
+            CHECK(want_scales[size_t(0) * R + 1] == 1.0f);  // the all-zero tile
+            std::vector<float> scale_of(x.size());
+            for (int r = 0; r < R; r++)
+                for (int c = 0; c < C; c++) scale_of[size_t(r) * C + c] = want_scales[size_t(c / ref::TILE) * R + r];
+            check_round_trip(x, want_q, scale_of);
+        }
     }
 
-    TEST_CASE("quantize_transposed: 128x1 tiles along the token dimension, written transposed") {
-        const int R = 300, C = 45;  // tokens, features
-        Rng rng(82);
-        std::vector<float> x = ref::round_to<bf16>(spread_values(rng, R, C));
-        DeviceBuffer<bf16> x_dev = ref::upload<bf16>(x);
-        DeviceBuffer<fp8> qT(size_t(R) * C);
-        DeviceBuffer<float> scales(size_t(ref::tiles(R)) * C);
-        DeviceBuffer<int> nonfinite = clear_flags(1);
-        ref::poison(scales);
-        quantize_transposed(qT.data(), scales.data(), nonfinite.data(), x_dev.data(), R, C, stream);
-        std::vector<float> want_q, want_scales;
-        ref::quantize_rows(ref::transpose(x, R, C), C, R, want_q, want_scales);
-        CHECK(codes(qT) == want_q);
-        CHECK(scales.download() == want_scales);
-        CHECK(nonfinite.download()[0] == 0);
-    }
-
+    // 160 x 576: kv_a_proj_with_mqa's rows, q_b_proj's rows as columns, in 4-element vectors; 130 x 258 takes the
+    // scalar path both ways.
     TEST_CASE("quantize_weight: 128x128 blocks and the transposed copy, at the model's odd sizes") {
-        const int N = 160, K = 576;  // kv_a_proj_with_mqa's rows, q_b_proj's rows as columns
         Rng rng(83);
-        std::vector<float> W = spread_values(rng, N, K);
-        DeviceBuffer<float> W_dev = ref::upload<float>(W);
-        DeviceBuffer<fp8> q(size_t(N) * K), qT(size_t(N) * K);
-        DeviceBuffer<float> scales(size_t(ref::tiles(N)) * ref::padded_tiles(K)),
-            scalesT(size_t(ref::tiles(K)) * ref::padded_tiles(N));
-        ref::poison(scales), ref::poison(scalesT);
-        DeviceBuffer<int> nonfinite = clear_flags(1);
-        quantize_weight(q.data(), qT.data(), scales.data(), scalesT.data(), nonfinite.data(), W_dev.data(), N, K,
-                        stream);
-        std::vector<float> want_q, want_scales, want_qT, want_scalesT;
-        ref::quantize_blocks(W, N, K, want_q, want_scales);
-        ref::quantize_blocks(ref::transpose(W, N, K), K, N, want_qT, want_scalesT);
-        CHECK(codes(q) == want_q);
-        CHECK(codes(qT) == want_qT);
-        CHECK(scales.download() == want_scales);
-        CHECK(scalesT.download() == want_scalesT);
-        CHECK(nonfinite.download()[0] == 0);
+        for (std::pair<int, int> shape : {std::pair{160, 576}, {130, 258}}) {
+            const int N = shape.first, K = shape.second;
+            CAPTURE(N);
+            CAPTURE(K);
+            std::vector<float> W = spread_values(rng, N, K);
+            DeviceBuffer<float> W_dev = ref::upload<float>(W);
+            DeviceBuffer<fp8> q(size_t(N) * K), qT(size_t(N) * K);
+            DeviceBuffer<float> scales(size_t(ref::tiles(N)) * ref::padded_tiles(K)),
+                scalesT(size_t(ref::tiles(K)) * ref::padded_tiles(N));
+            ref::poison(scales), ref::poison(scalesT);
+            DeviceBuffer<int> nonfinite = clear_flags(1);
+            quantize_weight(q.data(), qT.data(), scales.data(), scalesT.data(), nonfinite.data(), W_dev.data(), N, K,
+                            stream);
+            std::vector<float> want_q, want_scales, want_qT, want_scalesT;
+            ref::quantize_blocks(W, N, K, want_q, want_scales);
+            ref::quantize_blocks(ref::transpose(W, N, K), K, N, want_qT, want_scalesT);
+            CHECK(codes(q) == want_q);
+            CHECK(codes(qT) == want_qT);
+            CHECK(scales.download() == want_scales);
+            CHECK(scalesT.download() == want_scalesT);
+            CHECK(nonfinite.download()[0] == 0);
+        }
     }
 
     TEST_CASE("a NaN or an Inf in any tile is reported") {
@@ -164,12 +166,12 @@ TEST_SUITE("gpu") {
                 DeviceBuffer<fp8> q(x.size()), qT(x.size());
                 DeviceBuffer<float> scales(size_t(ref::padded_tiles(K)) * ref::padded_tiles(M) * 128),
                     scalesT(scales.count);
-                DeviceBuffer<int> flags = clear_flags(3);
-                quantize_rows(q.data(), scales.data(), flags.data(), x_dev.data(), M, K, stream);
-                quantize_transposed(qT.data(), scales.data(), flags.data() + 1, x_dev.data(), M, K, stream);
-                quantize_weight(q.data(), qT.data(), scales.data(), scalesT.data(), flags.data() + 2, x_dev.data(), M,
+                DeviceBuffer<int> flags = clear_flags(2);
+                quantize_rows_and_transposed(q.data(), scales.data(), qT.data(), scalesT.data(), flags.data(),
+                                             x_dev.data(), M, K, stream);
+                quantize_weight(q.data(), qT.data(), scales.data(), scalesT.data(), flags.data() + 1, x_dev.data(), M,
                                 K, stream);
-                CHECK(flags.download() == std::vector<int>{1, 1, 1});
+                CHECK(flags.download() == std::vector<int>{1, 1});
             }
         }
     }

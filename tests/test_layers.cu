@@ -88,8 +88,9 @@ struct NormShape {
 };
 
 // Rows wider than a warp's 32 lanes; and MLA's kv_a case, the first D columns of wider rows, over more rows than one
-// block of the backward kernel takes (RMSNORM_ROWS_PER_BLOCK).
-const NormShape norm_shapes[] = {{13, 48, 48}, {130, 16, 20}};
+// block of the backward kernel takes (rmsnorm_rows_per_block), so that the weight gradient adds partial sums; and
+// enough rows that a block's warps take more than one each.
+const NormShape norm_shapes[] = {{13, 48, 48}, {130, 16, 20}, {5000, 24, 24}};
 constexpr double norm_eps = 1e-6;
 
 // The moments must equal the reference's stochastically rounded values, except where host and device FP32 values

@@ -160,7 +160,8 @@ TEST_SUITE("options") {
               std::string::npos);
         CHECK(parse_error({"chat", "--init", "x", "--template", "zero"}).find("--template must be auto") !=
               std::string::npos);
-        CHECK(parse({"pretrain", "--precision", "fp8"}).fp8_gemm == "cublaslt");
+        CHECK(parse({"pretrain"}).precision == "fp8");  // V3 §3.3: FP8 unless asked otherwise
+        CHECK(parse({"pretrain"}).fp8_gemm == "cublaslt");
         CHECK(parse({"pretrain", "--precision", "fp8", "--fp8-gemm", "own"}).fp8_gemm == "own");
         CHECK(parse_error({"pretrain", "--precision", "fp8", "--fp8-gemm", "cutlass"}).find("own or cublaslt") !=
               std::string::npos);
