@@ -6,8 +6,9 @@
 //   weights:                          128x128 blocks;
 // and the weight gradient, whose reduction runs over tokens, needs the activations and gradients quantized along the
 // token dimension (V3's 128x1 tiles), which here is a transposed copy quantized in 1x128 tiles.
-// A scale is amax / 448, found in the same pass that quantizes (online, no history of past amaxes). A dimension
-// that is not a multiple of 128 ends in a partial tile with a scale of its own.
+// A scale is amax / 448 (at least the smallest normal float, see tile_scale), found in the same pass that quantizes
+// (online, no history of past amaxes). A dimension that is not a multiple of 128 ends in a partial tile with a scale
+// of its own.
 //
 // Layouts (row-major): x [M, K] -> q [M, K] and scales [ceil(K/128), M]: the scales of one K-tile are contiguous
 // over rows, which is what a GEMM reading a 128-row slab of A for one K-block wants. Weights W [N, K] -> q [N, K]

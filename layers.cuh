@@ -101,7 +101,7 @@ __global__ void rmsnorm_forward_kernel(T* y, float* rstd, const T* x, int x_stri
 }
 
 // dx = r (w dy - xhat mean(w dy xhat)), xhat = r x. Each block also writes its partial sum of dy * xhat over its
-// rows (the weight gradient), which rmsnorm_dw_reduce_kernel adds up in block order. A block takes enough rows
+// rows (the weight gradient), which rmsnorm_dw_reduce_kernel adds up in a fixed order. A block takes enough rows
 // that there are at most RMSNORM_BLOCKS of them: enough to fill the GPU, few enough partial sums to add up.
 constexpr int RMSNORM_BLOCKS = 512, RMSNORM_MIN_ROWS = WARPS_PER_BLOCK;
 inline int rmsnorm_rows_per_block(int N) { return std::max(RMSNORM_MIN_ROWS, ceil_div(N, RMSNORM_BLOCKS)); }
