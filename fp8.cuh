@@ -57,7 +57,7 @@ inline long block_scale_count(int rows, int cols) { return long(scale_tiles(rows
 // A block of 8 warps holds one 128x128 tile of a row-major matrix [R, C]: warp w holds rows w, w + 8, ..., w + 120
 // of the tile and lane l columns 4l ... 4l + 3 of each, so that a warp reads and writes whole rows in 4-element
 // vectors. Outside the matrix the tile holds zeros, which change no amax. The quantizers read their input once and
-// write each output once, in rows; they run at memory speed.
+// write each output once, in rows.
 constexpr int TILE_THREADS = 256, TILE_WARPS = TILE_THREADS / 32, TILE_ROWS = N_C / TILE_WARPS;
 
 __device__ inline void load_vector4(float (&v)[4], const float* p) {
