@@ -6,7 +6,7 @@ NVCCFLAGS ?= -std=c++17 -O3 -Xcompiler -Wall
 LIBS = -lcublasLt
 BUILD = build
 
-HEADERS = $(wildcard *.cuh *.h data/*.h)
+HEADERS = $(wildcard *.cuh kernels/*.cuh kernels/*.h io/*.h data/*.h)
 TEST_SRCS = $(wildcard tests/*.cu)
 TEST_OBJS = $(patsubst tests/%.cu,$(BUILD)/tests/%.o,$(TEST_SRCS))
 
@@ -31,7 +31,7 @@ EVAL_MODELS = $(BASE),$(BASE):direct,$(BASE):r1zero,runs/r1zero/checkpoint,runs/
 PYTHON ?= python3
 
 .PHONY: all test train demo bench clean
-all: $(BUILD)/train $(BUILD)/run_tests $(BUILD)/bench_sampler $(BUILD)/bench_fp8
+all: $(BUILD)/train $(BUILD)/run_tests $(BUILD)/bench_sampler $(BUILD)/bench_fp8 $(BUILD)/bench_step
 
 $(BUILD)/train: train.cu $(HEADERS) | $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -o $@ train.cu $(LIBS)

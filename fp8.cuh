@@ -20,10 +20,12 @@
 #include <cuda_fp8.h>
 
 #include <cfloat>
+#include <memory>
 
-#include "common.cuh"
-#include "gemm.cuh"
-#include "layers.cuh"
+#include "kernels/common.cuh"
+#include "kernels/gemm.cuh"
+#include "kernels/layers.cuh"
+#include "kernels/params.h"
 
 using fp8 = __nv_fp8_e4m3;
 
@@ -48,17 +50,18 @@ __host__ __device__ inline int scale_tiles(int n) { return (n + N_C - 1) / N_C; 
 __host__ __device__ inline int block_scale_stride(int cols) { return (scale_tiles(cols) + 3) / 4 * 4; }
 
 // Scale slots of a weight [rows, cols] in 128x128 blocks.
-inline long block_scale_count(int rows, int cols) { return long(scale_tiles(rows)) * block_scale_stride(cols); }
+__host__ __device__ inline long block_scale_count(int rows, int cols) { return long(scale_tiles(rows)) * block_scale_stride(cols); }
 
 // ---------------------------------------------------------------------------------------------------------------
 // A 128x128 tile in registers: the shape every quantizer works on
 // ---------------------------------------------------------------------------------------------------------------
 //
-// A block of 8 warps holds one 128x128 tile of a row-major matrix [R, C]: warp w holds rows w, w + 8, ..., w + 120
-// of the tile and lane l columns 4l ... 4l + 3 of each, so that a warp reads and writes whole rows in 4-element
-// vectors. Outside the matrix the tile holds zeros, which change no amax. The quantizers read their input once and
-// write each output once, in rows.
-constexpr int TILE_THREADS = 256, TILE_WARPS = TILE_THREADS / 32, TILE_ROWS = N_C / TILE_WARPS;
+// A block of 16 warps holds one 128x128 tile of a row-major matrix [R, C]: warp w holds rows w, w + 16, ...,
+// w + 112 of the tile and lane l columns 4l ... 4l + 3 of each, so that a warp reads and writes whole rows in
+// 4-element vectors. Outside the matrix the tile holds zeros, which change no amax. The quantizers read their input
+// once and write each output once, in rows. Eight rows a thread keep a block's registers few enough for four blocks
+// on a multiprocessor: while some wait on their loads, others compute and store.
+constexpr int TILE_THREADS = 512, TILE_WARPS = TILE_THREADS / 32, TILE_ROWS = N_C / TILE_WARPS;
 
 __device__ inline void load_vector4(float (&v)[4], const float* p) {
     float4 f = *reinterpret_cast<const float4*>(p);
@@ -163,14 +166,29 @@ __device__ void store_tile_transposed(fp8* qT, fp8 (*staged)[N_C + 1], const flo
 // over tokens. In the tile a row's amax is its warp's, a column's is found across the warps.
 // A NaN or Inf anywhere sets *nonfinite (the step that made it must be skipped: V3 trains without loss scaling,
 // so a non-finite value is a diverging step, not an overflow to retry).
+//
+// With row groups (group_offsets, groups + 1 ascending multiples of 128; the routed experts' rows), each group's rows
+// are a matrix of their own: quantized, scaled and transposed on their own, at the group's place in the outputs
+// (rows from offset g: q and x at offset_g * C, scales at offset_g * ceil(C/128), qT at offset_g * C as
+// [C, rows of g], scalesT at offset_g / 128 * C). As groups start at multiples of 128, no tile spans two of them.
 template <typename T>
 __global__ void __launch_bounds__(TILE_THREADS)
     quantize_rows_and_transposed_kernel(fp8* q, float* scales, fp8* qT, float* scalesT, int* nonfinite, const T* x,
-                                        int R, int C, bool vector_rows, bool vector_columns) {
+                                        int R, int C, const int* group_offsets, int groups, bool vector_rows,
+                                        bool vector_columns) {
     __shared__ float column_amax[TILE_WARPS][N_C];
     __shared__ float column_inverse[N_C];
     __shared__ fp8 staged[N_C][N_C + 1];
-    const int r0 = blockIdx.y * N_C, c0 = blockIdx.x * N_C, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int r0 = blockIdx.y * N_C;
+    if (group_offsets) {
+        int g = 0;
+        while (g + 1 < groups && group_offsets[g + 1] <= r0) g++;
+        const long first = group_offsets[g];
+        x += first * C, q += first * C, qT += first * C;
+        scales += first * scale_tiles(C), scalesT += first / N_C * C;
+        r0 -= int(first), R = group_offsets[g + 1] - int(first);
+    }
+    const int c0 = blockIdx.x * N_C, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float v[TILE_ROWS][4];
     if (__syncthreads_or(!load_tile(v, x, R, C, r0, c0, vector_rows)) && threadIdx.x == 0) *nonfinite = 1;
 
@@ -195,7 +213,7 @@ __global__ void __launch_bounds__(TILE_THREADS)
         for (int w = 0; w < TILE_WARPS; w++) amax = fmaxf(amax, column_amax[w][threadIdx.x]);
         const float scale = tile_scale(amax);
         column_inverse[threadIdx.x] = 1.0f / scale;
-        if (c0 + threadIdx.x < C) scalesT[long(blockIdx.y) * C + c0 + threadIdx.x] = scale;
+        if (c0 + threadIdx.x < C) scalesT[long(r0 / N_C) * C + c0 + threadIdx.x] = scale;
     }
     __syncthreads();
 
@@ -204,14 +222,16 @@ __global__ void __launch_bounds__(TILE_THREADS)
                           vector_columns);
 }
 
+// R rows in all; with group_offsets (on the device), `groups` groups of rows whose sizes are multiples of 128.
 template <typename T>
 void quantize_rows_and_transposed(fp8* q, float* scales, fp8* qT, float* scalesT, int* nonfinite, const T* x, int R,
-                                  int C, cudaStream_t s) {
+                                  int C, cudaStream_t s, const int* group_offsets = nullptr, int groups = 1) {
     const bool vector_rows = C % 4 == 0 && pointer_alignment(x) >= 4 * sizeof(T) && pointer_alignment(q) >= 4;
     const bool vector_columns = R % 4 == 0 && pointer_alignment(qT) >= 4;
     dim3 grid(scale_tiles(C), scale_tiles(R));
     quantize_rows_and_transposed_kernel<<<grid, TILE_THREADS, 0, s>>>(q, scales, qT, scalesT, nonfinite, x, R, C,
-                                                                      vector_rows, vector_columns);
+                                                                      group_offsets, groups, vector_rows,
+                                                                      vector_columns);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -221,12 +241,16 @@ void quantize_rows_and_transposed(fp8* q, float* scales, fp8* qT, float* scalesT
 
 // One thread block per 128x128 block of W [N, K] (FP32 master weights): the block's amax, then q [N, K] and
 // qT [K, N]. Transposing a quantized block is exact and keeps its scale, so both copies share one scale grid,
-// stored once per orientation.
+// stored once per orientation. blockIdx.z picks one of several weights of the same shape stored one after the
+// other (the routed experts), each with its own scale grids.
 static __global__ void __launch_bounds__(TILE_THREADS)
     quantize_weight_kernel(fp8* q, fp8* qT, float* scales, float* scalesT, int* nonfinite, const float* W, int N,
                            int K, bool vector_rows, bool vector_columns) {
     __shared__ float warp_amax[TILE_WARPS];
     __shared__ fp8 staged[N_C][N_C + 1];
+    const long group = blockIdx.z;
+    W += group * N * K, q += group * N * K, qT += group * N * K;
+    scales += group * block_scale_count(N, K), scalesT += group * block_scale_count(K, N);
     const int nb = blockIdx.y, kb = blockIdx.x, n0 = nb * N_C, k0 = kb * N_C;
     float v[TILE_ROWS][4];
     if (__syncthreads_or(!load_tile(v, W, N, K, n0, k0, vector_rows)) && threadIdx.x == 0) *nonfinite = 1;
@@ -253,11 +277,12 @@ static __global__ void __launch_bounds__(TILE_THREADS)
     store_tile_transposed(qT, staged, v, [=](int) { return inverse; }, N, K, n0, k0, vector_columns);
 }
 
+// `groups` weights [N, K], one after the other.
 inline void quantize_weight(fp8* q, fp8* qT, float* scales, float* scalesT, int* nonfinite, const float* W, int N,
-                            int K, cudaStream_t s) {
+                            int K, cudaStream_t s, int groups = 1) {
     const bool vector_rows = K % 4 == 0 && pointer_alignment(W) >= 16 && pointer_alignment(q) >= 4;
     const bool vector_columns = N % 4 == 0 && pointer_alignment(qT) >= 4;
-    dim3 grid(scale_tiles(K), scale_tiles(N));
+    dim3 grid(scale_tiles(K), scale_tiles(N), groups);
     quantize_weight_kernel<<<grid, TILE_THREADS, 0, s>>>(q, qT, scales, scalesT, nonfinite, W, N, K, vector_rows,
                                                          vector_columns);
     CUDA_CHECK_LAUNCH();
@@ -661,6 +686,8 @@ void fp8_matmul(Fp8Backend backend, Blas& blas, cudaStream_t s, OutT* C, const f
 // data gradient  dx [M, K] = dy [M, N] . W^T [K, N]^T   A: dy in 1x128 tiles,  B: W^T in 128x128 blocks
 // weight grad.   dW [N, K] = dy^T [N, M] . x^T [K, M]^T A: dy^T in 1x128 tiles along the tokens, B: x^T likewise
 // The forward pass keeps x for the backward pass as x^T in FP8 (V3 §3.3.3 caches activations in FP8).
+//
+// A Linear may hold several weights of one shape (the routed experts), each meeting its own group of rows of x.
 
 // E4M3 values and their scales.
 struct Fp8Tensor {
@@ -669,42 +696,198 @@ struct Fp8Tensor {
     Fp8Tensor(long elements, long scale_count) : q(elements), scales(scale_count) {}
 };
 
-// A weight [N, K] in FP8, in both orientations, quantized from the FP32 master copy after every optimizer step.
+// `groups` weights [N, K] stored one after the other, each in FP8 in both orientations, quantized from the FP32
+// master copy after every optimizer step.
 struct Fp8Weight {
-    int N, K;
+    int N, K, groups;
     Fp8Tensor w, wT;
-    Fp8Weight(int n, int k)
-        : N(n), K(k), w(long(n) * k, block_scale_count(n, k)), wT(long(n) * k, block_scale_count(k, n)) {}
+    Fp8Weight(int n, int k, int g = 1)
+        : N(n),
+          K(k),
+          groups(g),
+          w(long(g) * n * k, g * block_scale_count(n, k)),
+          wT(long(g) * n * k, g * block_scale_count(k, n)) {}
+    const fp8* q(int g) const { return w.q.data() + long(g) * N * K; }
+    const float* scales(int g) const { return w.scales.data() + g * block_scale_count(N, K); }
+    const fp8* qT(int g) const { return wT.q.data() + long(g) * N * K; }
+    const float* scalesT(int g) const { return wT.scales.data() + g * block_scale_count(K, N); }
     void refresh(const float* master, int* nonfinite, cudaStream_t s) {
-        quantize_weight(w.q.data(), wT.q.data(), w.scales.data(), wT.scales.data(), nonfinite, master, N, K, s);
+        quantize_weight(w.q.data(), wT.q.data(), w.scales.data(), wT.scales.data(), nonfinite, master, N, K, s, groups);
     }
 };
 
 // Operands quantized along rows ([rows, cols], scales [ceil(cols/128), rows]) or transposed ([cols, rows], scales
 // [ceil(rows/128), cols]) hold the same number of values and scale slots at most: one buffer size serves both.
-inline Fp8Tensor fp8_operand(int rows, int cols) {
-    return Fp8Tensor(long(rows) * cols, std::max(long(scale_tiles(cols)) * rows, long(scale_tiles(rows)) * cols));
+// Rows split into groups whose sizes are multiples of 128 need no more.
+inline long fp8_operand_scales(int rows, int cols) {
+    return std::max(long(scale_tiles(cols)) * rows, long(scale_tiles(rows)) * cols);
 }
+inline Fp8Tensor fp8_operand(int rows, int cols) { return Fp8Tensor(long(rows) * cols, fp8_operand_scales(rows, cols)); }
+
+// The rows of a Linear's input, in groups: group g, rows [offsets[g], offsets[g + 1]), meets weight g (the routed
+// experts: group g is the tokens routed to expert g). With more than one group, every group's size is a multiple of
+// 128, so that no FP8 tile spans two groups, and the offsets are on the device too, for the quantizer.
+struct RowGroups {
+    std::vector<int> offsets;
+    const int* device_offsets = nullptr;
+    static RowGroups all(int rows) { return {{0, rows}, nullptr}; }
+    int groups() const { return int(offsets.size()) - 1; }
+    int rows() const { return offsets.back(); }
+    int first(int g) const { return offsets[g]; }
+    int size(int g) const { return offsets[g + 1] - offsets[g]; }
+};
 
 // y = x W^T (+ y); x_saved receives x^T in FP8 for the backward pass; x_q is scratch for the forward GEMM's A.
 template <typename T>
 void fp8_linear_forward(Fp8Backend backend, Blas& blas, cudaStream_t s, T* y, const T* x, const Fp8Weight& W,
-                        Fp8Tensor& x_q, Fp8Tensor& x_saved, int M, int* nonfinite, bool accumulate = false) {
+                        Fp8Tensor& x_q, Fp8Tensor& x_saved, const RowGroups& rows, int* nonfinite,
+                        bool accumulate = false) {
     quantize_rows_and_transposed(x_q.q.data(), x_q.scales.data(), x_saved.q.data(), x_saved.scales.data(), nonfinite,
-                                 x, M, W.K, s);
-    fp8_matmul(backend, blas, s, y, x_q.q.data(), W.w.q.data(), x_q.scales.data(), W.w.scales.data(), M, W.N, W.K,
-               BScales::Block, accumulate);
+                                 x, rows.rows(), W.K, s, rows.device_offsets, rows.groups());
+    for (int g = 0; g < rows.groups(); g++) {
+        const long first = rows.first(g);
+        if (rows.size(g) == 0) continue;
+        fp8_matmul(backend, blas, s, y + first * W.N, x_q.q.data() + first * W.K, W.q(g),
+                   x_q.scales.data() + first * scale_tiles(W.K), W.scales(g), rows.size(g), W.N, W.K, BScales::Block,
+                   accumulate);
+    }
 }
 
-// dx = dy W (+ dx), dW = dy^T x (+ dW, FP32), from x^T saved by the forward pass; dy_q and dy_t are scratch.
+// dx = dy W (+ dx), dW = dy^T x (FP32), from x^T saved by the forward pass; dy_q and dy_t are scratch. A group
+// without rows gets a zero weight gradient.
 template <typename T>
 void fp8_linear_backward(Fp8Backend backend, Blas& blas, cudaStream_t s, T* dx, float* dW, const T* dy,
-                         const Fp8Tensor& x_saved, const Fp8Weight& W, Fp8Tensor& dy_q, Fp8Tensor& dy_t, int M,
-                         int* nonfinite, bool accumulate_dx = false, bool accumulate_dw = false) {
+                         const Fp8Tensor& x_saved, const Fp8Weight& W, Fp8Tensor& dy_q, Fp8Tensor& dy_t,
+                         const RowGroups& rows, int* nonfinite, bool accumulate_dx = false) {
     quantize_rows_and_transposed(dy_q.q.data(), dy_q.scales.data(), dy_t.q.data(), dy_t.scales.data(), nonfinite, dy,
-                                 M, W.N, s);
-    fp8_matmul(backend, blas, s, dx, dy_q.q.data(), W.wT.q.data(), dy_q.scales.data(), W.wT.scales.data(), M, W.K, W.N,
-               BScales::Block, accumulate_dx);
-    fp8_matmul(backend, blas, s, dW, dy_t.q.data(), x_saved.q.data(), dy_t.scales.data(), x_saved.scales.data(), W.N,
-               W.K, M, BScales::Row, accumulate_dw);
+                                 rows.rows(), W.N, s, rows.device_offsets, rows.groups());
+    for (int g = 0; g < rows.groups(); g++) {
+        const long first = rows.first(g), M = rows.size(g);
+        float* dW_g = dW + long(g) * W.N * W.K;
+        if (M == 0) {
+            CUDA_CHECK(cudaMemsetAsync(dW_g, 0, sizeof(float) * W.N * W.K, s));
+            continue;
+        }
+        fp8_matmul(backend, blas, s, dx + first * W.K, dy_q.q.data() + first * W.N, W.qT(g),
+                   dy_q.scales.data() + first * scale_tiles(W.N), W.scalesT(g), int(M), W.K, W.N, BScales::Block,
+                   accumulate_dx);
+        fp8_matmul(backend, blas, s, dW_g, dy_t.q.data() + first * W.N, x_saved.q.data() + first * W.K,
+                   dy_t.scales.data() + first / N_C * W.N, x_saved.scales.data() + first / N_C * W.K, W.N, W.K,
+                   int(M), BScales::Row, false);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Linear: a projection of the model, as every module holds it
+// ---------------------------------------------------------------------------------------------------------------
+
+// The FP8 state that a model's Linears share: the GEMM backend, scratch for the quantized operands of one GEMM,
+// and the flags raised when a quantization meets a NaN or Inf: on an activation or a gradient the optimizer skips
+// its update; the weights' flag is separate (a non-finite weight shows in the loss).
+struct Fp8Scratch {
+    Fp8Backend backend;
+    Fp8Tensor x_q, dy_q, dy_t;
+    DeviceBuffer<int> nonfinite{1}, weights_nonfinite{1};
+    // Scratch for operands of up to `elements` values and `scale_slots` scales.
+    Fp8Scratch(Fp8Backend b, long elements, long scale_slots)
+        : backend(b), x_q(elements, scale_slots), dy_q(elements, scale_slots), dy_t(elements, scale_slots) {
+        CUDA_CHECK(cudaMemset(nonfinite.data(), 0, sizeof(int)));
+        CUDA_CHECK(cudaMemset(weights_nonfinite.data(), 0, sizeof(int)));
+    }
+};
+
+// What a module's forward and backward need from the model that holds its parameters.
+template <typename T>
+struct Ctx {
+    Blas& blas;
+    cudaStream_t stream;
+    const ParamLayout& layout;
+    const float* master;  // FP32 master weights: the router computes in FP32 (V3 §3.3 keeps gating out of FP8)
+    const T* weights;     // the copy in the model's precision
+    float* grads;
+    Fp8Scratch* fp8;  // the projections' GEMMs in FP8 (V3 §3.3); null: in the model's precision
+    bool decoding;    // the sampler's decode step: no backward follows, and nothing may wait for the host
+    const T* w(int tensor) const { return weights + layout.offset(tensor); }
+    const float* w32(int tensor) const { return master + layout.offset(tensor); }
+    float* g(int tensor) const { return grads + layout.offset(tensor); }
+};
+
+// y = x W^T. W [out, in] is a tensor of the parameter layout; with groups > 1, the layout holds `groups` such weights
+// one after the other, and group g of the input's rows meets weight g. In FP8 training the three GEMMs run in E4M3
+// and the forward pass keeps x^T in FP8 for the backward pass.
+struct Linear {
+    int weight = -1;  // the tensor of the first weight
+    int out = 0, in = 0, groups = 1;
+    int max_rows = 0;  // rows of the input at most, for the FP8 buffers
+    std::unique_ptr<Fp8Weight> w8;
+    std::unique_ptr<Fp8Tensor> x_saved;
+
+    static Linear declare(ParamLayout& layout, const std::string& name, int out, int in, int max_rows,
+                          Init init = Init::Normal) {
+        Linear l;
+        l.weight = layout.matrix(name, out, in, init), l.out = out, l.in = in, l.max_rows = max_rows;
+        return l;
+    }
+
+    void enable_fp8() {
+        w8 = std::make_unique<Fp8Weight>(out, in, groups);
+        x_saved = std::make_unique<Fp8Tensor>(fp8_operand(max_rows, in));
+    }
+
+    template <typename T>
+    void forward(const Ctx<T>& c, T* y, const T* x, const RowGroups& rows, bool accumulate = false) {
+        if (c.fp8) {
+            fp8_linear_forward(c.fp8->backend, c.blas, c.stream, y, x, *w8, c.fp8->x_q, *x_saved, rows,
+                               c.fp8->nonfinite.data(), accumulate);
+            return;
+        }
+        for (int g = 0; g < rows.groups(); g++) {
+            const long first = rows.first(g);
+            if (rows.size(g) > 0)
+                linear_forward(c.blas, c.stream, y + first * out, x + first * in, c.w(weight) + long(g) * out * in,
+                               rows.size(g), out, in, accumulate);
+        }
+    }
+
+    // dx (+ dx) and the weight gradient (written), for the input x of the last forward pass.
+    template <typename T>
+    void backward(const Ctx<T>& c, T* dx, const T* dy, const T* x, const RowGroups& rows, bool accumulate_dx = false) {
+        if (c.fp8) {
+            fp8_linear_backward(c.fp8->backend, c.blas, c.stream, dx, c.g(weight), dy, *x_saved, *w8, c.fp8->dy_q,
+                                c.fp8->dy_t, rows, c.fp8->nonfinite.data(), accumulate_dx);
+            return;
+        }
+        for (int g = 0; g < rows.groups(); g++) {
+            const long first = rows.first(g);
+            float* dW = c.g(weight) + long(g) * out * in;
+            if (rows.size(g) == 0)
+                CUDA_CHECK(cudaMemsetAsync(dW, 0, sizeof(float) * out * in, c.stream));
+            else
+                linear_backward(c.blas, c.stream, dx + first * in, dW, dy + first * out, x + first * in,
+                                c.w(weight) + long(g) * out * in, rows.size(g), out, in, accumulate_dx);
+        }
+    }
+
+    // y [groups, rows, out]: every weight applied to the same rows x [rows, in] (shared_x) or each to its own
+    // [groups, rows, in], as one batched GEMM in the model's precision. The decode step runs every routed expert on
+    // every token this way: the step's shapes are fixed (it replays as a CUDA graph) and need no routing counts.
+    template <typename T>
+    void forward_every_group(const Ctx<T>& c, T* y, const T* x, int rows, bool shared_x) {
+        matmul(c.blas, c.stream, y, x, c.w(weight),
+               Matmul{rows, out, in, false, true, 1.0f, 0.0f, groups, shared_x ? 0 : long(rows) * in, long(out) * in,
+                      long(rows) * out});
+    }
+};
+
+// FP8 for every one of a model's Linears, with scratch that each of their operands fits in.
+inline std::unique_ptr<Fp8Scratch> enable_fp8(Fp8Backend backend, const std::vector<Linear*>& linears) {
+    long elements = 0, scale_slots = 0;
+    for (Linear* l : linears) {
+        l->enable_fp8();
+        for (int width : {l->in, l->out}) {
+            elements = std::max(elements, long(l->max_rows) * width);
+            scale_slots = std::max(scale_slots, fp8_operand_scales(l->max_rows, width));
+        }
+    }
+    return std::make_unique<Fp8Scratch>(backend, elements, scale_slots);
 }

@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "data/corpus.h"
-#include "layers.cuh"
-#include "rewards.h"
+#include "data/rewards.h"
+#include "kernels/layers.cuh"
 #include "sampler.cuh"
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-// model.cuh: the DeepSeek-V3-shaped transformer: config, the flat parameter buffer, forward, backward, AdamW.
+// model.cuh: the DeepSeek-V3-shaped transformer: config, parameters, the decoder block, forward, backward, AdamW.
 //
 //   tokens -> embedding -> L x [ RMSNorm -> MLA -> +residual -> RMSNorm -> FFN -> +residual ]
 //          -> RMSNorm -> lm_head -> cross-entropy
@@ -9,23 +9,34 @@
 //   kv_a = kv_a_proj_with_mqa h -> [c_kv | k_rope]   [N, kv_lora_rank + d_rope]  eqs. 1, 3
 //   kv_b = kv_b_proj RMSNorm(c_kv) -> per head [k_nope | v]                      eqs. 2, 5
 //   o    = o_proj attention(q, k, v)                 [N, hidden]                eqs. 10-11
-// The FFN slot is a dense SwiGLU here: down_proj(silu(gate_proj h) * up_proj h).
+// The FFN slot holds a dense SwiGLU in the first first_k_dense_replace layers and DeepSeekMoE (moe.cuh) after.
+//
+// The decoder block is written once, in parts that training and the sampler's decode step (sampler.cuh) share:
+// attention_inputs (the projections that attention reads), attention_output (o_proj into the residual stream) and
+// ffn. Between the first two, training runs attention over whole sequences (kernels/attention.cuh), decoding over
+// the latent cache.
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
-#include "attention.cuh"
 #include "fp8.cuh"
-#include "gemm.cuh"
-#include "layers.cuh"
+#include "kernels/attention.cuh"
+#include "kernels/gemm.cuh"
+#include "kernels/layers.cuh"
+#include "kernels/params.h"
+#include "moe.cuh"
 
-// Field names follow transformers' DeepseekV3Config, so config.json is read and written without renaming.
 // transformers builds q_a_layernorm and kv_a_layernorm with its RMSNorm's default eps, whatever rms_norm_eps says.
 constexpr float LATENT_NORM_EPS = 1e-6f;
 
+enum class Bound { Positive, NonNegative };
+
+// Field names follow transformers' DeepseekV3Config, so config.json is read and written without renaming.
 struct Config {
     int vocab_size = 128;
     int hidden_size = 384;
@@ -41,99 +52,179 @@ struct Config {
     float rms_norm_eps = 1e-6f;
     float rope_theta = 10000.0f;
     float initializer_range = 0.02f;
+    // DeepSeekMoE in the layers from first_k_dense_replace on (num_hidden_layers: a dense model)
+    int first_k_dense_replace = 1;
+    int n_routed_experts = 16;
+    int n_shared_experts = 1;
+    int num_experts_per_tok = 4;
+    int n_group = 4;
+    int topk_group = 2;
+    int moe_intermediate_size = 256;
+    float routed_scaling_factor = 2.5f;
+    bool norm_topk_prob = true;
+
+    // The one list of the fields: config.json is read, written and checked through it.
+    template <typename Self, typename Visit>
+    static void each_field(Self& c, Visit&& visit) {
+        visit("vocab_size", c.vocab_size, Bound::Positive);
+        visit("hidden_size", c.hidden_size, Bound::Positive);
+        visit("intermediate_size", c.intermediate_size, Bound::Positive);
+        visit("num_hidden_layers", c.num_hidden_layers, Bound::Positive);
+        visit("num_attention_heads", c.num_attention_heads, Bound::Positive);
+        visit("q_lora_rank", c.q_lora_rank, Bound::Positive);
+        visit("kv_lora_rank", c.kv_lora_rank, Bound::Positive);
+        visit("qk_nope_head_dim", c.qk_nope_head_dim, Bound::Positive);
+        visit("qk_rope_head_dim", c.qk_rope_head_dim, Bound::Positive);
+        visit("v_head_dim", c.v_head_dim, Bound::Positive);
+        visit("max_position_embeddings", c.max_position_embeddings, Bound::Positive);
+        visit("rms_norm_eps", c.rms_norm_eps, Bound::Positive);
+        visit("rope_theta", c.rope_theta, Bound::Positive);
+        visit("initializer_range", c.initializer_range, Bound::NonNegative);
+        visit("first_k_dense_replace", c.first_k_dense_replace, Bound::NonNegative);
+        visit("n_routed_experts", c.n_routed_experts, Bound::Positive);
+        visit("n_shared_experts", c.n_shared_experts, Bound::Positive);
+        visit("num_experts_per_tok", c.num_experts_per_tok, Bound::Positive);
+        visit("n_group", c.n_group, Bound::Positive);
+        visit("topk_group", c.topk_group, Bound::Positive);
+        visit("moe_intermediate_size", c.moe_intermediate_size, Bound::Positive);
+        visit("routed_scaling_factor", c.routed_scaling_factor, Bound::Positive);
+        visit("norm_topk_prob", c.norm_topk_prob, Bound::NonNegative);
+    }
+    template <typename Visit>
+    void fields(Visit&& visit) {
+        each_field(*this, visit);
+    }
+    template <typename Visit>
+    void fields(Visit&& visit) const {
+        each_field(*this, visit);
+    }
 
     int qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+    bool is_moe(int layer) const { return layer >= first_k_dense_replace; }
+    bool has_moe() const { return first_k_dense_replace < num_hidden_layers; }
+    MoeConfig moe() const {
+        return {n_routed_experts, n_shared_experts,    num_experts_per_tok,  n_group,
+                topk_group,       moe_intermediate_size, routed_scaling_factor, norm_topk_prob};
+    }
 
     // Throws std::invalid_argument naming the first field that cannot work.
     void validate() const {
+        fields([](const char* name, const auto& value, Bound bound) {
+            using V = std::decay_t<decltype(value)>;
+            if constexpr (!std::is_same_v<V, bool>) {
+                bool ok = bound == Bound::Positive ? value > 0 : value >= 0;
+                if constexpr (std::is_floating_point_v<V>) ok = ok && std::isfinite(value);
+                if (!ok)
+                    throw std::invalid_argument(std::string("invalid model config: ") + name + " must be " +
+                                                (bound == Bound::Positive ? "positive" : "non-negative") +
+                                                (std::is_floating_point_v<V> ? " and finite" : ""));
+            }
+        });
         auto require = [](bool ok, const char* what) {
             if (!ok) throw std::invalid_argument(std::string("invalid model config: ") + what);
         };
-        require(vocab_size > 0 && hidden_size > 0 && intermediate_size > 0, "sizes must be positive");
-        require(num_hidden_layers > 0 && num_attention_heads > 0, "layers and heads must be positive");
-        require(q_lora_rank > 0, "q_lora_rank must be positive (the low-rank query path)");
-        require(kv_lora_rank > 0 && v_head_dim > 0 && qk_nope_head_dim > 0, "MLA dimensions must be positive");
-        require(qk_rope_head_dim > 0 && qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even and positive");
-        require(max_position_embeddings > 0, "max_position_embeddings must be positive");
+        require(qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)");
+        if (!has_moe()) return;
+        const int group_size = n_routed_experts / n_group;
+        require(hidden_size % 8 == 0, "hidden_size must be a multiple of 8 in a model with MoE layers (the experts' "
+                                      "rows move 16 bytes at a time)");
+        require(n_routed_experts <= MOE_MAX_EXPERTS, "n_routed_experts must be at most 256");
+        require(n_group <= MOE_MAX_GROUPS && n_routed_experts % n_group == 0,
+                "n_routed_experts must split into n_group (at most 32) groups of equal size");
+        require(n_group == 1 || group_size >= 2, "a group is scored by its two best experts: groups need two");
+        require(topk_group <= n_group, "topk_group must not exceed n_group");
+        require(num_experts_per_tok <= MOE_MAX_TOP_K && num_experts_per_tok <= topk_group * group_size,
+                "num_experts_per_tok must be at most 16 and fit in topk_group groups");
     }
-
-    // Model FLOPs per token of a training step (forward + backward = 3x forward, 2 FLOPs per multiply-add):
-    // every projection, plus attention scores and values over a full context of T (the usual convention).
-    double train_flops_per_token(int T) const {
-        double attn = 2.0 * T * num_attention_heads * (qk_head_dim() + v_head_dim) * num_hidden_layers;
-        return 3.0 * (2.0 * double(matmul_params()) + attn);
-    }
-    long matmul_params() const;  // parameters that take part in a GEMM (all but embedding and norms)
 };
 
-// One tensor of the flat parameter buffer.
-struct ParamTensor {
-    std::string name;  // the Hugging Face checkpoint name
-    std::vector<long> shape;
-    long offset;
-    long numel() const {
-        long n = 1;
-        for (long d : shape) n *= d;
+// ---------------------------------------------------------------------------------------------------------------
+// The parameters, module by module
+// ---------------------------------------------------------------------------------------------------------------
+
+// MLA's parameters in one layer.
+struct Mla {
+    int input_norm = -1, q_a_norm = -1, kv_a_norm = -1;
+    Linear q_a, q_b, kv_a, kv_b, o;
+};
+
+struct Layer {
+    Mla attn;
+    int post_norm = -1;
+    bool moe = false;
+    SwiGlu mlp;  // the FFN of a dense layer
+    Moe routed;  // the FFN of a MoE layer
+};
+
+// Every module's tensors in one parameter layout, as the modules declare them; no device memory. The declaration
+// order puts a dense layer's matrices and norm weights where they have always been, so older checkpoints and runs
+// keep their meaning. max_tokens: the most tokens a forward pass takes (sizes the FP8 buffers).
+struct Architecture {
+    ParamLayout layout;
+    int embed = -1, lm_head = -1, final_norm = -1;
+    std::vector<Layer> layers;
+
+    Architecture(const Config& c, int max_tokens) {
+        c.validate();
+        const int d = c.hidden_size, H = c.num_attention_heads, N = max_tokens;
+        embed = layout.matrix("model.embed_tokens.weight", c.vocab_size, d);
+        layers.resize(c.num_hidden_layers);
+        for (int l = 0; l < c.num_hidden_layers; l++) {
+            const std::string p = "model.layers." + std::to_string(l) + ".";
+            Layer& L = layers[l];
+            Mla& a = L.attn;
+            a.input_norm = layout.norm(p + "input_layernorm.weight", d);
+            a.q_a = Linear::declare(layout, p + "self_attn.q_a_proj.weight", c.q_lora_rank, d, N);
+            a.q_a_norm = layout.norm(p + "self_attn.q_a_layernorm.weight", c.q_lora_rank);
+            a.q_b = Linear::declare(layout, p + "self_attn.q_b_proj.weight", H * c.qk_head_dim(), c.q_lora_rank, N);
+            a.kv_a = Linear::declare(layout, p + "self_attn.kv_a_proj_with_mqa.weight",
+                                     c.kv_lora_rank + c.qk_rope_head_dim, d, N);
+            a.kv_a_norm = layout.norm(p + "self_attn.kv_a_layernorm.weight", c.kv_lora_rank);
+            a.kv_b = Linear::declare(layout, p + "self_attn.kv_b_proj.weight", H * (c.qk_nope_head_dim + c.v_head_dim),
+                                     c.kv_lora_rank, N);
+            a.o = Linear::declare(layout, p + "self_attn.o_proj.weight", d, H * c.v_head_dim, N, Init::ResidualNormal);
+            L.post_norm = layout.norm(p + "post_attention_layernorm.weight", d);
+            L.moe = c.is_moe(l);
+            if (L.moe)
+                L.routed = Moe::declare(layout, p + "mlp.", c.moe(), d, N);
+            else
+                L.mlp = SwiGlu::declare(layout, {p + "mlp."}, d, c.intermediate_size, N);
+        }
+        lm_head = layout.matrix("lm_head.weight", c.vocab_size, d);
+        final_norm = layout.norm("model.norm.weight", d);
+        layout.finalize();
+    }
+
+    // Every projection that runs through Linear (and so in FP8 in FP8 training).
+    std::vector<Linear*> linears() {
+        std::vector<Linear*> out;
+        for (Layer& L : layers) {
+            for (Linear* l : {&L.attn.q_a, &L.attn.q_b, &L.attn.kv_a, &L.attn.kv_b, &L.attn.o}) out.push_back(l);
+            for (SwiGlu* f : L.moe ? std::vector<SwiGlu*>{&L.routed.shared, &L.routed.experts}
+                                   : std::vector<SwiGlu*>{&L.mlp})
+                out.push_back(&f->gate_up), out.push_back(&f->down);
+        }
+        return out;
+    }
+
+    // Parameters that take part in a GEMM (all but the embedding and the norms), and of those the ones an average
+    // token uses (a routed expert counts num_experts_per_tok / n_routed_experts of its size).
+    double matmul_params(bool active_only) const {
+        double n = 0;
+        for (size_t t = 0; t < layout.tensors.size(); t++) {
+            const ParamTensor& p = layout.tensors[t];
+            if (p.shape.size() == 2 && int(t) != embed) n += double(p.numel()) * (active_only ? p.active : 1.0);
+        }
         return n;
     }
 };
 
-// Offsets of one layer's tensors in the flat buffer.
-struct LayerOffsets {
-    long input_norm, q_a, q_a_norm, q_b, kv_a, kv_a_norm, kv_b, o, post_norm, gate_up, down;
-};
-
-// Where every tensor lives. All matrices come first, then all norm weights, so AdamW decays the first n_decay
-// parameters. gate_proj and up_proj are adjacent: together they are one [2I, d] projection.
-struct ParamLayout {
-    std::vector<ParamTensor> tensors;
-    std::vector<LayerOffsets> layers;
-    long embed, lm_head, final_norm, n_decay, total = 0;
-
-    explicit ParamLayout(const Config& c) {
-        int d = c.hidden_size, H = c.num_attention_heads;
-        embed = add("model.embed_tokens.weight", {c.vocab_size, d});
-        layers.resize(c.num_hidden_layers);
-        for (int l = 0; l < c.num_hidden_layers; l++) {
-            std::string p = "model.layers." + std::to_string(l) + ".";
-            LayerOffsets& L = layers[l];
-            L.q_a = add(p + "self_attn.q_a_proj.weight", {c.q_lora_rank, d});
-            L.q_b = add(p + "self_attn.q_b_proj.weight", {long(H) * c.qk_head_dim(), c.q_lora_rank});
-            L.kv_a = add(p + "self_attn.kv_a_proj_with_mqa.weight", {c.kv_lora_rank + c.qk_rope_head_dim, d});
-            L.kv_b =
-                add(p + "self_attn.kv_b_proj.weight", {long(H) * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank});
-            L.o = add(p + "self_attn.o_proj.weight", {d, long(H) * c.v_head_dim});
-            L.gate_up = add(p + "mlp.gate_proj.weight", {c.intermediate_size, d});
-            add(p + "mlp.up_proj.weight", {c.intermediate_size, d});
-            L.down = add(p + "mlp.down_proj.weight", {d, c.intermediate_size});
-        }
-        lm_head = add("lm_head.weight", {c.vocab_size, d});
-        n_decay = total;
-        for (int l = 0; l < c.num_hidden_layers; l++) {
-            std::string p = "model.layers." + std::to_string(l) + ".";
-            LayerOffsets& L = layers[l];
-            L.input_norm = add(p + "input_layernorm.weight", {d});
-            L.q_a_norm = add(p + "self_attn.q_a_layernorm.weight", {c.q_lora_rank});
-            L.kv_a_norm = add(p + "self_attn.kv_a_layernorm.weight", {c.kv_lora_rank});
-            L.post_norm = add(p + "post_attention_layernorm.weight", {d});
-        }
-        final_norm = add("model.norm.weight", {d});
-    }
-
-   private:
-    long add(const std::string& name, std::vector<long> shape) {
-        tensors.push_back({name, shape, total});
-        total += tensors.back().numel();
-        return tensors.back().offset;
-    }
-};
-
-inline long Config::matmul_params() const {
-    ParamLayout layout(*this);
-    long n = 0;
-    for (const ParamTensor& t : layout.tensors)
-        if (t.shape.size() == 2 && t.offset != layout.embed) n += t.numel();
-    return n;
+// Model FLOPs per token of a training step (forward + backward = 3x forward, 2 FLOPs per multiply-add): every
+// projection a token passes through, plus attention scores and values over a full context of T (the usual
+// convention).
+inline double train_flops_per_token(const Config& c, int T) {
+    double attn = 2.0 * T * c.num_attention_heads * (c.qk_head_dim() + c.v_head_dim) * c.num_hidden_layers;
+    return 3.0 * (2.0 * Architecture(c, 0).matmul_params(true) + attn);
 }
 
 static __global__ void init_normal_kernel(float* w, long n, float stddev, uint64_t seed, uint64_t stream) {
@@ -168,115 +259,60 @@ inline void split_rows(const std::vector<int>& rows, int B, int T, std::vector<i
         }
 }
 
-// The projections of a layer: the Linear layers whose GEMMs FP8 training runs in FP8.
-enum Projection { Q_A, Q_B, KV_A, KV_B, O_PROJ, GATE_UP, DOWN, NUM_PROJECTIONS };
-
-struct ProjectionShape {
-    long offset;  // of the weight [out, in] in the parameter buffer
-    int out, in;
-};
-
-inline ProjectionShape projection_shape(const Config& c, const LayerOffsets& P, Projection p) {
-    int d = c.hidden_size, H = c.num_attention_heads;
-    switch (p) {
-        case Q_A:
-            return {P.q_a, c.q_lora_rank, d};
-        case Q_B:
-            return {P.q_b, H * c.qk_head_dim(), c.q_lora_rank};
-        case KV_A:
-            return {P.kv_a, c.kv_lora_rank + c.qk_rope_head_dim, d};
-        case KV_B:
-            return {P.kv_b, H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank};
-        case O_PROJ:
-            return {P.o, d, H * c.v_head_dim};
-        case GATE_UP:
-            return {P.gate_up, 2 * c.intermediate_size, d};
-        default:
-            return {P.down, d, c.intermediate_size};
-    }
-}
-
-// FP8 training (V3 §3.3): every projection's weight in FP8, quantized from the master weights after each
-// optimizer step; every projection's input kept for the backward pass as x^T in FP8; scratch for the quantized
-// operands of one GEMM; and a flag raised when the quantization of an activation or gradient meets a NaN or Inf,
-// on which the optimizer skips its update (the weights' quantization has a flag of its own: a non-finite weight
-// shows in the loss).
-struct Fp8State {
-    Fp8Backend backend;
-    std::vector<std::vector<Fp8Weight>> weights;  // [layer][projection]
-    std::vector<std::vector<Fp8Tensor>> saved;    // [layer][projection]
-    Fp8Tensor x_q, dy_q, dy_t;
-    DeviceBuffer<int> nonfinite{1}, weights_nonfinite{1};
-
-    Fp8State(const Config& c, const ParamLayout& layout, int tokens, Fp8Backend b)
-        : backend(b),
-          x_q(fp8_operand(tokens, widest(c, layout))),
-          dy_q(fp8_operand(tokens, widest(c, layout))),
-          dy_t(fp8_operand(tokens, widest(c, layout))) {
-        weights.resize(c.num_hidden_layers), saved.resize(c.num_hidden_layers);
-        for (int l = 0; l < c.num_hidden_layers; l++)
-            for (int p = 0; p < NUM_PROJECTIONS; p++) {
-                ProjectionShape shape = projection_shape(c, layout.layers[l], Projection(p));
-                weights[l].emplace_back(shape.out, shape.in);
-                saved[l].push_back(fp8_operand(tokens, shape.in));
-            }
-        CUDA_CHECK(cudaMemset(nonfinite.data(), 0, sizeof(int)));
-        CUDA_CHECK(cudaMemset(weights_nonfinite.data(), 0, sizeof(int)));
-    }
-
-    static int widest(const Config& c, const ParamLayout& layout) {
-        int w = 0;
-        for (int p = 0; p < NUM_PROJECTIONS; p++) {
-            ProjectionShape shape = projection_shape(c, layout.layers[0], Projection(p));
-            w = std::max({w, shape.out, shape.in});
-        }
-        return w;
-    }
-};
-
-// Activations of one layer kept for the backward pass.
+// One decoder block's activations for N tokens. Training keeps one set per layer for the backward pass; the decode
+// step reuses one set, with x_in = x_mid (the residual stream updated in place) and no kv_b or attention saves.
 template <typename T>
-struct LayerActs {
-    T *x_in, *h1, *cq_pre, *cq, *q, *kva, *ckv, *kvb, *o, *x_mid, *h2, *gu, *a;
+struct BlockActs {
+    T *x_in, *h1, *cq_pre, *cq, *q, *kva, *ckv, *kvb, *o, *x_mid, *h2;
     float *rstd1, *rstd_q, *rstd_kv, *rstd2;
     MlaSaved<T> mla;
+    SwiGluActs<T> mlp;
+    MoeActs<T> moe;
+};
+
+// What a training step reports: the sum of the token losses, the gradient norm, the balance loss (all MoE layers).
+struct StepScalars {
+    float loss_sum, grad_norm, balance_loss;
 };
 
 // T is the storage type of weights and activations: float (precision fp32) or bf16 (precision bf16). Master
 // weights and gradients are FP32 in both; the Adam moments are BF16.
 template <typename T>
-struct Model {
+struct Model : Architecture {
     Config cfg;
-    ParamLayout layout;
     int max_B, max_T;
     Blas blas;
     cudaStream_t stream = 0;
+    Balancing balancing;  // of the MoE layers' experts
 
     DeviceBuffer<float> master, grads;
     DeviceBuffer<T> weight_copy;  // the T copy of the master weights (unused for T = float)
     T* weights;
     DeviceBuffer<bf16> adam_m, adam_v;
 
-    std::vector<LayerActs<T>> acts;
-    T *x_final, *xf;                                // residual stream after the last layer, and its RMSNorm
-    float *rstd_final, *logits, *losses, *scalars;  // scalars: [0] loss sum, [1] squared grad norm
+    std::vector<BlockActs<T>> acts;
+    T *x_final, *xf;  // residual stream after the last layer, and its RMSNorm
+    // scalars: [0] loss sum, [1] squared gradient norm, [2] balance loss; balance_losses: one per layer
+    float *rstd_final, *logits, *losses, *scalars, *balance_losses;
     MlaScratch<T> mla_scratch;
-    T *d_resid, *d_h, *d_gu, *d_a, *d_o, *d_q, *d_cq, *d_cq_pre, *d_kva, *d_ckv, *d_kvb, *d_logits;
+    T *d_resid, *d_h, *d_o, *d_q, *d_cq, *d_cq_pre, *d_kva, *d_ckv, *d_kvb, *d_logits;
+    SwiGluActs<T> d_mlp;
+    MoeGrads<T> d_moe;
     float* norm_scratch;
     float* reduce_scratch;
     int *tokens_buf, *targets_buf;
+    int last_tokens = 0;  // of the last forward pass: the expert loads are its
     DeviceArena arena;
-    std::unique_ptr<Fp8State> fp8;  // set by enable_fp8: the projections' GEMMs in FP8
+    std::unique_ptr<Fp8Scratch> fp8;  // set by enable_fp8: the projections' GEMMs in FP8
 
-    Model(const Config& c, int B, int T_) : cfg(c), layout(c), max_B(B), max_T(T_) {
-        cfg.validate();
+    Model(const Config& c, int B, int T_) : Architecture(c, B * T_), cfg(c), max_B(B), max_T(T_) {
         if (T_ > cfg.max_position_embeddings)
             throw std::invalid_argument("sequence length " + std::to_string(T_) + " exceeds max_position_embeddings " +
                                         std::to_string(cfg.max_position_embeddings));
         master.resize(layout.total);
-        grads.resize(layout.total);
-        adam_m.resize(layout.total);
-        adam_v.resize(layout.total);
+        grads.resize(layout.trained);
+        adam_m.resize(layout.trained);
+        adam_v.resize(layout.trained);
         if constexpr (std::is_same_v<T, float>) {
             weights = master.data();
         } else {
@@ -288,57 +324,78 @@ struct Model {
 
     long num_params() const { return layout.total; }
 
+    // What this model's modules need for a pass on `stream` (the sampler decodes on its own).
+    Ctx<T> ctx(cudaStream_t s, bool decoding) {
+        return {blas, s, layout, master.data(), weights, grads.data(), decoding ? nullptr : fp8.get(), decoding};
+    }
+
+    // Buffers of one block for N tokens: for training (a layer's, kept for its backward pass) or for decoding; with
+    // the buffers of a dense FFN, of a MoE layer, or both (the decode step runs every layer on one set).
+    BlockActs<T> allocate_block(DeviceArena& arena, int N, bool decoding, bool dense, bool moe) {
+        const Config& c = cfg;
+        const long n = N, d = c.hidden_size, H = c.num_attention_heads, q_w = H * c.qk_head_dim();
+        const long kva_w = c.kv_lora_rank + c.qk_rope_head_dim, o_w = H * c.v_head_dim;
+        BlockActs<T> A{};
+        A.x_in = arena.take<T>(n * d), A.h1 = arena.take<T>(n * d), A.cq_pre = arena.take<T>(n * c.q_lora_rank);
+        A.cq = arena.take<T>(n * c.q_lora_rank), A.q = arena.take<T>(n * q_w), A.kva = arena.take<T>(n * kva_w);
+        A.ckv = arena.take<T>(n * c.kv_lora_rank), A.o = arena.take<T>(n * o_w);
+        A.rstd1 = arena.take<float>(n);
+        if (decoding) {
+            A.x_mid = A.x_in, A.h2 = A.h1, A.rstd_q = A.rstd_kv = A.rstd2 = A.rstd1;
+        } else {
+            A.kvb = arena.take<T>(n * H * (c.qk_nope_head_dim + c.v_head_dim));
+            A.x_mid = arena.take<T>(n * d), A.h2 = arena.take<T>(n * d);
+            A.rstd_q = arena.take<float>(n), A.rstd_kv = arena.take<float>(n), A.rstd2 = arena.take<float>(n);
+            const long tt = long(max_B) * H * max_T * max_T;
+            A.mla = {arena.take<T>(n * q_w), arena.take<T>(n * q_w), arena.take<T>(n * o_w), arena.take<T>(tt)};
+        }
+        if (dense) A.mlp = layers[0].mlp.template allocate<T>(arena, n);
+        if (moe) A.moe = layers[c.first_k_dense_replace].routed.template allocate<T>(arena, N, decoding);
+        return A;
+    }
+
     void allocate_activations() {
         const Config& c = cfg;
-        long N = long(max_B) * max_T, d = c.hidden_size, H = c.num_attention_heads;
-        long q_w = H * c.qk_head_dim(), kva_w = c.kv_lora_rank + c.qk_rope_head_dim;
-        long kvb_w = H * (c.qk_nope_head_dim + c.v_head_dim), o_w = H * c.v_head_dim, I = c.intermediate_size;
-        long tt = long(max_B) * H * max_T * max_T;
-        acts.resize(c.num_hidden_layers);
-        for (LayerActs<T>& A : acts) {
-            A.x_in = arena.take<T>(N * d), A.h1 = arena.take<T>(N * d), A.cq_pre = arena.take<T>(N * c.q_lora_rank);
-            A.cq = arena.take<T>(N * c.q_lora_rank), A.q = arena.take<T>(N * q_w), A.kva = arena.take<T>(N * kva_w);
-            A.ckv = arena.take<T>(N * c.kv_lora_rank), A.kvb = arena.take<T>(N * kvb_w), A.o = arena.take<T>(N * o_w);
-            A.x_mid = arena.take<T>(N * d), A.h2 = arena.take<T>(N * d), A.gu = arena.take<T>(N * 2 * I),
-            A.a = arena.take<T>(N * I);
-            A.rstd1 = arena.take<float>(N), A.rstd_q = arena.take<float>(N), A.rstd_kv = arena.take<float>(N),
-            A.rstd2 = arena.take<float>(N);
-            A.mla = {arena.take<T>(N * q_w), arena.take<T>(N * q_w), arena.take<T>(N * o_w), arena.take<T>(tt)};
-        }
+        const long N = long(max_B) * max_T, d = c.hidden_size, H = c.num_attention_heads;
+        const long q_w = H * c.qk_head_dim(), kva_w = c.kv_lora_rank + c.qk_rope_head_dim, o_w = H * c.v_head_dim;
+        const long kvb_w = H * (c.qk_nope_head_dim + c.v_head_dim), tt = long(max_B) * H * max_T * max_T;
+        for (int l = 0; l < c.num_hidden_layers; l++)
+            acts.push_back(allocate_block(arena, int(N), false, !c.is_moe(l), c.is_moe(l)));
         x_final = arena.take<T>(N * d), xf = arena.take<T>(N * d), rstd_final = arena.take<float>(N);
-        logits = arena.take<float>(N * c.vocab_size), losses = arena.take<float>(N), scalars = arena.take<float>(2);
+        logits = arena.take<float>(N * c.vocab_size), losses = arena.take<float>(N), scalars = arena.take<float>(3);
+        balance_losses = arena.take<float>(c.num_hidden_layers);
+        CUDA_CHECK(cudaMemset(balance_losses, 0, sizeof(float) * c.num_hidden_layers));
+        CUDA_CHECK(cudaMemset(scalars, 0, sizeof(float) * 3));
         mla_scratch = {arena.take<float>(tt),  arena.take<T>(N * o_w), arena.take<T>(tt),
                        arena.take<T>(N * q_w), arena.take<T>(N * q_w), arena.take<T>(N * o_w)};
         long widest = std::max({d, long(c.q_lora_rank), long(c.kv_lora_rank)});
-        d_resid = arena.take<T>(N * d), d_h = arena.take<T>(N * d), d_gu = arena.take<T>(N * 2 * I),
-        d_a = arena.take<T>(N * I);
+        d_resid = arena.take<T>(N * d), d_h = arena.take<T>(N * d);
         d_o = arena.take<T>(N * o_w), d_q = arena.take<T>(N * q_w), d_cq = arena.take<T>(N * c.q_lora_rank);
-        d_cq_pre = arena.take<T>(N * c.q_lora_rank), d_kva = arena.take<T>(N * kva_w),
-        d_ckv = arena.take<T>(N * c.kv_lora_rank);
-        d_kvb = arena.take<T>(N * kvb_w), d_logits = arena.take<T>(N * c.vocab_size);
-        norm_scratch = arena.take<float>(rmsnorm_scratch_size(int(N), int(widest)));
+        d_cq_pre = arena.take<T>(N * c.q_lora_rank), d_kva = arena.take<T>(N * kva_w);
+        d_ckv = arena.take<T>(N * c.kv_lora_rank), d_kvb = arena.take<T>(N * kvb_w);
+        d_logits = arena.take<T>(N * c.vocab_size);
+        if (c.first_k_dense_replace > 0) d_mlp = layers[0].mlp.template allocate<T>(arena, N);
+        if (c.has_moe()) d_moe = layers[c.first_k_dense_replace].routed.template allocate_grads<T>(arena, int(N));
+        norm_scratch = arena.take<float>(partial_scratch_size(int(N), int(widest)));
         reduce_scratch = arena.take<float>(REDUCE_BLOCKS);
         tokens_buf = arena.take<int>(N), targets_buf = arena.take<int>(N);
     }
 
     // ----- parameters -----------------------------------------------------------------------------------------
 
-    // Normal(0, initializer_range) matrices, with the projections into the residual stream (o_proj, down_proj)
-    // scaled by 1/sqrt(2L) so the residual's variance does not grow with depth; norm weights 1.
+    // Each tensor as the layout says: Normal(0, initializer_range) matrices, the projections into the residual
+    // stream (o_proj, down_proj) scaled by 1/sqrt(2L) so the residual's variance does not grow with depth; norm
+    // weights 1; buffers (the router bias) 0.
     void init_weights(uint64_t seed) {
         float std = cfg.initializer_range, residual_std = std / sqrtf(2.0f * cfg.num_hidden_layers);
-        for (size_t k = 0; k < layout.tensors.size(); k++) {
-            const ParamTensor& t = layout.tensors[k];
+        for (const ParamTensor& t : layout.tensors) {
             float* w = master.data() + t.offset;
             long n = t.numel();
-            if (t.shape.size() == 1) {
-                fill_kernel<<<elementwise_blocks(n), 256, 0, stream>>>(w, n, 1.0f);
-            } else {
-                bool residual =
-                    t.name.find("o_proj") != std::string::npos || t.name.find("down_proj") != std::string::npos;
-                init_normal_kernel<<<elementwise_blocks(n), 256, 0, stream>>>(w, n, residual ? residual_std : std, seed,
-                                                                              k);
-            }
+            if (t.init == Init::Ones || t.init == Init::Zeros)
+                fill_kernel<<<elementwise_blocks(n), 256, 0, stream>>>(w, n, t.init == Init::Ones ? 1.0f : 0.0f);
+            else
+                init_normal_kernel<<<elementwise_blocks(n), 256, 0, stream>>>(
+                    w, n, t.init == Init::ResidualNormal ? residual_std : std, seed, t.position);
             CUDA_CHECK_LAUNCH();
         }
         reset_optimizer();
@@ -361,19 +418,16 @@ struct Model {
     }
 
     // From now on the projections' three GEMMs each run in FP8 (V3 §3.3), through our kernel or cuBLASLt; the
-    // embedding, the output head, attention and the norms keep the model's precision.
+    // embedding, the output head, attention, the router and the norms keep their precision.
     void enable_fp8(Fp8Backend backend) {
-        fp8 = std::make_unique<Fp8State>(cfg, layout, max_B * max_T, backend);
+        fp8 = ::enable_fp8(backend, linears());
         refresh_fp8_weights();
     }
 
     void refresh_fp8_weights() {
         if (!fp8) return;
-        for (int l = 0; l < cfg.num_hidden_layers; l++)
-            for (int p = 0; p < NUM_PROJECTIONS; p++)
-                fp8->weights[l][p].refresh(
-                    master.data() + projection_shape(cfg, layout.layers[l], Projection(p)).offset,
-                    fp8->weights_nonfinite.data(), stream);
+        for (Linear* l : linears())
+            l->w8->refresh(master.data() + layout.offset(l->weight), fp8->weights_nonfinite.data(), stream);
     }
 
     // Whether an FP8 quantization met a NaN or Inf since the last call, so that the optimizer steps since then left
@@ -387,25 +441,46 @@ struct Model {
         return flag != 0;
     }
 
-    // y = x W^T (+ y) for projection p of layer l, in the model's precision or in FP8.
-    void project(int l, Projection p, T* y, const T* x, int N, bool accumulate = false) {
-        ProjectionShape shape = projection_shape(cfg, layout.layers[l], p);
-        if (fp8)
-            fp8_linear_forward(fp8->backend, blas, stream, y, x, fp8->weights[l][p], fp8->x_q, fp8->saved[l][p], N,
-                               fp8->nonfinite.data(), accumulate);
-        else
-            linear_forward(blas, stream, y, x, weights + shape.offset, N, shape.out, shape.in, accumulate);
+    // ----- the decoder block, shared with the sampler's decode step -------------------------------------------
+
+    // h1 = RMSNorm(x_in); c_q = RMSNorm(W_dq h1), q = W_uq c_q; kv_a = W_dkv_kr h1 = [c_kv | k_rope], c_kv normed.
+    void attention_inputs(Layer& L, BlockActs<T>& A, int N, const Ctx<T>& c) {
+        const int d = cfg.hidden_size, qr = cfg.q_lora_rank, dc = cfg.kv_lora_rank, kva_w = dc + cfg.qk_rope_head_dim;
+        const RowGroups rows = RowGroups::all(N);
+        rmsnorm_forward(A.h1, A.rstd1, A.x_in, d, c.w(L.attn.input_norm), N, d, cfg.rms_norm_eps, c.stream);
+        L.attn.q_a.forward(c, A.cq_pre, A.h1, rows);
+        rmsnorm_forward(A.cq, A.rstd_q, A.cq_pre, qr, c.w(L.attn.q_a_norm), N, qr, LATENT_NORM_EPS, c.stream);
+        L.attn.q_b.forward(c, A.q, A.cq, rows);
+        L.attn.kv_a.forward(c, A.kva, A.h1, rows);
+        rmsnorm_forward(A.ckv, A.rstd_kv, A.kva, kva_w, c.w(L.attn.kv_a_norm), N, dc, LATENT_NORM_EPS, c.stream);
     }
 
-    // dx (+ dx) and the weight's gradient for projection p of layer l, whose input in the forward pass was x.
-    void project_backward(int l, Projection p, T* dx, const T* dy, const T* x, int N, bool accumulate_dx = false) {
-        ProjectionShape shape = projection_shape(cfg, layout.layers[l], p);
-        float* dW = grads.data() + shape.offset;
-        if (fp8)
-            fp8_linear_backward(fp8->backend, blas, stream, dx, dW, dy, fp8->saved[l][p], fp8->weights[l][p], fp8->dy_q,
-                                fp8->dy_t, N, fp8->nonfinite.data(), accumulate_dx);
+    // x_mid = x_in + W_o o (eq. 11), o the attention's output.
+    void attention_output(Layer& L, BlockActs<T>& A, int N, const Ctx<T>& c) {
+        if (A.x_mid != A.x_in)
+            CUDA_CHECK(cudaMemcpyAsync(A.x_mid, A.x_in, sizeof(T) * N * cfg.hidden_size, cudaMemcpyDeviceToDevice,
+                                       c.stream));
+        L.attn.o.forward(c, A.x_mid, A.o, RowGroups::all(N), true);
+    }
+
+    // x_out = x_mid + FFN(RMSNorm(x_mid)) for N tokens in sequences of seq_len: the dense SwiGLU or DeepSeekMoE.
+    void ffn(int l, BlockActs<T>& A, T* x_out, int N, int seq_len, const Ctx<T>& c) {
+        Layer& L = layers[l];
+        const int d = cfg.hidden_size;
+        rmsnorm_forward(A.h2, A.rstd2, A.x_mid, d, c.w(L.post_norm), N, d, cfg.rms_norm_eps, c.stream);
+        if (x_out != A.x_mid)
+            CUDA_CHECK(cudaMemcpyAsync(x_out, A.x_mid, sizeof(T) * N * d, cudaMemcpyDeviceToDevice, c.stream));
+        if (L.moe)
+            L.routed.forward(c, A.moe, x_out, A.h2, N, seq_len, balancing, balance_losses + l);
         else
-            linear_backward(blas, stream, dx, dW, dy, x, weights + shape.offset, N, shape.out, shape.in, accumulate_dx);
+            L.mlp.forward(c, x_out, A.h2, A.mlp, RowGroups::all(N), true);
+    }
+
+    // logits [N, V] (FP32) = lm_head RMSNorm(x).
+    void head(float* out, T* x_normed, float* rstd, const T* x, int N, const Ctx<T>& c) {
+        const int d = cfg.hidden_size;
+        rmsnorm_forward(x_normed, rstd, x, d, c.w(final_norm), N, d, cfg.rms_norm_eps, c.stream);
+        matmul(blas, c.stream, out, x_normed, c.w(lm_head), Matmul{N, cfg.vocab_size, d, false, true});
     }
 
     // ----- forward ----------------------------------------------------------------------------------------------
@@ -428,49 +503,34 @@ struct Model {
                                         std::to_string(max_T));
     }
 
-    // logits [B*T, V] (FP32) for tokens [B, T] (host, row-major).
+    // logits [B*T, V] (FP32) for tokens [B, T] (host, row-major); the balance loss of the MoE layers in scalars[2].
     void forward(const std::vector<int>& tokens, int B, int T_) {
         check_shape(B, T_);
         if (long(tokens.size()) != long(B) * T_) throw std::invalid_argument("forward: tokens do not fill B x T");
         const Config& c = cfg;
         int N = B * T_, d = c.hidden_size;
+        last_tokens = N;
+        Ctx<T> cx = ctx(stream, false);
         CUDA_CHECK(cudaMemcpyAsync(tokens_buf, tokens.data(), sizeof(int) * N, cudaMemcpyHostToDevice, stream));
-        embedding_forward(acts[0].x_in, tokens_buf, weights + layout.embed, N, d, stream);
+        embedding_forward(acts[0].x_in, tokens_buf, cx.w(embed), N, d, stream);
         for (int l = 0; l < c.num_hidden_layers; l++) {
             T* x_out = l + 1 < c.num_hidden_layers ? acts[l + 1].x_in : x_final;
-            layer_forward(l, x_out, B, T_);
+            layer_forward(l, x_out, B, T_, cx);
         }
-        rmsnorm_forward(xf, rstd_final, x_final, d, weights + layout.final_norm, N, d, c.rms_norm_eps, stream);
-        matmul(blas, stream, logits, xf, weights + layout.lm_head, Matmul{N, c.vocab_size, d, false, true});
+        head(logits, xf, rstd_final, x_final, N, cx);
+        final_sum_kernel<<<1, REDUCE_THREADS, 0, stream>>>(scalars + 2, balance_losses, c.num_hidden_layers);
+        CUDA_CHECK_LAUNCH();
     }
 
-    void layer_forward(int l, T* x_out, int B, int T_) {
-        const Config& c = cfg;
-        const LayerOffsets& P = layout.layers[l];
-        LayerActs<T>& A = acts[l];
-        const T* W = weights;
-        int N = B * T_, d = c.hidden_size, I = c.intermediate_size;
-        int kva_w = c.kv_lora_rank + c.qk_rope_head_dim;
-        float eps = c.rms_norm_eps;
-        MlaDims m = mla_dims(B, T_);
-
-        rmsnorm_forward(A.h1, A.rstd1, A.x_in, d, W + P.input_norm, N, d, eps, stream);
-        project(l, Q_A, A.cq_pre, A.h1, N);
-        rmsnorm_forward(A.cq, A.rstd_q, A.cq_pre, c.q_lora_rank, W + P.q_a_norm, N, c.q_lora_rank, LATENT_NORM_EPS,
-                        stream);
-        project(l, Q_B, A.q, A.cq, N);
-        project(l, KV_A, A.kva, A.h1, N);
-        rmsnorm_forward(A.ckv, A.rstd_kv, A.kva, kva_w, W + P.kv_a_norm, N, c.kv_lora_rank, LATENT_NORM_EPS, stream);
-        project(l, KV_B, A.kvb, A.ckv, N);
-        mla_attention_forward(blas, stream, m, A.o, A.mla, mla_scratch, A.q, A.kva, A.kvb);
-        CUDA_CHECK(cudaMemcpyAsync(A.x_mid, A.x_in, sizeof(T) * N * d, cudaMemcpyDeviceToDevice, stream));
-        project(l, O_PROJ, A.x_mid, A.o, N, true);
-
-        rmsnorm_forward(A.h2, A.rstd2, A.x_mid, d, W + P.post_norm, N, d, eps, stream);
-        project(l, GATE_UP, A.gu, A.h2, N);
-        swiglu_forward(A.a, A.gu, N, I, stream);
-        CUDA_CHECK(cudaMemcpyAsync(x_out, A.x_mid, sizeof(T) * N * d, cudaMemcpyDeviceToDevice, stream));
-        project(l, DOWN, x_out, A.a, N, true);
+    void layer_forward(int l, T* x_out, int B, int T_, const Ctx<T>& c) {
+        Layer& L = layers[l];
+        BlockActs<T>& A = acts[l];
+        const int N = B * T_;
+        attention_inputs(L, A, N, c);
+        L.attn.kv_b.forward(c, A.kvb, A.ckv, RowGroups::all(N));
+        mla_attention_forward(blas, stream, mla_dims(B, T_), A.o, A.mla, mla_scratch, A.q, A.kva, A.kvb);
+        attention_output(L, A, N, c);
+        ffn(l, A, x_out, N, T_, c);
     }
 
     // Per-token losses, their sum in scalars[0], and dlogits, for targets [B*T] on the host (negative: ignored).
@@ -486,58 +546,65 @@ struct Model {
 
     // ----- backward ---------------------------------------------------------------------------------------------
 
-    // Gradients of the mean loss into grads (overwritten), after forward() and loss().
+    // Gradients of the mean loss (plus the balance loss) into grads (overwritten), after forward() and loss().
     void backward(int B, int T_) {
         const Config& c = cfg;
         int N = B * T_, d = c.hidden_size;
-        linear_backward(blas, stream, d_h, grads.data() + layout.lm_head, d_logits, xf, weights + layout.lm_head, N,
-                        c.vocab_size, d);
-        rmsnorm_backward(d_resid, grads.data() + layout.final_norm, norm_scratch, d_h, x_final, d,
-                         weights + layout.final_norm, rstd_final, N, d, false, false, stream);
-        for (int l = c.num_hidden_layers - 1; l >= 0; l--) layer_backward(l, B, T_);
-        embedding_backward(grads.data() + layout.embed, d_resid, tokens_buf, N, c.vocab_size, d, false, stream);
+        Ctx<T> cx = ctx(stream, false);
+        linear_backward(blas, stream, d_h, cx.g(lm_head), d_logits, xf, cx.w(lm_head), N, c.vocab_size, d);
+        rmsnorm_backward(d_resid, cx.g(final_norm), norm_scratch, d_h, x_final, d, cx.w(final_norm), rstd_final, N, d,
+                         false, false, stream);
+        for (int l = c.num_hidden_layers - 1; l >= 0; l--) layer_backward(l, B, T_, cx);
+        embedding_backward(cx.g(embed), d_resid, tokens_buf, N, c.vocab_size, d, false, stream);
     }
 
     // d_resid holds the gradient of the layer's output; on return, that of its input.
-    void layer_backward(int l, int B, int T_) {
-        const Config& c = cfg;
-        const LayerOffsets& P = layout.layers[l];
-        LayerActs<T>& A = acts[l];
-        const T* W = weights;
-        float* G = grads.data();
-        int N = B * T_, d = c.hidden_size, I = c.intermediate_size;
-        int kva_w = c.kv_lora_rank + c.qk_rope_head_dim, qr = c.q_lora_rank, dc = c.kv_lora_rank;
-        MlaDims m = mla_dims(B, T_);
+    void layer_backward(int l, int B, int T_, const Ctx<T>& c) {
+        const Config& cf = cfg;
+        Layer& L = layers[l];
+        BlockActs<T>& A = acts[l];
+        const int N = B * T_, d = cf.hidden_size, qr = cf.q_lora_rank, dc = cf.kv_lora_rank;
+        const int kva_w = dc + cf.qk_rope_head_dim;
+        const RowGroups rows = RowGroups::all(N);
 
-        // FFN: x_out = x_mid + down(swiglu(gate_up(RMSNorm(x_mid))))
-        project_backward(l, DOWN, d_a, d_resid, A.a, N);
-        swiglu_backward(d_gu, d_a, A.gu, N, I, stream);
-        project_backward(l, GATE_UP, d_h, d_gu, A.h2, N);
-        rmsnorm_backward(d_resid, G + P.post_norm, norm_scratch, d_h, A.x_mid, d, W + P.post_norm, A.rstd2, N, d, true,
-                         false, stream);
+        // FFN: x_out = x_mid + FFN(RMSNorm(x_mid))
+        if (L.moe)
+            L.routed.backward(c, A.moe, d_moe, d_h, d_resid, A.h2, N, balancing);
+        else
+            L.mlp.backward(c, d_h, d_resid, A.h2, A.mlp, d_mlp, rows, false);
+        rmsnorm_backward(d_resid, c.g(L.post_norm), norm_scratch, d_h, A.x_mid, d, c.w(L.post_norm), A.rstd2, N, d,
+                         true, false, stream);
 
         // MLA: x_mid = x_in + o_proj(attention(...))
-        project_backward(l, O_PROJ, d_o, d_resid, A.o, N);
-        mla_attention_backward(blas, stream, m, d_q, d_kva, d_kvb, A.mla, mla_scratch, d_o);
-        project_backward(l, KV_B, d_ckv, d_kvb, A.ckv, N);
-        rmsnorm_backward(d_kva, G + P.kv_a_norm, norm_scratch, d_ckv, A.kva, kva_w, W + P.kv_a_norm, A.rstd_kv, N, dc,
-                         false, false, stream);
-        project_backward(l, Q_B, d_cq, d_q, A.cq, N);
-        rmsnorm_backward(d_cq_pre, G + P.q_a_norm, norm_scratch, d_cq, A.cq_pre, qr, W + P.q_a_norm, A.rstd_q, N, qr,
-                         false, false, stream);
-        project_backward(l, Q_A, d_h, d_cq_pre, A.h1, N);
-        project_backward(l, KV_A, d_h, d_kva, A.h1, N, true);
-        rmsnorm_backward(d_resid, G + P.input_norm, norm_scratch, d_h, A.x_in, d, W + P.input_norm, A.rstd1, N, d, true,
-                         false, stream);
+        L.attn.o.backward(c, d_o, d_resid, A.o, rows);
+        mla_attention_backward(blas, stream, mla_dims(B, T_), d_q, d_kva, d_kvb, A.mla, mla_scratch, d_o);
+        L.attn.kv_b.backward(c, d_ckv, d_kvb, A.ckv, rows);
+        rmsnorm_backward(d_kva, c.g(L.attn.kv_a_norm), norm_scratch, d_ckv, A.kva, kva_w, c.w(L.attn.kv_a_norm),
+                         A.rstd_kv, N, dc, false, false, stream);
+        L.attn.q_b.backward(c, d_cq, d_q, A.cq, rows);
+        rmsnorm_backward(d_cq_pre, c.g(L.attn.q_a_norm), norm_scratch, d_cq, A.cq_pre, qr, c.w(L.attn.q_a_norm),
+                         A.rstd_q, N, qr, false, false, stream);
+        L.attn.q_a.backward(c, d_h, d_cq_pre, A.h1, rows);
+        L.attn.kv_a.backward(c, d_h, d_kva, A.h1, rows, true);
+        rmsnorm_backward(d_resid, c.g(L.attn.input_norm), norm_scratch, d_h, A.x_in, d, c.w(L.attn.input_norm),
+                         A.rstd1, N, d, true, false, stream);
     }
 
     // ----- optimizer --------------------------------------------------------------------------------------------
 
-    // Squared global gradient norm into scalars[1], then AdamW with clipping; step counts from 1.
+    // Squared global gradient norm into scalars[1], then AdamW with clipping on the trained parameters (step counts
+    // from 1), then the router biases by the last forward pass's loads.
     void optimizer_step(const AdamW& opt, float max_grad_norm, int step, uint64_t seed) {
-        sum_reduce(scalars + 1, reduce_scratch, grads.data(), layout.total, true, stream);
-        adamw_update(master.data(), weights, adam_m.data(), adam_v.data(), grads.data(), scalars + 1, layout.total,
-                     layout.n_decay, opt, max_grad_norm, step, seed, stream, fp8 ? fp8->nonfinite.data() : nullptr);
+        sum_reduce(scalars + 1, reduce_scratch, grads.data(), layout.trained, true, stream);
+        const int* skip = fp8 ? fp8->nonfinite.data() : nullptr;
+        adamw_update(master.data(), weights, adam_m.data(), adam_v.data(), grads.data(), scalars + 1, layout.trained,
+                     layout.decayed, opt, max_grad_norm, step, seed, stream, skip);
+        if (balancing.bias_rate > 0.0f)
+            for (int l = 0; l < cfg.num_hidden_layers; l++)
+                if (layers[l].moe)
+                    layers[l].routed.update_bias(master.data() + layout.offset(layers[l].routed.bias),
+                                                 acts[l].moe.counts, last_tokens, balancing.bias_rate, skip,
+                                                 scalars + 1, stream);
         refresh_fp8_weights();
     }
 
@@ -551,11 +618,11 @@ struct Model {
         optimizer_step(opt, max_grad_norm, step, seed);
     }
 
-    // (loss sum, gradient norm) of the last step: one small copy, which waits for the step to finish.
-    std::pair<float, float> read_scalars() {
-        float h[2];
+    // The last step's scalars: one small copy, which waits for the step to finish.
+    StepScalars read_scalars() {
+        float h[3];
         CUDA_CHECK(cudaMemcpyAsync(h, scalars, sizeof(h), cudaMemcpyDeviceToHost, stream));
         CUDA_CHECK(cudaStreamSynchronize(stream));
-        return {h[0], sqrtf(h[1])};
+        return {h[0], sqrtf(h[1]), h[2]};
     }
 };

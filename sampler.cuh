@@ -159,8 +159,9 @@ struct Sampler {
     Model<T>& model;
     int max_S, max_len;
     std::vector<T*> cache_ckv, cache_kr;  // per layer: [max_S, max_len, d_c], [max_S, max_len, d_rope]
-    T *x, *h, *cq_pre, *cq, *q, *kva, *ckv, *q_abs, *ctx, *o, *gu, *a, *xf;
-    float *rstd, *logits;
+    BlockActs<T> block;                   // the decoder block's buffers for S tokens; block.x_in is the residual
+    T *q_abs, *ctx, *xf;
+    float* logits;
     int *seqs, *current, *done, *sampled, *prompt_len, *position;
     uint64_t* seed;  // in device memory like the position, so that a new seed needs no new graph
     DeviceArena arena;
@@ -182,15 +183,9 @@ struct Sampler {
             cache_ckv.push_back(arena.take<T>(long(S) * len * dc));
             cache_kr.push_back(arena.take<T>(long(S) * len * c.qk_rope_head_dim));
         }
-        x = arena.take<T>(S * c.hidden_size), h = arena.take<T>(S * c.hidden_size),
-        xf = arena.take<T>(S * c.hidden_size);
-        cq_pre = arena.take<T>(S * c.q_lora_rank), cq = arena.take<T>(S * c.q_lora_rank),
-        q = arena.take<T>(S * H * c.qk_head_dim());
-        kva = arena.take<T>(S * (dc + c.qk_rope_head_dim)), ckv = arena.take<T>(S * dc),
-        q_abs = arena.take<T>(S * H * dc);
-        ctx = arena.take<T>(S * H * dc), o = arena.take<T>(S * H * c.v_head_dim);
-        gu = arena.take<T>(S * 2L * c.intermediate_size), a = arena.take<T>(S * long(c.intermediate_size));
-        rstd = arena.take<float>(S), logits = arena.take<float>(long(S) * c.vocab_size);
+        block = m.allocate_block(arena, S, true, c.first_k_dense_replace > 0, c.has_moe());
+        q_abs = arena.take<T>(S * H * dc), ctx = arena.take<T>(S * H * dc), xf = arena.take<T>(S * c.hidden_size);
+        logits = arena.take<float>(long(S) * c.vocab_size);
         seqs = arena.take<int>(long(S) * len), current = arena.take<int>(S), done = arena.take<int>(S),
         sampled = arena.take<int>(S);
         prompt_len = arena.take<int>(S), position = arena.take<int>(1), seed = arena.take<uint64_t>(1);
@@ -214,48 +209,37 @@ struct Sampler {
     }
 
     // One decode step for S sequences at the position in device memory: their tokens in `current` -> logits [S, V].
+    // Each layer is the training forward's block, with attention over the latent cache between its parts.
     void step(int S) {
         const Config& c = model.cfg;
-        const LayerOffsets* layers = model.layout.layers.data();
-        const T* W = model.weights;
-        Blas& blas = model.blas;
+        const Ctx<T> cx = model.ctx(stream, true);
         cudaStream_t st = stream;
-        int d = c.hidden_size, H = c.num_attention_heads, dc = c.kv_lora_rank, dn = c.qk_nope_head_dim;
-        int dqk = c.qk_head_dim(), dv = c.v_head_dim, I = c.intermediate_size, kva_w = dc + c.qk_rope_head_dim;
-        float eps = c.rms_norm_eps;
-        MlaDims m = model.mla_dims(S, 1);
-
-        embedding_forward(x, current, W + model.layout.embed, S, d, st);
+        const int H = c.num_attention_heads, dc = c.kv_lora_rank, dn = c.qk_nope_head_dim, dqk = c.qk_head_dim();
+        const int dv = c.v_head_dim;
+        BlockActs<T>& A = block;
+        embedding_forward(A.x_in, current, cx.w(model.embed), S, c.hidden_size, st);
         for (int l = 0; l < c.num_hidden_layers; l++) {
-            const LayerOffsets& P = layers[l];
-            rmsnorm_forward(h, rstd, x, d, W + P.input_norm, S, d, eps, st);
-            linear_forward(blas, st, cq_pre, h, W + P.q_a, S, c.q_lora_rank, d);
-            rmsnorm_forward(cq, rstd, cq_pre, c.q_lora_rank, W + P.q_a_norm, S, c.q_lora_rank, LATENT_NORM_EPS, st);
-            linear_forward(blas, st, q, cq, W + P.q_b, S, H * dqk, c.q_lora_rank);
-            linear_forward(blas, st, kva, h, W + P.kv_a, S, kva_w, d);
-            rmsnorm_forward(ckv, rstd, kva, kva_w, W + P.kv_a_norm, S, dc, LATENT_NORM_EPS, st);
+            Layer& L = model.layers[l];
+            model.attention_inputs(L, A, S, cx);
             int append_n = S * (dc + c.qk_rope_head_dim / 2);
             latent_cache_append_kernel<<<elementwise_blocks(append_n), 256, 0, st>>>(
-                cache_ckv[l], cache_kr[l], ckv, kva, S, position, max_len, dc, c.qk_rope_head_dim, c.rope_theta);
+                cache_ckv[l], cache_kr[l], A.ckv, A.kva, S, position, max_len, dc, c.qk_rope_head_dim, c.rope_theta);
             CUDA_CHECK_LAUNCH();
             // q_abs_i = q_nope_i W_uk_i for every head i: one GEMM batched over heads
+            const T* W_kvb = cx.w(L.attn.kv_b.weight);
             long w_head = long(dn + dv) * dc;
-            matmul(blas, st, q_abs, q, W + P.kv_b,
+            matmul(model.blas, st, q_abs, A.q, W_kvb,
                    Matmul{S, dc, dn, false, false, 1.0f, 0.0f, H, dqk, w_head, dc, H * dqk, dc, H * dc});
-            latent_attention_decode_kernel<<<S, 128, attention_smem(max_len), st>>>(ctx, q_abs, q, cache_ckv[l],
-                                                                                    cache_kr[l], position, max_len, m);
+            latent_attention_decode_kernel<<<S, 128, attention_smem(max_len), st>>>(
+                ctx, q_abs, A.q, cache_ckv[l], cache_kr[l], position, max_len, model.mla_dims(S, 1));
             CUDA_CHECK_LAUNCH();
             // o_i = ctx_i W_uv_i^T for every head i
-            matmul(blas, st, o, ctx, W + P.kv_b + long(dn) * dc,
+            matmul(model.blas, st, A.o, ctx, W_kvb + long(dn) * dc,
                    Matmul{S, dv, dc, false, true, 1.0f, 0.0f, H, dc, w_head, dv, H * dc, dc, H * dv});
-            linear_forward(blas, st, x, o, W + P.o, S, d, H * dv, true);
-            rmsnorm_forward(h, rstd, x, d, W + P.post_norm, S, d, eps, st);
-            linear_forward(blas, st, gu, h, W + P.gate_up, S, 2 * I, d);
-            swiglu_forward(a, gu, S, I, st);
-            linear_forward(blas, st, x, a, W + P.down, S, d, I, true);
+            model.attention_output(L, A, S, cx);
+            model.ffn(l, A, A.x_in, S, 1, cx);
         }
-        rmsnorm_forward(xf, rstd, x, d, W + model.layout.final_norm, S, d, eps, st);
-        matmul(blas, st, logits, xf, W + model.layout.lm_head, Matmul{S, c.vocab_size, d, false, true});
+        model.head(logits, xf, A.rstd1, A.x_in, S, cx);
     }
 
     // Loads prompts (each at least one token, shorter than max_len), resets the sequences, sets the sampling seed.

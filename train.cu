@@ -9,13 +9,14 @@
 #include <memory>
 #include <sstream>
 
-#include "checkpoint.h"
 #include "data/corpus.h"
+#include "data/rewards.h"
 #include "grpo.cuh"
-#include "json.h"
+#include "io/checkpoint.h"
+#include "io/eval.h"
+#include "io/json.h"
+#include "io/options.h"
 #include "model.cuh"
-#include "options.h"
-#include "rewards.h"
 #include "sampler.cuh"
 
 namespace fs = std::filesystem;
@@ -67,10 +68,20 @@ inline data::ProblemMix problem_mix(const Options& o) {
     return mix;
 }
 
-// --precision fp8: the training model's projections run their GEMMs in FP8 (V3 §3.3).
+// --balancing: how the experts' loads are kept even (V3 §2.1.2; the conventional auxiliary loss for comparison).
+inline Balancing balancing_for(const Options& o) {
+    Balancing b;
+    b.bias_rate = o.balancing == "aux-free" ? o.bias_rate : 0.0f;
+    b.alpha = o.balancing == "aux-free" ? o.balance_alpha : o.balancing == "aux-loss" ? o.aux_alpha : 0.0f;
+    b.per_sequence = o.balancing == "aux-free";
+    return b;
+}
+
+// How the training model runs: --precision fp8 puts the projections' GEMMs in FP8 (V3 §3.3); --balancing.
 template <typename T>
-void apply_precision(const Options& o, Model<T>& model) {
+void configure(const Options& o, Model<T>& model) {
     if (o.precision == "fp8") model.enable_fp8(o.fp8_gemm == "cublaslt" ? Fp8Backend::CuBLASLt : Fp8Backend::Own);
+    model.balancing = balancing_for(o);
 }
 
 // A step that met a NaN or Inf in FP8 quantization left the weights as they were: say so, and go on; but a run
@@ -91,7 +102,7 @@ struct SkippedSteps {
 };
 
 // Forward-pass model FLOPs per token (a training step costs three of them per token).
-inline double forward_flops_per_token(const Config& cfg, int T) { return cfg.train_flops_per_token(T) / 3.0; }
+inline double forward_flops_per_token(const Config& cfg, int T) { return train_flops_per_token(cfg, T) / 3.0; }
 
 inline AdamW adamw_at(const Options& o, int step) {
     return AdamW{learning_rate(o, step), 0.9f, o.beta2, 1e-8f, o.weight_decay};
@@ -102,13 +113,41 @@ inline std::string schedule_flags(const Options& o) {
     std::ostringstream s;
     s << "batch=" << o.batch << " seq=" << o.seq << " steps=" << o.steps << " warmup=" << o.warmup << " lr=" << o.lr
       << " min_lr_frac=" << o.min_lr_frac << " weight_decay=" << o.weight_decay << " beta2=" << o.beta2
-      << " grad_clip=" << o.grad_clip;
+      << " grad_clip=" << o.grad_clip << " balancing=" << o.balancing << " bias_rate=" << o.bias_rate
+      << " balance_alpha=" << o.balance_alpha << " aux_alpha=" << o.aux_alpha;
     return s.str();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Logging
 // ---------------------------------------------------------------------------------------------------------------
+
+// The MoE layers in the last step's forward pass, into a log record: per layer the experts' loads and the max
+// violation, the balance loss, and the range of the router biases. Returns the largest violation of any layer.
+template <typename T>
+double record_expert_balance(Model<T>& model, const StepScalars& scalars, Json& record) {
+    if (!model.cfg.has_moe()) return 0.0;
+    Json loads = Json::array(), violations = Json::array();
+    double worst = 0.0;
+    float bias_min = INFINITY, bias_max = -INFINITY;
+    for (int l = 0; l < model.cfg.num_hidden_layers; l++) {
+        if (!model.layers[l].moe) continue;
+        const std::vector<int>& load = model.acts[l].moe.loads;
+        Json row = Json::array();
+        for (int x : load) row.push_back(x);
+        loads.push_back(row);
+        const double v = max_violation(load);
+        violations.push_back(v), worst = std::max(worst, v);
+        std::vector<float> bias(load.size());
+        CUDA_CHECK(cudaMemcpy(bias.data(), model.master.data() + model.layout.offset(model.layers[l].routed.bias),
+                              sizeof(float) * bias.size(), cudaMemcpyDeviceToHost));
+        for (float b : bias) bias_min = std::min(bias_min, b), bias_max = std::max(bias_max, b);
+    }
+    record["expert_load"] = loads, record["max_violation"] = violations;
+    record["balance_loss"] = double(scalars.balance_loss);
+    record["bias_min"] = double(bias_min), record["bias_max"] = double(bias_max);
+    return worst;
+}
 
 inline std::string format_duration(double seconds) {
     char buf[32];
@@ -120,177 +159,11 @@ inline std::string format_duration(double seconds) {
     return buf;
 }
 
-struct JsonlLog {
-    std::ofstream file;
-    JsonlLog(const std::string& path, bool append) : file(path, append ? std::ios::app : std::ios::trunc) {
-        if (!file) throw std::runtime_error("cannot open log file " + path);
-    }
-    void write(const Json& record) {
-        file << record.dump() << "\n";
-        file.flush();
-    }
-};
-
-// ---------------------------------------------------------------------------------------------------------------
-// Evaluation: held-out loss, and sampled answers to held-out problems scored by the tasks' verifiers
-// ---------------------------------------------------------------------------------------------------------------
-
-template <typename T>
-float heldout_loss(Model<T>& model, const data::Tokenizer& tok, const data::CorpusConfig& corpus, int batches) {
-    int B = model.max_B, T_ = model.max_T;
-    std::vector<int> rows, inputs, targets;
-    double sum = 0.0;
-    for (int k = 0; k < batches; k++) {
-        data::heldout_batch(tok, corpus, k, B, T_, rows);
-        split_rows(rows, B, T_, inputs, targets);
-        model.forward(inputs, B, T_);
-        long counted = model.loss(targets);
-        sum += model.read_scalars().first / double(counted);
-    }
-    return float(sum / batches);
-}
-
-// How held-out answers are drawn. R1 §3 scores pass@1, the mean accuracy of k responses sampled at temperature 0.6
-// (greedy decoding of reasoning models repeats itself and varies between checkpoints); temperature 0 is greedy.
-struct EvalSettings {
-    int problems = 64;  // per task, difficulty and language
-    int k = 4;          // responses per problem
-    float temperature = 0.6f;
-    bool r1zero_template = false;
-    bool direct = false;  // the think block is given, empty: the model must answer at once
-    uint64_t seed = 0;
-};
-
 inline EvalSettings eval_settings(const Options& o, bool r1zero_template, bool direct = false) {
     EvalSettings e;
     e.problems = o.samples, e.k = o.eval_temperature > 0 ? o.eval_k : 1, e.temperature = o.eval_temperature;
     e.r1zero_template = r1zero_template, e.direct = direct, e.seed = uint64_t(o.seed);
     return e;
-}
-
-struct EvalRow {
-    std::string task, language;
-    int difficulty, n = 0;
-    double accuracy = 0, format = 0, mixing = 0, response_tokens = 0;
-};
-
-// The held-out problems, one row per task, difficulty (1 to one past the trained maximum) and language.
-inline std::vector<EvalRow> eval_problems(const data::CorpusConfig& corpus, int n, uint64_t seed,
-                                          std::vector<data::Problem>& problems) {
-    std::vector<EvalRow> rows;
-    for (int k = 0; k < data::kNumTaskKinds; k++) {
-        if (corpus.kind_weight[k] == 0) continue;
-        data::TaskKind kind = data::TaskKind(k);
-        int top = std::min(corpus.max_difficulty[k] + 1, data::max_difficulty(kind));
-        for (int level = 1; level <= top; level++)
-            for (data::Language lang : {data::Language::En, data::Language::Alt}) {
-                std::vector<data::Problem> set = data::eval_set(kind, level, n, seed, lang);
-                problems.insert(problems.end(), set.begin(), set.end());
-                rows.push_back({data::task_name(kind), data::language_name(lang), level});
-            }
-    }
-    return rows;
-}
-
-// k answers to every held-out problem, all sampled as one batch with the latent KV cache and scored by the
-// rule-based rewards; prints the first `show` transcripts of each task's easiest level.
-template <typename T>
-std::vector<EvalRow> evaluate_tasks(Model<T>& model, const data::Tokenizer& tok, const data::CorpusConfig& corpus,
-                                    const EvalSettings& e, int show) {
-    std::vector<data::Problem> problems;
-    std::vector<EvalRow> rows = eval_problems(corpus, e.problems, e.seed, problems);
-    const std::string given = e.direct ? "<think></think><answer>" : "";
-    std::vector<std::vector<int>> prompts;
-    for (const data::Problem& p : problems)
-        prompts.insert(prompts.end(), e.k, tok.encode(data::prompt_text(p, e.r1zero_template) + given));
-    Sampler<T> sampler(model, int(prompts.size()), model.max_T);
-    SamplingOptions sampling;
-    sampling.temperature = e.temperature, sampling.seed = rng_hash(e.seed, 0x6576616cull, 0);
-    sampling.stop_a = data::ANSWER_END, sampling.stop_b = data::EOS, sampling.max_new = data::kMaxExampleTokens;
-    std::vector<std::vector<int>> responses = sampler.generate(prompts, sampling);
-    for (size_t i = 0; i < responses.size(); i++) {
-        size_t problem = i / e.k;
-        EvalRow& row = rows[problem / e.problems];
-        std::string text = given + tok.decode(responses[i]);
-        rewards::Reward r = rewards::score(problems[problem], text, {});
-        row.n++, row.accuracy += r.accuracy, row.format += r.format;
-        row.mixing += rewards::is_mixed(r.thinking), row.response_tokens += double(responses[i].size());
-        if (row.difficulty == 1 && i % e.k == 0 && int(problem % e.problems) < show)
-            std::printf("  [%s/%s] %s\n    -> %s  (%s)\n", row.task.c_str(), row.language.c_str(),
-                        problems[problem].question.c_str(), text.c_str(), r.accuracy > 0 ? "correct" : "wrong");
-    }
-    for (EvalRow& r : rows) r.accuracy /= r.n, r.format /= r.n, r.mixing /= r.n, r.response_tokens /= r.n;
-    return rows;
-}
-
-// One model's rows, printed per language; each also goes to the log, if there is one.
-inline void report_eval(const std::vector<EvalRow>& rows, const EvalSettings& e, JsonlLog* log) {
-    std::printf("held-out pass@1 (%d responses per problem at temperature %.2g, %d problems per row)\n", e.k,
-                e.temperature, e.problems);
-    std::printf("%-10s %4s %10s %9s %8s %8s %12s\n", "task", "lang", "difficulty", "accuracy", "format", "mixed",
-                "mean tokens");
-    for (const EvalRow& r : rows) {
-        std::printf("%-10s %4s %10d %8.1f%% %7.1f%% %7.1f%% %12.1f\n", r.task.c_str(), r.language.c_str(), r.difficulty,
-                    100 * r.accuracy, 100 * r.format, 100 * r.mixing, r.response_tokens);
-        if (!log) continue;
-        Json record = Json::object();
-        record["eval"] = r.task, record["language"] = r.language, record["difficulty"] = r.difficulty;
-        record["accuracy"] = r.accuracy, record["format"] = r.format, record["mixing"] = r.mixing;
-        record["response_tokens"] = r.response_tokens;
-        log->write(record);
-    }
-}
-
-struct ModelEval {
-    std::string name;
-    std::vector<EvalRow> rows;
-};
-
-// Models side by side as Markdown tables: pass@1 and mean response length per task and difficulty (the two
-// languages pooled), then each model's format rate and share of mixed-language thinking over all rows.
-inline std::string comparison_tables(const std::vector<ModelEval>& models, const EvalSettings& e) {
-    std::ostringstream out;
-    char cell[64];
-    auto header = [&](const char* what, const char* second) {
-        out << "| " << what << " | " << second << " |";
-        for (const ModelEval& m : models) out << " " << m.name << " |";
-        out << "\n| --- | --- |";
-        for (size_t i = 0; i < models.size(); i++) out << " --- |";
-        out << "\n";
-    };
-    auto pooled = [&](const char* what, auto value, const char* format) {
-        header(what, "difficulty");
-        const std::vector<EvalRow>& first = models[0].rows;
-        for (size_t r = 0; r + 1 < first.size(); r += 2) {  // En and Alt rows of one level are neighbours
-            out << "| " << first[r].task << " | " << first[r].difficulty << " |";
-            for (const ModelEval& m : models) {
-                std::snprintf(cell, sizeof cell, format, (value(m.rows[r]) + value(m.rows[r + 1])) / 2);
-                out << " " << cell << " |";
-            }
-            out << "\n";
-        }
-        out << "\n";
-    };
-    out << "Held-out pass@1: the mean accuracy of " << e.k << " responses per problem at temperature " << e.temperature
-        << ", " << 2 * e.problems << " problems per row (half En, half Alt).\n\n";
-    pooled(
-        "accuracy", [](const EvalRow& r) { return 100 * r.accuracy; }, "%.1f%%");
-    pooled(
-        "response tokens", [](const EvalRow& r) { return r.response_tokens; }, "%.0f");
-    header("over all rows", "");
-    auto overall = [&](const char* what, auto value) {
-        out << "| " << what << " | |";
-        for (const ModelEval& m : models) {
-            double sum = 0;
-            for (const EvalRow& r : m.rows) sum += value(r);
-            std::snprintf(cell, sizeof cell, "%.1f%%", 100 * sum / double(m.rows.size()));
-            out << " " << cell << " |";
-        }
-        out << "\n";
-    };
-    overall("format", [](const EvalRow& r) { return r.format; });
-    overall("mixed-language thinking", [](const EvalRow& r) { return r.mixing; });
-    return out.str();
 }
 
 // "runs/r1/checkpoint" -> "r1": a checkpoint is named by its run.
@@ -327,16 +200,17 @@ int pretrain(const Options& o) {
     } else if (source.empty()) {
         model.init_weights(uint64_t(o.seed));
     }
-    apply_precision(o, model);
+    configure(o, model);
     fs::create_directories(o.out);
     JsonlLog log(o.out + "/log.jsonl", o.resume);
 
     long tokens_per_step = long(o.batch) * o.seq;
-    double flops_per_step = cfg.train_flops_per_token(o.seq) * double(tokens_per_step);
+    double flops_per_step = train_flops_per_token(cfg, o.seq) * double(tokens_per_step);
     std::printf(
-        "model: %.2fM parameters (%.2fM in GEMMs), precision %s, %d x %d tokens per step, %.2f TFLOP per step\n",
-        model.num_params() / 1e6, cfg.matmul_params() / 1e6, o.precision.c_str(), o.batch, o.seq,
-        flops_per_step / 1e12);
+        "model: %.2fM parameters (%.2fM in GEMMs, %.2fM of them active per token), precision %s, %d x %d tokens per "
+        "step, %.2f TFLOP per step\n",
+        model.num_params() / 1e6, model.matmul_params(false) / 1e6, model.matmul_params(true) / 1e6,
+        o.precision.c_str(), o.batch, o.seq, flops_per_step / 1e12);
 
     std::vector<int> rows, next_rows, inputs, targets;
     data::pretrain_batch(tok, corpus, start + 1, o.batch, o.seq, rows);
@@ -350,8 +224,8 @@ int pretrain(const Options& o) {
         split_rows(rows, o.batch, o.seq, inputs, targets);
         model.train_step(inputs, targets, o.batch, o.seq, opt, o.grad_clip, step, uint64_t(o.seed));
         if (step < o.steps) data::pretrain_batch(tok, corpus, step + 1, o.batch, o.seq, next_rows);  // overlaps the GPU
-        auto [loss_sum, grad_norm] = model.read_scalars();
-        float loss = loss_sum / float(tokens_per_step);
+        const StepScalars scalars = model.read_scalars();
+        const float loss = scalars.loss_sum / float(tokens_per_step), grad_norm = scalars.grad_norm;
         const bool skipped = skipped_steps.check(model, step);
         if (!skipped && !std::isfinite(loss)) {
             std::fprintf(stderr, "error: loss is %f at step %d; stopping (the last checkpoint is intact)\n", loss,
@@ -368,12 +242,14 @@ int pretrain(const Options& o) {
         record["step"] = step, record["loss"] = double(loss), record["lr"] = double(lr);
         record["grad_norm"] = double(grad_norm), record["tokens_per_s"] = tokens_per_s, record["mfu"] = mfu;
         record["ms"] = seconds * 1e3, record["skipped"] = skipped;
+        const double violation = record_expert_balance(model, scalars, record);
         log.write(record);
         if (step % o.log_every == 0 || step == start + 1 || step == o.steps) {
             double per_step = step > start + 1 ? timed_seconds / (step - start - 1) : seconds;
-            std::printf("step %5d/%d | loss %.4f | lr %.2e | grad norm %.3f | %7.0fk tok/s | MFU %4.1f%% | ETA %s\n",
-                        step, o.steps, loss, lr, grad_norm, tokens_per_s / 1e3, 100.0 * mfu,
-                        format_duration(per_step * (o.steps - step)).c_str());
+            std::printf("step %5d/%d | loss %.4f | lr %.2e | grad norm %.3f | %7.0fk tok/s | MFU %4.1f%% | ", step,
+                        o.steps, loss, lr, grad_norm, tokens_per_s / 1e3, 100.0 * mfu);
+            if (cfg.has_moe()) std::printf("max violation %.2f | ", violation);
+            std::printf("ETA %s\n", format_duration(per_step * (o.steps - step)).c_str());
             std::fflush(stdout);
         }
         if (step % o.eval_every == 0 || step == o.steps) {
@@ -464,8 +340,8 @@ int cold_start(const Options& given) {
     auto loaded = load_model<T>(given.init, given.batch, given.seq);
     Model<T>& model = *loaded;
     model.reset_optimizer();
-    apply_precision(given, model);
-    const double flops_per_step = model.cfg.train_flops_per_token(given.seq) * given.batch * given.seq;
+    configure(given, model);
+    const double flops_per_step = train_flops_per_token(model.cfg, given.seq) * given.batch * given.seq;
     Options o = given;
     if (!o.same_flops_as.empty()) {
         double flops = run_flops(o.same_flops_as);
@@ -491,8 +367,8 @@ int cold_start(const Options& given) {
         long counted = count_targets(targets);
         float lr = learning_rate(o, step);
         model.train_step(inputs, targets, o.batch, o.seq, adamw_at(o, step), o.grad_clip, step, uint64_t(o.seed));
-        auto [loss_sum, grad_norm] = model.read_scalars();
-        float loss = loss_sum / float(std::max(counted, 1L));
+        const StepScalars scalars = model.read_scalars();
+        const float loss = scalars.loss_sum / float(std::max(counted, 1L)), grad_norm = scalars.grad_norm;
         const bool skipped = skipped_steps.check(model, step);
         if (!skipped && (!std::isfinite(loss) || !std::isfinite(grad_norm))) {
             std::fprintf(stderr, "error: loss %f, gradient norm %f at step %d; stopping without a checkpoint\n", loss,
@@ -525,7 +401,7 @@ int reinforce(const Options& o) {
     auto loaded_policy = load_model<T>(o.init, S, o.seq), reference = load_model<T>(o.init, S, o.seq);
     Model<T>& policy = *loaded_policy;
     policy.reset_optimizer();
-    apply_precision(o, policy);
+    configure(o, policy);
     GrpoTrainer<T> trainer(policy, *reference, S, o.seq);
     GrpoOptions g;
     g.group = o.group, g.updates = o.updates, g.max_new = o.max_new, g.temperature = o.temperature;
@@ -550,7 +426,7 @@ int reinforce(const Options& o) {
         float lr = learning_rate(o, step);
         GrpoStats st =
             trainer.step(problems, g, adamw_at(o, step), o.grad_clip, optimizer_step, uint64_t(o.seed), step);
-        float grad_norm = policy.read_scalars().second;
+        float grad_norm = policy.read_scalars().grad_norm;
         const bool skipped = skipped_steps.check(policy, step);
         if (!skipped && (!std::isfinite(st.objective) || !std::isfinite(grad_norm))) {
             std::fprintf(stderr, "error: objective %f, gradient norm %f at step %d; stopping without a checkpoint\n",

@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "../common.cuh"
+#include "../kernels/rng.h"
 #include "tasks.h"
 #include "tokenizer.h"
 

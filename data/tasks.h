@@ -23,7 +23,7 @@
 #include <utility>
 #include <vector>
 
-#include "../common.cuh"
+#include "../kernels/rng.h"
 #include "language.h"
 
 namespace data {

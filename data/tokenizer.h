@@ -11,7 +11,6 @@
 #include <string>
 #include <vector>
 
-#include "../common.cuh"
 
 namespace data {
 

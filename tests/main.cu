@@ -3,7 +3,7 @@
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
-#include "../common.cuh"
+#include "../kernels/common.cuh"
 
 int main(int argc, char** argv) {
     doctest::Context context;

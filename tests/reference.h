@@ -14,7 +14,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../attention.cuh"
+#include "../kernels/attention.cuh"
 
 TYPE_TO_STRING_AS("bf16", bf16);
 

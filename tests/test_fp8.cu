@@ -269,9 +269,10 @@ TEST_SUITE("gpu") {
                       dy_t = fp8_operand(M, N);
             DeviceBuffer<T> y(size_t(M) * N), dx(size_t(M) * K);
             DeviceBuffer<float> dW(size_t(N) * K);
-            fp8_linear_forward(shape.backend, blas, stream, y.data(), x.data(), W, x_q, x_saved, M, nonfinite.data());
-            fp8_linear_backward(shape.backend, blas, stream, dx.data(), dW.data(), dy.data(), x_saved, W, dy_q, dy_t, M,
-                                nonfinite.data());
+            fp8_linear_forward(shape.backend, blas, stream, y.data(), x.data(), W, x_q, x_saved, RowGroups::all(M),
+                               nonfinite.data());
+            fp8_linear_backward(shape.backend, blas, stream, dx.data(), dW.data(), dy.data(), x_saved, W, dy_q, dy_t,
+                                RowGroups::all(M), nonfinite.data());
             CHECK(nonfinite.download()[0] == 0);
 
             std::vector<float> qx, sx, qW, sW, qdy, sdy, qWT, sWT, qdyT, sdyT, qxT, sxT;

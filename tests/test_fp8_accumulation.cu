@@ -12,7 +12,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../common.cuh"
+#include "../kernels/common.cuh"
 
 namespace {
 

@@ -3,7 +3,7 @@
 
 #include <string>
 
-#include "../json.h"
+#include "../io/json.h"
 
 TEST_SUITE("checkpoint") {
     TEST_CASE("json: nested values survive a round trip, compact and pretty") {

@@ -88,7 +88,7 @@ struct NormShape {
 };
 
 // Rows wider than a warp's 32 lanes; and MLA's kv_a case, the first D columns of wider rows, over more rows than one
-// block of the backward kernel takes (rmsnorm_rows_per_block), so that the weight gradient adds partial sums; and
+// block of the backward kernel takes (partial_rows_per_block), so that the weight gradient adds partial sums; and
 // enough rows that a block's warps take more than one each.
 const NormShape norm_shapes[] = {{13, 48, 48}, {130, 16, 20}, {5000, 24, 24}};
 constexpr double norm_eps = 1e-6;
@@ -219,7 +219,7 @@ TEST_SUITE("gpu") {
                 std::vector<float> y(size_t(s.N) * s.D), rstd(s.N);
                 ref::rmsnorm_forward(x.host, s.N, s.D, s.stride, w.host, norm_eps, y, rstd);
                 DeviceBuffer<float> rstd_device = ref::upload<float>(rstd);
-                DeviceBuffer<float> scratch(rmsnorm_scratch_size(s.N, s.D));
+                DeviceBuffer<float> scratch(partial_scratch_size(s.N, s.D));
                 ref::poison(scratch);
                 // dx starts random, not poisoned: its columns past D belong to someone else (kv_a's k_rope).
                 ref::Tensor<T> dx = ref::input<T>(rng, size_t(s.N) * s.stride);

@@ -1,11 +1,12 @@
 // Host tests of the command line, the learning-rate schedule and config.json.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 
-#include "../checkpoint.h"
-#include "../options.h"
+#include "../io/checkpoint.h"
+#include "../io/options.h"
 
 namespace {
 
@@ -74,31 +75,58 @@ TEST_SUITE("options") {
 }
 
 TEST_SUITE("checkpoint") {
-    TEST_CASE("config.json round trip, with the names transformers reads") {
+    TEST_CASE("config.json round trip of every field, with the names transformers reads") {
         Config c;
-        c.hidden_size = 256, c.num_hidden_layers = 3, c.rms_norm_eps = 1e-5f;
+        c.hidden_size = 256, c.num_hidden_layers = 3, c.rms_norm_eps = 1e-5f, c.first_k_dense_replace = 2;
+        c.routed_scaling_factor = 1.5f, c.norm_topk_prob = false, c.n_group = 2;
         Json j = Json::parse(config_to_json(c).dump(2));
         CHECK(j.at("model_type").as_string() == "deepseek_v3");
-        CHECK(j.at("first_k_dense_replace").as_int() == 3);
+        CHECK(j.at("first_k_dense_replace").as_int() == 2);
+        CHECK(j.at("n_routed_experts").as_int() == 16);
+        CHECK_FALSE(j.at("norm_topk_prob").as_bool());
         CHECK(j.at("rope_interleave").as_bool());
         Config back = config_from_json(j, "config.json");
-        CHECK(back.hidden_size == 256);
-        CHECK(back.num_hidden_layers == 3);
-        CHECK(back.rms_norm_eps == doctest::Approx(1e-5));
-        CHECK(back.qk_rope_head_dim == c.qk_rope_head_dim);
+        int fields = 0;
+        back.fields([&](const char* name, const auto& value, Bound) {
+            c.fields([&](const char* other, const auto& original, Bound) {
+                if constexpr (std::is_same_v<decltype(value), decltype(original)>)
+                    if (std::string(name) == other) {
+                        INFO(name);
+                        CHECK(value == original);
+                        fields++;
+                    }
+            });
+        });
+        CHECK(fields == 23);
     }
 
-    TEST_CASE("a config.json that does not fit is an error naming the file") {
+    TEST_CASE("a config.json that does not fit is an error naming the file and the field") {
+        auto error_of = [](const std::string& field, Json value) {
+            Json j = config_to_json(Config());
+            j[field] = value;
+            try {
+                config_from_json(j, "a/config.json");
+            } catch (const std::runtime_error& e) {
+                return std::string(e.what());
+            }
+            return std::string("no error");
+        };
         Json j = config_to_json(Config());
         j["model_type"] = "llama";
         CHECK_THROWS_WITH_AS(config_from_json(j, "a/config.json"), doctest::Contains("a/config.json: model_type"),
                              std::runtime_error);
-        j = config_to_json(Config());
-        j["qk_rope_head_dim"] = 7;
-        CHECK_THROWS_WITH_AS(config_from_json(j, "c"), doctest::Contains("qk_rope_head_dim"), std::runtime_error);
-        j = config_to_json(Config());
-        j["first_k_dense_replace"] = 1;
-        CHECK_THROWS_WITH_AS(config_from_json(j, "c"), doctest::Contains("MoE"), std::runtime_error);
+        CHECK(error_of("qk_rope_head_dim", 7).find("qk_rope_head_dim must be even") != std::string::npos);
+        CHECK(error_of("q_lora_rank", Json()).find("q_lora_rank is null") != std::string::npos);
+        CHECK(error_of("rms_norm_eps", -1.0).find("rms_norm_eps must be positive") != std::string::npos);
+        CHECK(error_of("rope_theta", 1e300).find("rope_theta must be positive and finite") != std::string::npos);
+        CHECK(error_of("initializer_range", -0.02).find("initializer_range must be non-negative") !=
+              std::string::npos);
+        CHECK(error_of("n_group", 3).find("n_group") != std::string::npos);
+        CHECK(error_of("n_group", 16).find("groups need two") != std::string::npos);
+        CHECK(error_of("topk_group", 5).find("topk_group") != std::string::npos);
+        CHECK(error_of("num_experts_per_tok", 9).find("num_experts_per_tok") != std::string::npos);
+        CHECK(error_of("n_routed_experts", 512).find("at most 256") != std::string::npos);
+        CHECK(error_of("first_k_dense_replace", 8) == "no error");  // a dense model needs no valid MoE fields
         Json partial = Json::parse(R"({"model_type": "deepseek_v3", "vocab_size": 128})");
         CHECK_THROWS_WITH_AS(config_from_json(partial, "c"), doctest::Contains("missing key"), std::runtime_error);
 
@@ -110,31 +138,66 @@ TEST_SUITE("checkpoint") {
                              std::runtime_error);
     }
 
-    TEST_CASE("parameter layout: Hugging Face names, matrices before norms") {
+    TEST_CASE("parameter layout: Hugging Face names; matrices, then norm weights, then the router biases") {
         Config c;
-        ParamLayout layout(c);
-        long expected = 2L * c.vocab_size * c.hidden_size + c.hidden_size;
-        for (const ParamTensor& t : layout.tensors) {
-            if (t.shape.size() == 2) CHECK(t.offset < layout.n_decay);
-            if (t.shape.size() == 1) CHECK(t.offset >= layout.n_decay);
+        Architecture arch(c, 0);
+        const ParamLayout& layout = arch.layout;
+        long previous_end = 0;
+        Region previous = Region::Decayed;
+        std::vector<const ParamTensor*> by_offset;
+        for (const ParamTensor& t : layout.tensors) by_offset.push_back(&t);
+        std::sort(by_offset.begin(), by_offset.end(), [](auto a, auto b) { return a->offset < b->offset; });
+        for (const ParamTensor* t : by_offset) {  // the regions in order, no gap, no overlap
+            CHECK(t->offset == previous_end);
+            CHECK(int(t->region) >= int(previous));
+            CHECK((t->region == Region::Decayed) == (t->shape.size() == 2));
+            CHECK((t->region == Region::Buffer) == (t->name.find("e_score_correction_bias") != std::string::npos));
+            previous_end = t->offset + t->numel(), previous = t->region;
         }
-        long per_layer = 0;
-        per_layer += long(c.q_lora_rank) * c.hidden_size + c.q_lora_rank;
-        per_layer += long(c.num_attention_heads) * c.qk_head_dim() * c.q_lora_rank;
-        per_layer += long(c.kv_lora_rank + c.qk_rope_head_dim) * c.hidden_size + c.kv_lora_rank;
-        per_layer += long(c.num_attention_heads) * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank;
-        per_layer += long(c.hidden_size) * c.num_attention_heads * c.v_head_dim;
-        per_layer += 3L * c.intermediate_size * c.hidden_size + 2L * c.hidden_size;
-        CHECK(layout.total == expected + per_layer * c.num_hidden_layers);
+        CHECK(layout.total == previous_end);
+        // V3-shaped default: 40.8M parameters, 16.1M of them used by a token
+        CHECK(layout.total == 40848880);
+        CHECK(arch.matmul_params(true) == doctest::Approx(16017408.0));  // in GEMMs: all but embedding and norms
         CHECK(layout.tensors.front().name == "model.embed_tokens.weight");
-        bool found = false;
-        for (const ParamTensor& t : layout.tensors)
-            found |= t.name == "model.layers.7.self_attn.kv_a_proj_with_mqa.weight" && t.shape[0] == 160 &&
-                     t.shape[1] == 384;
-        CHECK(found);
-        // gate_proj and up_proj are adjacent: one [2I, d] GEMM computes both
-        CHECK(layout.layers[0].gate_up + long(c.intermediate_size) * c.hidden_size ==
-              layout.layers[0].down - long(c.intermediate_size) * c.hidden_size);
+        auto find = [&](const std::string& name) {
+            for (const ParamTensor& t : layout.tensors)
+                if (t.name == name) return &t;
+            FAIL("no tensor " << name);
+            return &layout.tensors.front();
+        };
+        CHECK(find("model.layers.7.self_attn.kv_a_proj_with_mqa.weight")->shape == std::vector<long>{160, 384});
+        CHECK(find("model.layers.0.mlp.gate_proj.weight")->shape == std::vector<long>{1024, 384});
+        CHECK(find("model.layers.1.mlp.gate.weight")->shape == std::vector<long>{16, 384});
+        CHECK(find("model.layers.1.mlp.shared_experts.down_proj.weight")->shape == std::vector<long>{384, 256});
+        CHECK(find("model.layers.7.mlp.experts.15.up_proj.weight")->shape == std::vector<long>{256, 384});
+        // gate_proj and up_proj of an FFN are adjacent (one [2I, d] GEMM computes both), and the experts follow
+        // each other: a Linear of 16 weights
+        const ParamTensor* gate0 = find("model.layers.1.mlp.experts.0.gate_proj.weight");
+        CHECK(find("model.layers.1.mlp.experts.0.up_proj.weight")->offset == gate0->offset + 256 * 384);
+        CHECK(find("model.layers.1.mlp.experts.1.gate_proj.weight")->offset == gate0->offset + 2 * 256 * 384);
+        CHECK(find("model.layers.1.mlp.experts.3.down_proj.weight")->offset ==
+              find("model.layers.1.mlp.experts.0.down_proj.weight")->offset + 3 * 384 * 256);
+        CHECK(arch.layers[1].routed.experts.gate_up.weight == int(gate0 - layout.tensors.data()));
+        CHECK(find("model.layers.1.mlp.experts.0.gate_proj.weight")->active == doctest::Approx(0.25));
+    }
+
+    TEST_CASE("a dense config keeps the layout of the dense model's checkpoints") {
+        Config c;
+        c.first_k_dense_replace = c.num_hidden_layers;
+        Architecture arch(c, 0);
+        // embed, then per layer q_a, q_b, kv_a, kv_b, o_proj, gate, up, down, then lm_head; then the norms
+        std::vector<std::string> order;
+        std::vector<const ParamTensor*> by_offset;
+        for (const ParamTensor& t : arch.layout.tensors) by_offset.push_back(&t);
+        std::sort(by_offset.begin(), by_offset.end(), [](auto a, auto b) { return a->offset < b->offset; });
+        for (const ParamTensor* t : by_offset) order.push_back(t->name);
+        CHECK(order[1] == "model.layers.0.self_attn.q_a_proj.weight");
+        CHECK(order[6] == "model.layers.0.mlp.gate_proj.weight");
+        CHECK(order[8] == "model.layers.0.mlp.down_proj.weight");
+        CHECK(order[65] == "lm_head.weight");
+        CHECK(order[66] == "model.layers.0.input_layernorm.weight");
+        CHECK(order.back() == "model.norm.weight");
+        for (size_t i = 0; i < by_offset.size(); i++) CHECK(by_offset[i]->position == int(i));
     }
 }
 

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "../data/corpus.h"
-#include "../rewards.h"
+#include "../data/rewards.h"
 
 using namespace rewards;
 using data::Language;

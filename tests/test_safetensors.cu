@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "../safetensors.h"
+#include "../io/safetensors.h"
 
 namespace fs = std::filesystem;
 

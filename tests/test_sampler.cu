@@ -31,8 +31,7 @@ std::vector<float> download(const float* p, size_t n) {
 // Steps the sampler greedily through max_len positions, keeping each step's logits [S, V]; then checks them
 // against the full (training) forward pass over each final sequence.
 template <typename T>
-double decode_vs_forward_error(uint64_t seed) {
-    Config c = tiny_config();
+double decode_vs_forward_error(uint64_t seed, const Config& c) {
     const int L = 20, V = c.vocab_size;
     Model<T> model(c, 1, L);
     model.init_weights(seed);
@@ -78,11 +77,15 @@ double decode_vs_forward_error(uint64_t seed) {
 }  // namespace
 
 TEST_SUITE("gpu") {
-    TEST_CASE("latent-cache decoding gives the full forward pass's logits") {
-        // FP32: the absorbed products (q W_uk^T) c_kv only reorder the sums of q (W_uk c_kv).
-        CHECK(decode_vs_forward_error<float>(21) < 2e-5);
-        // BF16: the two paths round at different points (q_abs and ctx are stored in BF16).
-        CHECK(decode_vs_forward_error<bf16>(22) < 5e-2);
+    TEST_CASE("latent-cache decoding gives the full forward pass's logits, dense and with DeepSeekMoE") {
+        for (const Config& c : {tiny_config(), model_ref::tiny_moe_config()}) {
+            CAPTURE(c.first_k_dense_replace);
+            // FP32: the absorbed products (q W_uk^T) c_kv only reorder the sums of q (W_uk c_kv); decoding runs
+            // every expert on its tokens where training runs each expert on its own rows.
+            CHECK(decode_vs_forward_error<float>(21, c) < 2e-5);
+            // BF16: the two paths round at different points (q_abs and ctx are stored in BF16).
+            CHECK(decode_vs_forward_error<bf16>(22, c) < 5e-2);
+        }
     }
 
     TEST_CASE("sampling is deterministic for a seed and stops at stop tokens") {

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -469,3 +470,15 @@ struct Json::Parser {
 };
 
 inline Json Json::parse(const std::string& text) { return Parser{text}.parse_document(); }
+
+// A log of one JSON object per line, flushed as each is written, so that a crash loses no finished record.
+struct JsonlLog {
+    std::ofstream file;
+    JsonlLog(const std::string& path, bool append) : file(path, append ? std::ios::app : std::ios::trunc) {
+        if (!file) throw std::runtime_error("cannot open log file " + path);
+    }
+    void write(const Json& record) {
+        file << record.dump() << "\n";
+        file.flush();
+    }
+};

@@ -11,7 +11,7 @@
 #include <algorithm>
 #include <string>
 
-#include "data/tasks.h"
+#include "tasks.h"
 
 namespace rewards {
 

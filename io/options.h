@@ -94,6 +94,9 @@ struct Options {
     float lr = 2e-3f, min_lr_frac = 0.1f, weight_decay = 0.1f, grad_clip = 1.0f, beta2 = 0.95f;
     long seed = 1234;
     bool resume = false, help = false;
+    // DeepSeekMoE's load balancing (V3 §2.1.2)
+    std::string balancing = "aux-free";
+    float bias_rate = 0.001f, balance_alpha = 1e-4f, aux_alpha = 0.01f;
     // Cold start and reinforcement learning
     int sft_examples = 4000, prompts = 32, group = 8, updates = 2, max_new = 320, difficulty = 2;
     std::string task = "mix", template_name = "auto";
@@ -123,6 +126,12 @@ struct Options {
         f.add("beta2", &beta2, "AdamW beta2");
         f.add("grad-clip", &grad_clip, "clip the global gradient norm to this (0: off)");
         f.add("seed", &seed, "seed of initialization, data and rounding");
+        f.add("balancing", &balancing,
+              "experts' load balancing: aux-free (V3: bias updates and a sequence-wise loss) | aux-loss (a "
+              "conventional batch-wise auxiliary loss) | none");
+        f.add("bias-rate", &bias_rate, "aux-free: gamma, the router bias update per step (V3: 0.001)");
+        f.add("balance-alpha", &balance_alpha, "aux-free: alpha of the sequence-wise balance loss (V3: 0.0001)");
+        f.add("aux-alpha", &aux_alpha, "aux-loss: alpha of the batch-wise auxiliary loss");
         f.add("eval-every", &eval_every, "steps between held-out loss evaluations");
         f.add("eval-batches", &eval_batches, "batches in a held-out loss evaluation");
         f.add("ckpt-every", &ckpt_every, "steps between checkpoints (and one at the end)");
@@ -220,6 +229,12 @@ struct Options {
         if (!(kl >= 0.0f && clip_low > 0.0f && clip_low < 1.0f && clip_high > 0.0f))
             throw std::invalid_argument("--kl must be >= 0, --clip-low in (0, 1), --clip-high > 0");
         if (stage == "logits" && text.empty()) throw std::invalid_argument("stage logits needs --text");
+        if (balancing != "aux-free" && balancing != "aux-loss" && balancing != "none")
+            throw std::invalid_argument("--balancing must be aux-free, aux-loss or none, got '" + balancing + "'");
+        for (auto [value, name] : {std::pair{bias_rate, "bias-rate"}, std::pair{balance_alpha, "balance-alpha"},
+                                   std::pair{aux_alpha, "aux-alpha"}})
+            if (!(value >= 0.0f && std::isfinite(value)))
+                throw std::invalid_argument(std::string("--") + name + " must be a finite number >= 0");
     }
 
     static std::string usage() {

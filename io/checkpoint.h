@@ -3,7 +3,8 @@
 //   config.json         model_type deepseek_v3, the fields of DeepseekV3Config
 //   tokenizer.json      the character tokenizer in the tokenizers library's format
 // and, beside them, what a resumed run needs to continue bit for bit:
-//   trainer_state.safetensors   the BF16 Adam moments; metadata: step, seed, precision
+//   trainer_state.safetensors   the BF16 Adam moments of the trained parameters; metadata: step, seed, precision
+// (the router biases of auxiliary-loss-free balancing are part of the model: `mlp.gate.e_score_correction_bias`).
 // The folder is written under a temporary name and renamed into place, so a crash leaves the old checkpoint or the
 // new one, never half of one. Every file is checked when read: a truncated, corrupt or mismatched checkpoint is an
 // error that names the file and what is wrong.
@@ -12,50 +13,35 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <type_traits>
 
-#include "data/tokenizer.h"
+#include "../data/tokenizer.h"
 #include "json.h"
-#include "model.cuh"
+#include "../model.cuh"
 #include "safetensors.h"
 
+// config.json: the fields of Config, then what transformers needs to build the same model.
 inline Json config_to_json(const Config& c) {
     Json j = Json::object();
     j["architectures"] = Json::array();
     j["architectures"].push_back("DeepseekV3ForCausalLM");
     j["model_type"] = "deepseek_v3";
-    j["vocab_size"] = c.vocab_size;
-    j["hidden_size"] = c.hidden_size;
-    j["intermediate_size"] = c.intermediate_size;
-    j["num_hidden_layers"] = c.num_hidden_layers;
-    j["num_attention_heads"] = c.num_attention_heads;
+    c.fields([&](const char* name, const auto& value, Bound) {
+        using V = std::decay_t<decltype(value)>;
+        if constexpr (std::is_floating_point_v<V>)
+            j[name] = double(value);
+        else
+            j[name] = value;
+    });
     j["num_key_value_heads"] = c.num_attention_heads;
-    j["q_lora_rank"] = c.q_lora_rank;
-    j["kv_lora_rank"] = c.kv_lora_rank;
-    j["qk_nope_head_dim"] = c.qk_nope_head_dim;
-    j["qk_rope_head_dim"] = c.qk_rope_head_dim;
-    j["v_head_dim"] = c.v_head_dim;
-    j["max_position_embeddings"] = c.max_position_embeddings;
-    j["rms_norm_eps"] = double(c.rms_norm_eps);
-    j["rope_theta"] = double(c.rope_theta);
     j["rope_parameters"] = Json::object();
     j["rope_parameters"]["rope_type"] = "default";
     j["rope_parameters"]["rope_theta"] = double(c.rope_theta);
     j["rope_interleave"] = true;
-    j["initializer_range"] = double(c.initializer_range);
     j["hidden_act"] = "silu";
     j["attention_bias"] = false;
     j["attention_dropout"] = 0.0;
     j["tie_word_embeddings"] = false;
-    // Every layer is dense (the FFN slot holds a SwiGLU): first_k_dense_replace covers them all.
-    j["first_k_dense_replace"] = c.num_hidden_layers;
-    j["n_routed_experts"] = 16;
-    j["n_shared_experts"] = 1;
-    j["num_experts_per_tok"] = 4;
-    j["n_group"] = 4;
-    j["topk_group"] = 2;
-    j["moe_intermediate_size"] = 256;
-    j["routed_scaling_factor"] = 1.0;
-    j["norm_topk_prob"] = true;
     j["pad_token_id"] = int(data::PAD);
     j["bos_token_id"] = int(data::BOS);
     j["eos_token_id"] = int(data::EOS);
@@ -63,28 +49,23 @@ inline Json config_to_json(const Config& c) {
     return j;
 }
 
-// Reads the fields this model uses; `source` names the file in error messages.
+// Reads every field of Config; `source` names the file in error messages.
 inline Config config_from_json(const Json& j, const std::string& source) {
     try {
         if (j.at("model_type").as_string() != "deepseek_v3")
             throw std::runtime_error("model_type is '" + j.at("model_type").as_string() + "', not deepseek_v3");
         Config c;
-        c.vocab_size = j.at("vocab_size").as_int();
-        c.hidden_size = j.at("hidden_size").as_int();
-        c.intermediate_size = j.at("intermediate_size").as_int();
-        c.num_hidden_layers = j.at("num_hidden_layers").as_int();
-        c.num_attention_heads = j.at("num_attention_heads").as_int();
-        c.q_lora_rank = j.at("q_lora_rank").is_null() ? 0 : j.at("q_lora_rank").as_int();
-        c.kv_lora_rank = j.at("kv_lora_rank").as_int();
-        c.qk_nope_head_dim = j.at("qk_nope_head_dim").as_int();
-        c.qk_rope_head_dim = j.at("qk_rope_head_dim").as_int();
-        c.v_head_dim = j.at("v_head_dim").as_int();
-        c.max_position_embeddings = j.at("max_position_embeddings").as_int();
-        c.rms_norm_eps = float(j.at("rms_norm_eps").as_number());
-        c.rope_theta = float(j.at("rope_theta").as_number());
-        if (j.contains("initializer_range")) c.initializer_range = float(j.at("initializer_range").as_number());
-        if (j.contains("first_k_dense_replace") && j.at("first_k_dense_replace").as_int() < c.num_hidden_layers)
-            throw std::runtime_error("MoE layers (first_k_dense_replace < num_hidden_layers) are not supported");
+        c.fields([&](const char* name, auto& value, Bound) {
+            using V = std::decay_t<decltype(value)>;
+            const Json& field = j.at(name);
+            if (field.is_null()) throw std::runtime_error(std::string(name) + " is null");
+            if constexpr (std::is_same_v<V, bool>)
+                value = field.as_bool();
+            else if constexpr (std::is_floating_point_v<V>)
+                value = V(field.as_number());
+            else
+                value = field.as_int();
+        });
         // Settings this model does not implement would load and then compute something else: refuse them.
         if (j.contains("rope_scaling") && !j.at("rope_scaling").is_null())
             throw std::runtime_error("rope_scaling is not supported (plain RoPE only)");
@@ -161,7 +142,7 @@ void save_checkpoint(const std::string& checkpoint_dir, Model<T>& model, const T
     write_file_atomic(tmp + "/config.json", config_to_json(model.cfg).dump(2) + "\n");
     write_file_atomic(tmp + "/tokenizer.json", tok.to_json());
 
-    int64_t n = model.layout.total;
+    int64_t n = model.layout.trained;
     write_safetensors(tmp + "/trainer_state.safetensors",
                       {{"adam_m", DType::BF16, {n}, m.data()}, {"adam_v", DType::BF16, {n}, v.data()}},
                       {{"step", std::to_string(state.step)},
@@ -196,7 +177,7 @@ template <typename T>
 TrainerState load_trainer_state(const std::string& dir, Model<T>& model) {
     std::string path = dir + "/trainer_state.safetensors";
     SafetensorsFile file = SafetensorsFile::load(path);
-    int64_t n = model.layout.total;
+    int64_t n = model.layout.trained;
     std::vector<bf16> m(n), v(n);
     file.read("adam_m", DType::BF16, {n}, m.data());
     file.read("adam_v", DType::BF16, {n}, v.data());

@@ -5,6 +5,8 @@
 // in a fixed order (no floating-point atomics), so a run, and a resumed run, repeat bit for bit.
 #pragma once
 
+#include <algorithm>
+
 #include "common.cuh"
 
 constexpr int WARPS_PER_BLOCK = 8;
@@ -84,6 +86,42 @@ void embedding_backward(float* dE, const T* dx, const int* tokens, int N, int V,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Weight gradients summed over tokens (RMSNorm's weight, the router's W_g): each block of a kernel sums its rows
+// into a partial sum, and sum_partials adds the blocks' partial sums in a fixed order (deterministic, no atomics).
+// ---------------------------------------------------------------------------------------------------------------
+
+// A block takes enough rows that there are at most PARTIAL_BLOCKS of them: enough to fill the GPU, few enough
+// partial sums to add up.
+constexpr int PARTIAL_BLOCKS = 512, PARTIAL_MIN_ROWS = WARPS_PER_BLOCK;
+inline int partial_rows_per_block(int N) { return std::max(PARTIAL_MIN_ROWS, ceil_div(N, PARTIAL_BLOCKS)); }
+
+// Scratch floats for the partial sums of up to N rows of width D.
+inline long partial_scratch_size(int N, int D) {
+    return long(std::min(ceil_div(N, PARTIAL_MIN_ROWS), PARTIAL_BLOCKS)) * D;
+}
+
+// out over 32 columns per block: warp w adds the partial sums w, w + 8, ..., then warp 0 adds the warps' sums in
+// order (a fixed order: the same result on every run).
+static __global__ void sum_partials_kernel(float* out, const float* partial, int blocks, int D, bool accumulate) {
+    __shared__ float warp_sums[WARPS_PER_BLOCK][32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, d = blockIdx.x * 32 + lane;
+    float sum = 0.0f;
+    if (d < D)
+        for (int b = warp; b < blocks; b += WARPS_PER_BLOCK) sum += partial[long(b) * D + d];
+    warp_sums[warp][lane] = sum;
+    __syncthreads();
+    if (warp > 0 || d >= D) return;
+    for (int k = 1; k < WARPS_PER_BLOCK; k++) sum += warp_sums[k][lane];
+    out[d] = accumulate ? out[d] + sum : sum;
+}
+
+// out [D] (+)= the sum of partial [blocks, D] over its rows.
+inline void sum_partials(float* out, const float* partial, int blocks, int D, bool accumulate, cudaStream_t s) {
+    sum_partials_kernel<<<ceil_div(D, 32), WARPS_PER_BLOCK * 32, 0, s>>>(out, partial, blocks, D, accumulate);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // RMSNorm: y = w * x / sqrt(mean(x^2) + eps), one warp per row, statistics in FP32.
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -101,10 +139,7 @@ __global__ void rmsnorm_forward_kernel(T* y, float* rstd, const T* x, int x_stri
 }
 
 // dx = r (w dy - xhat mean(w dy xhat)), xhat = r x. Each block also writes its partial sum of dy * xhat over its
-// rows (the weight gradient), which rmsnorm_dw_reduce_kernel adds up in a fixed order. A block takes enough rows
-// that there are at most RMSNORM_BLOCKS of them: enough to fill the GPU, few enough partial sums to add up.
-constexpr int RMSNORM_BLOCKS = 512, RMSNORM_MIN_ROWS = WARPS_PER_BLOCK;
-inline int rmsnorm_rows_per_block(int N) { return std::max(RMSNORM_MIN_ROWS, ceil_div(N, RMSNORM_BLOCKS)); }
+// rows (the weight gradient), which sum_partials adds up in a fixed order.
 
 template <typename T>
 __global__ void rmsnorm_backward_kernel(T* dx, float* dw_partial, const T* dy, const T* x, int x_stride, const T* w,
@@ -135,22 +170,6 @@ __global__ void rmsnorm_backward_kernel(T* dx, float* dw_partial, const T* dy, c
     }
 }
 
-// dw over 32 columns per block: warp w adds the partial sums w, w + 8, ..., then warp 0 adds the warps' sums in
-// order (a fixed order: the same dw on every run).
-static __global__ void rmsnorm_dw_reduce_kernel(float* dw, const float* dw_partial, int blocks, int D,
-                                                bool accumulate) {
-    __shared__ float warp_dw[WARPS_PER_BLOCK][32];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, d = blockIdx.x * 32 + lane;
-    float sum = 0.0f;
-    if (d < D)
-        for (int b = warp; b < blocks; b += WARPS_PER_BLOCK) sum += dw_partial[long(b) * D + d];
-    warp_dw[warp][lane] = sum;
-    __syncthreads();
-    if (warp > 0 || d >= D) return;
-    for (int k = 1; k < WARPS_PER_BLOCK; k++) sum += warp_dw[k][lane];
-    dw[d] = accumulate ? dw[d] + sum : sum;
-}
-
 // x may be a column slice of a wider matrix (x_stride >= D): MLA normalizes the first kv_lora_rank columns of
 // kv_a in place of a copy. In the backward pass dx has x's row stride, and y and dy are dense.
 template <typename T>
@@ -160,15 +179,10 @@ void rmsnorm_forward(T* y, float* rstd, const T* x, int x_stride, const T* w, in
     CUDA_CHECK_LAUNCH();
 }
 
-// Scratch floats needed by rmsnorm_backward for up to N rows of width D.
-inline long rmsnorm_scratch_size(int N, int D) {
-    return long(std::min(ceil_div(N, RMSNORM_MIN_ROWS), RMSNORM_BLOCKS)) * D;
-}
-
 template <typename T>
 void rmsnorm_backward(T* dx, float* dw, float* scratch, const T* dy, const T* x, int x_stride, const T* w,
                       const float* rstd, int N, int D, bool accumulate_dx, bool accumulate_dw, cudaStream_t s) {
-    const int rows_per_block = rmsnorm_rows_per_block(N), blocks = ceil_div(N, rows_per_block);
+    const int rows_per_block = partial_rows_per_block(N), blocks = ceil_div(N, rows_per_block);
     size_t smem = sizeof(float) * WARPS_PER_BLOCK * D;
     if (smem > 48 * 1024)  // wide rows need more than the default dynamic shared memory
         CUDA_CHECK(
@@ -176,8 +190,7 @@ void rmsnorm_backward(T* dx, float* dw, float* scratch, const T* dy, const T* x,
     rmsnorm_backward_kernel<<<blocks, WARPS_PER_BLOCK * 32, smem, s>>>(dx, scratch, dy, x, x_stride, w, rstd, N, D,
                                                                        rows_per_block, accumulate_dx);
     CUDA_CHECK_LAUNCH();
-    rmsnorm_dw_reduce_kernel<<<ceil_div(D, 32), WARPS_PER_BLOCK * 32, 0, s>>>(dw, scratch, blocks, D, accumulate_dw);
-    CUDA_CHECK_LAUNCH();
+    sum_partials(dw, scratch, blocks, D, accumulate_dw, s);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

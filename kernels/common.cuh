@@ -1,4 +1,4 @@
-// common.cuh: checked CUDA/cuBLAS calls, device buffers, a counter-based RNG, timers, BF16 helpers.
+// common.cuh: checked CUDA/cuBLAS calls, device buffers, random normals, timers, BF16 helpers.
 //
 // Everything else in the project includes this file. A failed CUDA or cuBLAS call prints the call, the file and
 // the line, and exits non-zero: there is no recovering from a broken device state in a training program.
@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#define HD __host__ __device__ __forceinline__
+#include "rng.h"
 
 // ---------------------------------------------------------------------------------------------------------------
 // Checked calls
@@ -124,25 +124,8 @@ __device__ __forceinline__ int row_grid_column(int item) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Counter-based RNG: a value is a pure function of (seed, stream, counter), so any element of any step can be
-// regenerated on host or device without carrying state; a resumed run draws exactly the numbers it would have.
+// Random numbers: rng.h's counter-based hash, and normals for weight initialization
 // ---------------------------------------------------------------------------------------------------------------
-
-HD uint64_t splitmix64(uint64_t x) {
-    x += 0x9E3779B97F4A7C15ull;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    return x ^ (x >> 31);
-}
-
-HD uint64_t rng_hash(uint64_t seed, uint64_t stream, uint64_t counter) {
-    return splitmix64(splitmix64(seed ^ splitmix64(stream)) + counter);
-}
-
-// Uniform in [0, 1) with 24 random bits.
-HD float rng_uniform(uint64_t seed, uint64_t stream, uint64_t counter) {
-    return float(rng_hash(seed, stream, counter) >> 40) * (1.0f / 16777216.0f);
-}
 
 // Standard normal by Box-Muller from two counters.
 HD float rng_normal(uint64_t seed, uint64_t stream, uint64_t counter) {
@@ -151,16 +134,6 @@ HD float rng_normal(uint64_t seed, uint64_t stream, uint64_t counter) {
     float u2 = float(h & 0xFFFFFF) * (1.0f / 16777216.0f);
     return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
 }
-
-// A sequential host generator over the same hash, for code that draws one number after another (data synthesis).
-struct Rng {
-    uint64_t seed, stream, counter = 0;
-    Rng(uint64_t seed_, uint64_t stream_ = 0) : seed(seed_), stream(stream_) {}
-    uint64_t next() { return rng_hash(seed, stream, counter++); }
-    // Uniform integer in [lo, hi], inclusive.
-    long range(long lo, long hi) { return lo + long(next() % uint64_t(hi - lo + 1)); }
-    double uniform() { return double(next() >> 11) * (1.0 / 9007199254740992.0); }
-};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Precision helpers: kernels are templated on the storage type T (float or __nv_bfloat16) and compute in FP32.

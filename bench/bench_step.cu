@@ -1,0 +1,83 @@
+// Training speed: optimizer steps on B x T random tokens, the model of a config (default: the V3-shaped MoE model)
+// in a precision. Prints ms per step and tokens/s (the median of the timed steps, each step waited for). With
+// --profile, one more step runs between cudaProfilerStart and cudaProfilerStop, for
+//   ncu --profile-from-start off --metrics gpu__time_duration.sum --csv ./build/bench_step --profile
+//   ./build/bench_step [--config FILE.json] [--precision fp8|bf16|fp32] [--batch 64] [--seq 512] [--steps 20]
+#include <cuda_profiler_api.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <string>
+
+#include "../io/checkpoint.h"
+#include "../io/options.h"
+#include "../model.cuh"
+
+struct BenchOptions {
+    std::string config, precision = "fp8";
+    int batch = 64, seq = 512, steps = 20;
+    bool profile = false;
+};
+
+template <typename T>
+void run(const Config& c, const BenchOptions& o) {
+    Model<T> model(c, o.batch, o.seq);
+    model.init_weights(1);
+    if (o.precision == "fp8") model.enable_fp8(Fp8Backend::CuBLASLt);
+    Rng rng(2);
+    std::vector<int> rows(size_t(o.batch) * (o.seq + 1)), inputs, targets;
+    for (int& t : rows) t = int(rng.range(16, c.vocab_size - 1));
+    split_rows(rows, o.batch, o.seq, inputs, targets);
+    std::vector<double> ms;
+    for (int step = 1; step <= o.steps + 3; step++) {  // 3 warm-up steps: cuBLASLt plans, allocations
+        WallTimer clock;
+        model.train_step(inputs, targets, o.batch, o.seq, AdamW{1e-3f}, 1.0f, step, 1);
+        model.read_scalars();
+        if (step > 3) ms.push_back(clock.seconds() * 1e3);
+    }
+    std::sort(ms.begin(), ms.end());
+    double median = ms[ms.size() / 2];
+    std::printf("%-8s %-10s %8.2f %12.0f   (%d x %d tokens, %.2fM parameters, %.2fM in GEMMs per token)\n",
+                c.has_moe() ? "moe" : "dense", o.precision.c_str(), median, o.batch * o.seq / median * 1e3, o.batch,
+                o.seq, model.num_params() / 1e6, model.matmul_params(true) / 1e6);
+    if (!o.profile) return;
+    CUDA_CHECK(cudaProfilerStart());
+    model.train_step(inputs, targets, o.batch, o.seq, AdamW{1e-3f}, 1.0f, o.steps + 4, 1);
+    model.read_scalars();
+    CUDA_CHECK(cudaProfilerStop());
+}
+
+int main(int argc, char** argv) {
+    BenchOptions o;
+    FlagSet flags;
+    flags.add("config", &o.config, "config.json of the model (default: the V3-shaped MoE model)");
+    flags.add("precision", &o.precision, "fp8 | bf16 | fp32");
+    flags.add("batch", &o.batch, "sequences per step");
+    flags.add("seq", &o.seq, "tokens per sequence");
+    flags.add("steps", &o.steps, "timed steps");
+    flags.add_switch("profile", &o.profile, "one more step between cudaProfilerStart and cudaProfilerStop");
+    try {
+        flags.parse(std::vector<std::string>(argv + 1, argv + argc));
+        if (o.precision != "fp8" && o.precision != "bf16" && o.precision != "fp32")
+            throw std::invalid_argument("--precision must be fp8, bf16 or fp32");
+        if (o.steps < 1 || o.batch < 1 || o.seq < 1) throw std::invalid_argument("--steps, --batch, --seq: >= 1");
+    } catch (const std::invalid_argument& e) {
+        std::fprintf(stderr, "error: %s\nflags:\n%s", e.what(), flags.help().c_str());
+        return 2;
+    }
+    if (!gpu_available()) {
+        std::fprintf(stderr, "error: no usable CUDA GPU found\n");
+        return 1;
+    }
+    try {
+        Config c = o.config.empty() ? Config() : load_config(o.config);
+        if (o.precision == "fp32")
+            run<float>(c, o);
+        else
+            run<bf16>(c, o);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+    return 0;
+}
