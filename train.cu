@@ -379,6 +379,7 @@ int cold_start(const Options& given) {
         record["step"] = step, record["loss"] = double(loss), record["lr"] = double(lr);
         record["grad_norm"] = double(grad_norm), record["train_flops"] = flops_per_step * step;
         record["skipped"] = skipped;
+        record_expert_balance(model, scalars, record);
         log.write(record);
         if (step % o.log_every == 0 || step == 1 || step == o.steps)
             std::printf("sft step %5d/%d | loss %.4f | lr %.2e | %s\n", step, o.steps, loss, lr,
@@ -426,7 +427,8 @@ int reinforce(const Options& o) {
         float lr = learning_rate(o, step);
         GrpoStats st =
             trainer.step(problems, g, adamw_at(o, step), o.grad_clip, optimizer_step, uint64_t(o.seed), step);
-        float grad_norm = policy.read_scalars().grad_norm;
+        const StepScalars scalars = policy.read_scalars();
+        const float grad_norm = scalars.grad_norm;
         const bool skipped = skipped_steps.check(policy, step);
         if (!skipped && (!std::isfinite(st.objective) || !std::isfinite(grad_norm))) {
             std::fprintf(stderr, "error: objective %f, gradient norm %f at step %d; stopping without a checkpoint\n",
@@ -441,6 +443,7 @@ int reinforce(const Options& o) {
         record["clip_fraction"] = st.clip_fraction, record["grad_norm"] = double(grad_norm);
         record["uniform_groups"] = st.uniform_groups, record["lr"] = double(lr), record["seconds"] = clock.seconds();
         record["train_flops"] = train_flops, record["skipped"] = skipped;
+        record_expert_balance(policy, scalars, record);
         log.write(record);
         if (step % o.log_every == 0 || step == 1 || step == o.steps)
             std::printf(

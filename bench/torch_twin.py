@@ -27,6 +27,7 @@ def twin_config(dense):
 
 def time_mode(mode, args):
     weights, how = mode.split("-")
+    torch._dynamo.reset()  # each mode compiles afresh, within dynamo's recompile limit
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(twin_config(args.dense)).cuda().train()
     if weights == "bf16":
