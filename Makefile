@@ -70,7 +70,9 @@ demo: $(BUILD)/train
 	./$(BUILD)/train chat --init $(DEMO_CHECKPOINT)
 
 # Benchmarks print tables; run them on the GPU machine.
-bench: $(BUILD)/bench_sampler $(BUILD)/bench_fp8
+bench: $(BUILD)/bench_step $(BUILD)/bench_sampler $(BUILD)/bench_fp8
+	./$(BUILD)/bench_step --precision fp8
+	./$(BUILD)/bench_step --precision bf16
 	./$(BUILD)/bench_sampler 256 256
 	./$(BUILD)/bench_fp8
 

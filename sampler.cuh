@@ -10,6 +10,8 @@
 //
 // All sequences advance one position per step in lockstep. A prompt is fed through the same decode step, its
 // tokens forced one by one, so prefill and decode share one code path (prompts are short next to the answers).
+// Each layer is the training model's decoder block (model.cuh), with this attention over the cache between its
+// parts; its MoE layers run every expert on the step's few tokens (moe.cuh says why).
 #pragma once
 
 #include "model.cuh"

@@ -315,7 +315,7 @@ inline void sum_reduce(float* out, float* scratch, const float* x, long n, bool 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// AdamW on FP32 master weights with BF16 moments (V3 §3.3.4). The moments are rounded stochastically, so small
+// AdamW on FP32 master weights with BF16 moments (V3 §3.3.3). The moments are rounded stochastically, so small
 // updates are kept on average rather than lost to BF16's 8-bit mantissa. Weight decay applies to the first
 // n_decay parameters: the parameter layout puts every matrix before every norm weight.
 // ---------------------------------------------------------------------------------------------------------------

@@ -338,7 +338,7 @@ inline double sum(const std::vector<float>& x, bool squared) {
 }
 
 // One AdamW step (decoupled weight decay on the first n_decay parameters) after clipping the gradient to a global
-// norm of max_grad_norm (0: no clipping), on FP32 master weights. The moments m and v hold BF16 values (V3 §3.3.4)
+// norm of max_grad_norm (0: no clipping), on FP32 master weights. The moments m and v hold BF16 values (V3 §3.3.3)
 // and are rounded stochastically with the kernel's random words, rng_hash(seed, step, i) (low half for m, high half
 // for v), so the two agree exactly unless their FP32 values before rounding differ in the last bit.
 inline void adamw_step(const std::vector<float>& grad, long n_decay, const AdamW& opt, double max_grad_norm, int step,
