@@ -305,19 +305,16 @@ __global__ void router_weight_grad_kernel(float* partial, const float* d_logits,
 // The sequence-wise balance loss (eqs. 17-20)
 // ---------------------------------------------------------------------------------------------------------------
 
-// One block per segment of seg_len tokens (a sequence, or the whole batch): its warps take a token each in turn,
-// lanes the experts; then thread i adds the warps' partial f_i and P_i in order. Writes the segment's share of the
-// loss (the loss is the mean over segments) and coef_i = dL/ds'_{i,t} for the backward pass.
-static __global__ void balance_loss_kernel(float* segment_loss, float* coef, const float* scores,
-                                           const float* score_sum, const int* plain_topk, int seg_len, int segments,
-                                           int E, int K, float alpha) {
+// First, per sequence: its tokens' top-K counts and sums of s'_i, a block per sequence (its warps take a token each
+// in turn, lanes the experts; the warps' partial sums added in order).
+static __global__ void balance_sums_kernel(int* seq_counts, float* seq_P, const float* scores, const float* score_sum,
+                                           const int* plain_topk, int seq_len, int E, int K) {
     __shared__ float warp_P[WARPS_PER_BLOCK][MOE_MAX_EXPERTS];
     __shared__ int warp_count[WARPS_PER_BLOCK][MOE_MAX_EXPERTS];
-    __shared__ float terms[MOE_MAX_EXPERTS];
-    const int seg = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int seq = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float P[EXPERT_SLOTS] = {};
     int count[EXPERT_SLOTS] = {};
-    for (long n = long(seg) * seg_len + warp; n < long(seg + 1) * seg_len; n += WARPS_PER_BLOCK) {
+    for (long n = long(seq) * seq_len + warp; n < long(seq + 1) * seq_len; n += WARPS_PER_BLOCK) {
         const float S = score_sum[n];
 #pragma unroll
         for (int i = 0; i < EXPERT_SLOTS; i++) {
@@ -332,20 +329,39 @@ static __global__ void balance_loss_kernel(float* segment_loss, float* coef, con
         if (lane + 32 * i < E) warp_P[warp][lane + 32 * i] = P[i], warp_count[warp][lane + 32 * i] = count[i];
     __syncthreads();
     const int e = threadIdx.x;
-    if (e < E) {
-        float P_e = 0.0f;
-        int count_e = 0;
-        for (int w = 0; w < WARPS_PER_BLOCK; w++) P_e += warp_P[w][e], count_e += warp_count[w][e];
-        P_e /= float(seg_len);
-        const float f = float(E) / float(K * seg_len) * float(count_e);
-        coef[long(seg) * E + e] = alpha * f / (float(seg_len) * float(segments));
-        terms[e] = alpha * f * P_e / float(segments);
-    }
+    if (e >= E) return;
+    float P_e = 0.0f;
+    int count_e = 0;
+    for (int w = 0; w < WARPS_PER_BLOCK; w++) P_e += warp_P[w][e], count_e += warp_count[w][e];
+    seq_P[long(seq) * E + e] = P_e, seq_counts[long(seq) * E + e] = count_e;
+}
+
+// Then one block, a thread per expert i: for each segment of seqs_per_segment sequences (one: V3's sequence-wise loss;
+// all: the batch-wise one), f_i and P_i from its sequences' sums in order, coef_i = dL/ds'_{i,t} for the backward
+// pass, and the loss, the mean over the segments.
+static __global__ void balance_loss_kernel(float* loss, float* coef, const int* seq_counts, const float* seq_P,
+                                           int sequences, int seqs_per_segment, int seq_len, int E, int K,
+                                           float alpha) {
+    __shared__ float terms[MOE_MAX_EXPERTS];
+    const int e = threadIdx.x, segments = sequences / seqs_per_segment;
+    const float T = float(seq_len) * float(seqs_per_segment);
+    float term = 0.0f;
+    if (e < E)
+        for (int seg = 0; seg < segments; seg++) {
+            float P = 0.0f;
+            int count = 0;
+            for (int q = seg * seqs_per_segment; q < (seg + 1) * seqs_per_segment; q++)
+                P += seq_P[long(q) * E + e], count += seq_counts[long(q) * E + e];
+            const float f = float(E) / (float(K) * T) * float(count);
+            coef[long(seg) * E + e] = alpha * f / (T * float(segments));
+            term += alpha * f * (P / T) / float(segments);
+        }
+    terms[e] = term;
     __syncthreads();
     if (e == 0) {
         float sum = 0.0f;
         for (int i = 0; i < E; i++) sum += terms[i];
-        segment_loss[seg] = sum;
+        *loss = sum;
     }
 }
 
@@ -570,7 +586,8 @@ struct MoeActs {
     int *chunk_counts, *chunk_first;   // per chunk of pairs and expert: its pairs, and the row of its first
     T *x_g, *out_g;                    // the experts' input and output rows
     SwiGluActs<T> routed, shared;
-    float *segment_loss, *coef;  // the balance loss per segment, and dL/ds' [segments, E]
+    int* seq_counts;             // per sequence and expert: its tokens' top-K counts on s alone
+    float *seq_P, *coef;         // per sequence and expert: the sum of s'; per segment and expert: dL/ds'
     RowGroups rows;              // the groups of the last forward pass
     std::vector<int> loads;      // its counts, on the host
     int seq_len = 0;
@@ -620,7 +637,8 @@ struct Moe {
         A.chunk_counts = arena.take<int>(chunks * E), A.chunk_first = arena.take<int>(chunks * E);
         A.x_g = decoding ? nullptr : arena.take<T>(rows * d), A.out_g = arena.take<T>(rows * d);
         A.routed = experts.allocate<T>(arena, rows), A.shared = shared.allocate<T>(arena, N);
-        A.segment_loss = arena.take<float>(N), A.coef = arena.take<float>(long(N) * E);
+        A.seq_counts = arena.take<int>(long(N) * E), A.seq_P = arena.take<float>(long(N) * E);
+        A.coef = arena.take<float>(long(N) * E);
         return A;
     }
 
@@ -689,14 +707,15 @@ struct Moe {
         }
         combine(y, A.out_g, A.gate, A.dest, N, K, d, c.stream);
         if (c.decoding) return;
-        A.seq_len = balancing.per_sequence ? seq_len : N;
+        const int sequences = N / seq_len, seqs_per_segment = balancing.per_sequence ? 1 : sequences;
+        A.seq_len = seq_len * seqs_per_segment;  // a segment's tokens: token n's coefficients are coef[n / seq_len]
         if (balance_loss_on) {
-            const int segments = N / A.seq_len;
-            balance_loss_kernel<<<segments, WARPS_PER_BLOCK * 32, 0, c.stream>>>(A.segment_loss, A.coef, A.scores,
-                                                                            A.score_sum, A.plain_topk, A.seq_len,
-                                                                            segments, E, K, balancing.alpha);
+            balance_sums_kernel<<<sequences, WARPS_PER_BLOCK * 32, 0, c.stream>>>(
+                A.seq_counts, A.seq_P, A.scores, A.score_sum, A.plain_topk, seq_len, E, K);
             CUDA_CHECK_LAUNCH();
-            final_sum_kernel<<<1, REDUCE_THREADS, 0, c.stream>>>(balance_loss, A.segment_loss, segments);
+            balance_loss_kernel<<<1, MOE_MAX_EXPERTS, 0, c.stream>>>(balance_loss, A.coef, A.seq_counts, A.seq_P,
+                                                                     sequences, seqs_per_segment, seq_len, E, K,
+                                                                     balancing.alpha);
             CUDA_CHECK_LAUNCH();
         } else {
             CUDA_CHECK(cudaMemsetAsync(balance_loss, 0, sizeof(float), c.stream));

@@ -18,7 +18,7 @@ GROUPS = [
     ("router (forward, backward, W_g)", ["router_"]),
     ("MoE grouping and combine", ["chunk_counts", "dispatch", "gather_rows", "combine", "gather_backward",
                                   "every_expert_dest"]),
-    ("MoE balancing", ["balance_loss", "bias_update"]),
+    ("MoE balancing", ["balance_sums", "balance_loss", "bias_update"]),
     ("attention core (not its GEMMs)", ["mla_", "causal_softmax", "heads_tokens"]),
     ("RMSNorm", ["rmsnorm", "sum_partials"]),
     ("SwiGLU", ["swiglu"]),
