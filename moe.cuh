@@ -24,9 +24,9 @@
 // [offset_e, offset_e + count_e) of one buffer, each group padded with zero rows to a multiple of 128 (so that no
 // FP8 tile spans two experts, and the GEMM shapes repeat from step to step), in token order within a group (a stable
 // order: runs repeat bit for bit). Each expert's GEMMs run over its rows; the outputs come back to their tokens in a
-// fixed order, each weighted by its gate. The counts come to the host once per layer, to size the GEMMs. The
-// sampler's decode step, which replays as a CUDA graph and must not wait for the host, runs every expert on its
-// few tokens instead, and combines the chosen ones the same way.
+// fixed order, each weighted by its gate. The counts come to the host once per layer, to size the GEMMs, while the
+// shared experts run. The sampler's decode step, which replays as a CUDA graph and must not wait for the host, runs
+// every expert on its few tokens instead, and combines the chosen ones the same way.
 #pragma once
 
 #include <algorithm>
@@ -129,18 +129,16 @@ struct SwiGlu {
 constexpr int EXPERT_SLOTS = MOE_MAX_EXPERTS / 32;
 
 // The warp's best candidate: candidates first, then the larger value, then the lower index (a NaN value counts as
-// -inf, so that even a token with NaN scores gets valid experts). Every lane gets the winner's index.
+// -inf, so that even a token with NaN scores gets valid experts). Every lane gets the winner's index. That order is
+// the order of one 64-bit key per lane, the value's bits made order-preserving as an unsigned integer above the
+// complemented index, so the winner is a warp-wide maximum: five shuffle rounds.
 __device__ __forceinline__ int warp_best(bool candidate, float value, int index) {
     if (!(value == value)) value = -INFINITY;
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        bool other_candidate = __shfl_xor_sync(0xFFFFFFFFu, candidate, offset);
-        float other_value = __shfl_xor_sync(0xFFFFFFFFu, value, offset);
-        int other_index = __shfl_xor_sync(0xFFFFFFFFu, index, offset);
-        bool better = other_candidate && (!candidate || other_value > value ||
-                                          (other_value == value && other_index < index));
-        if (better) candidate = true, value = other_value, index = other_index;
-    }
-    return index;
+    uint32_t bits = __float_as_uint(value + 0.0f);  // -0 as +0: equal values
+    bits = bits >> 31 ? ~bits : bits | 0x80000000u;
+    unsigned long long key = candidate ? (unsigned long long)bits << 32 | ~uint32_t(index) : 0ull;
+    for (int offset = 16; offset > 0; offset >>= 1) key = max(key, __shfl_xor_sync(0xFFFFFFFFu, key, offset));
+    return key ? int(~uint32_t(key)) : index;
 }
 
 // The K best experts by value among those in the kept groups, best first; taken marks the chosen slots of this lane.
@@ -154,6 +152,7 @@ __device__ __forceinline__ void warp_top_k(int* chosen, const float (&value)[EXP
         int best_e = lane;
 #pragma unroll
         for (int i = 0; i < EXPERT_SLOTS; i++) {
+            if (32 * i >= E) break;
             const int e = lane + 32 * i;
             const bool candidate = e < E && (kept_groups >> (e / group_size) & 1u) && !(taken >> i & 1u);
             if (candidate && (!found || value[i] > best)) found = true, best = value[i], best_e = e;
@@ -164,37 +163,96 @@ __device__ __forceinline__ void warp_top_k(int* chosen, const float (&value)[EXP
     }
 }
 
-// One warp per token: the E logits u_t . e_i in FP32 (each a warp-wide dot product) and their sigmoids, then the
-// choice: group scores (a lane per group), the topk_group best groups, the top K of s + b among their experts.
-// Writes s [N, E], sum_j s_j [N], the chosen experts and their gates [N, K] in order of choice, and, where
-// plain_topk is given, the top K of s alone (the balance loss counts those).
+// Tokens per warp in the router's logits: each W_g value a lane reads serves this many tokens.
+constexpr int ROUTER_TOKENS = 4, ROUTER_BLOCK_TOKENS = WARPS_PER_BLOCK * ROUTER_TOKENS;
+// The logits pass through shared memory ROUTER_CHUNK columns of u and W_g at a time (rows padded: conflict-free).
+constexpr int ROUTER_CHUNK = 32, ROUTER_W_STRIDE = ROUTER_CHUNK + 1, ROUTER_U_STRIDE = ROUTER_CHUNK + 4;
+
+inline size_t router_scores_smem(int E) {
+    return sizeof(float) * (size_t(E) * ROUTER_W_STRIDE + ROUTER_BLOCK_TOKENS * ROUTER_U_STRIDE);
+}
+
+// The logits u_t . e_i of the block's ROUTER_BLOCK_TOKENS tokens, ROUTER_TOKENS per warp: lane l sums those of
+// experts l, l + 32, ... (slot i: expert l + 32 i), each over the d columns in order, in FP32.
 template <typename T>
-__global__ void router_forward_kernel(float* scores, float* score_sum, int* expert, float* gate, int* plain_topk,
-                                      const T* u, const float* W_g, const float* bias, int N, int d, MoeConfig m) {
-    extern __shared__ float router_smem[];  // per warp: u_t [d], s [E], s + b [E]
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, E = m.n_routed, K = m.top_k;
-    const int n = blockIdx.x * WARPS_PER_BLOCK + warp;
-    if (n >= N) return;
-    float* u_row = router_smem + warp * (d + 2 * E);
-    float *s_row = u_row + d, *biased_row = s_row + E;
-    for (int j = lane; j < d; j += 32) u_row[j] = to_float(u[long(n) * d + j]);
-    __syncwarp();
-    for (int e = 0; e < E; e++) {
-        float dot = 0.0f;
-        for (int j = lane; j < d; j += 32) dot += u_row[j] * W_g[long(e) * d + j];
-        dot = warp_sum(dot);
-        if (lane == 0) s_row[e] = 1.0f / (1.0f + expf(-dot)), biased_row[e] = s_row[e] + bias[e];
+__device__ __forceinline__ void router_logits(float (&logit)[ROUTER_TOKENS][EXPERT_SLOTS], float* W_chunk,
+                                              float* u_chunk, const T* u, const float* W_g, long n0, int N, int d,
+                                              int E) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int j0 = 0; j0 < d; j0 += ROUTER_CHUNK) {
+        __syncthreads();  // the previous chunk is read
+        for (int i = threadIdx.x; i < E * ROUTER_CHUNK; i += blockDim.x) {
+            const int e = i / ROUTER_CHUNK, c = i % ROUTER_CHUNK;
+            W_chunk[e * ROUTER_W_STRIDE + c] = j0 + c < d ? W_g[long(e) * d + j0 + c] : 0.0f;
+        }
+        for (int i = threadIdx.x; i < ROUTER_BLOCK_TOKENS * ROUTER_CHUNK; i += blockDim.x) {
+            const long n = n0 + i / ROUTER_CHUNK;
+            const int c = i % ROUTER_CHUNK;
+            u_chunk[i / ROUTER_CHUNK * ROUTER_U_STRIDE + c] = n < N && j0 + c < d ? to_float(u[n * d + j0 + c]) : 0.0f;
+        }
+        __syncthreads();
+        const float* u_rows = u_chunk + warp * ROUTER_TOKENS * ROUTER_U_STRIDE;
+#pragma unroll
+        for (int i = 0; i < EXPERT_SLOTS; i++) {
+            if (32 * i >= E) break;
+            const float* w = W_chunk + min(lane + 32 * i, E - 1) * ROUTER_W_STRIDE;
+#pragma unroll 2
+            for (int c = 0; c < ROUTER_CHUNK; c += 4) {
+                const float w4[4] = {w[c], w[c + 1], w[c + 2], w[c + 3]};
+#pragma unroll
+                for (int t = 0; t < ROUTER_TOKENS; t++) {
+                    const float4 x = *reinterpret_cast<const float4*>(u_rows + t * ROUTER_U_STRIDE + c);
+                    logit[t][i] += x.x * w4[0];
+                    logit[t][i] += x.y * w4[1];
+                    logit[t][i] += x.z * w4[2];
+                    logit[t][i] += x.w * w4[3];
+                }
+            }
+        }
     }
-    __syncwarp();
+}
+
+// s = sigmoid(u W_g^T) [N, E] for the block's ROUTER_BLOCK_TOKENS tokens.
+template <typename T>
+__global__ void router_scores_kernel(float* scores, const T* u, const float* W_g, int N, int d, int E) {
+    extern __shared__ float4 router_smem_v[];  // u's chunk (read as 4-float vectors), then W_g's chunk
+    float* router_smem = reinterpret_cast<float*>(router_smem_v);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const long n0 = long(blockIdx.x) * ROUTER_BLOCK_TOKENS;
+    float logit[ROUTER_TOKENS][EXPERT_SLOTS] = {};
+    router_logits(logit, router_smem + ROUTER_BLOCK_TOKENS * ROUTER_U_STRIDE, router_smem, u, W_g, n0, N, d, E);
+#pragma unroll
+    for (int t = 0; t < ROUTER_TOKENS; t++) {
+        const long n = n0 + warp * ROUTER_TOKENS + t;
+#pragma unroll
+        for (int i = 0; i < EXPERT_SLOTS; i++) {
+            const int e = lane + 32 * i;
+            if (n < N && e < E) scores[n * E + e] = 1.0f / (1.0f + expf(-logit[t][i]));
+        }
+    }
+}
+
+// One warp per token, lane l holding experts l, l + 32, ...: group scores (a lane per group), the topk_group best
+// groups, the top K of s + b among their experts. Writes sum_j s_j [N], the chosen experts and their gates [N, K] in
+// order of choice, and, where plain_topk is given, the top K of s alone (the balance loss counts those).
+static __global__ void router_choose_kernel(float* score_sum, int* expert, float* gate, int* plain_topk,
+                                            const float* scores, const float* bias, int N, MoeConfig m) {
+    extern __shared__ float router_smem[];  // per warp: s + b [E]
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, E = m.n_routed, K = m.top_k;
+    const long n = long(blockIdx.x) * WARPS_PER_BLOCK + warp;
+    if (n >= N) return;
+    float* biased_row = router_smem + warp * E;
     float s[EXPERT_SLOTS], biased[EXPERT_SLOTS], total = 0.0f;
 #pragma unroll
     for (int i = 0; i < EXPERT_SLOTS; i++) {
         const int e = lane + 32 * i;
-        s[i] = e < E ? s_row[e] : 0.0f, biased[i] = e < E ? biased_row[e] : 0.0f;
-        if (e < E) scores[long(n) * E + e] = s[i];
+        s[i] = e < E ? scores[n * E + e] : 0.0f;
+        biased[i] = e < E ? s[i] + bias[e] : 0.0f;
+        if (e < E) biased_row[e] = biased[i];
         total += s[i];
     }
     total = warp_sum(total);
+    __syncwarp();
 
     const int gs = m.group_size();
     float group_score = -INFINITY;  // a group's score: its two best biased scores
@@ -215,37 +273,31 @@ __global__ void router_forward_kernel(float* scores, float* score_sum, int* expe
     warp_top_k(chosen, biased, E, K, kept_groups, gs);
     if (lane == 0) {
         float chosen_sum = 0.0f;
-        for (int k = 0; k < K; k++) chosen_sum += s_row[chosen[k]];
+        for (int k = 0; k < K; k++) chosen_sum += scores[n * E + chosen[k]];
         const float scale = m.routed_scaling_factor / (m.norm_topk_prob ? chosen_sum + 1e-20f : 1.0f);
-        for (int k = 0; k < K; k++)
-            expert[long(n) * K + k] = chosen[k], gate[long(n) * K + k] = s_row[chosen[k]] * scale;
+        for (int k = 0; k < K; k++) expert[n * K + k] = chosen[k], gate[n * K + k] = scores[n * E + chosen[k]] * scale;
         score_sum[n] = total;
     }
     if (!plain_topk) return;
     warp_top_k(chosen, s, E, K, 0xFFFFFFFFu, E);
     if (lane == 0)
-        for (int k = 0; k < K; k++) plain_topk[long(n) * K + k] = chosen[k];
+        for (int k = 0; k < K; k++) plain_topk[n * K + k] = chosen[k];
 }
 
-// One warp per token: the gradient of the gates and of the balance loss, through the sigmoid, into the logits
-// (d_logits [N, E], kept for W_g's gradient) and into u (added to du). The bias has none: it only chose.
-//   gates: g_k = c s_k / S with S = sum_j s_j over the chosen (or g_k = c s_k), so ds_k = c (dg_k - sum_j dg_j g_j/c) / S
-//   balance: for the token's segment, coef_i = dL/ds'_i; s'_i = s_i / sum_j s_j
-template <typename T>
-__global__ void router_backward_kernel(float* d_logits, T* du, const float* d_gate, const float* scores,
-                                       const float* score_sum, const int* expert, const float* coef, int seq_len,
-                                       const float* W_g, int N, int d, MoeConfig m) {
-    extern __shared__ float router_smem[];  // per warp: ds [E]
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, E = m.n_routed, K = m.top_k;
-    const int n = blockIdx.x * WARPS_PER_BLOCK + warp;
-    if (n >= N) return;
-    float* ds = router_smem + warp * E;
-    const float* s = scores + long(n) * E;
+// A warp's gradient of token n's gates and of the balance loss, through the sigmoid, into its logits: ds [E] (shared
+// by the warp) and d_logits [N, E], kept for W_g's gradient. The bias has none: it only chose.
+//   gates: g_k = c s_k / S with S = sum_j s_j over the chosen (or g_k = c s_k), so ds_k = c (dg_k - sum_j dg_j g_j/c) /
+//   S balance: for the token's segment, coef_i = dL/ds'_i; s'_i = s_i / sum_j s_j
+__device__ __forceinline__ void router_token_grad(float* ds, float* d_logits, long n, const float* d_gate,
+                                                  const float* scores, const float* score_sum, const int* expert,
+                                                  const float* coef, int seq_len, const MoeConfig& m) {
+    const int lane = threadIdx.x % 32, E = m.n_routed, K = m.top_k;
+    const float* s = scores + n * E;
     for (int e = lane; e < E; e += 32) ds[e] = 0.0f;
     __syncwarp();
     if (lane == 0) {
-        const int* chosen = expert + long(n) * K;
-        const float* dg = d_gate + long(n) * K;
+        const int* chosen = expert + n * K;
+        const float* dg = d_gate + n * K;
         float S = 0.0f, dot = 0.0f;
         for (int k = 0; k < K; k++) S += s[chosen[k]], dot += dg[k] * s[chosen[k]];
         const float c = m.routed_scaling_factor;
@@ -258,7 +310,7 @@ __global__ void router_backward_kernel(float* d_logits, T* du, const float* d_ga
     }
     __syncwarp();
     if (coef) {
-        const float* g = coef + long(n / seq_len) * E;
+        const float* g = coef + n / seq_len * E;
         const float S = score_sum[n];
         float dot = 0.0f;
         for (int i = lane; i < E; i += 32) dot += g[i] * s[i];
@@ -268,36 +320,82 @@ __global__ void router_backward_kernel(float* d_logits, T* du, const float* d_ga
     __syncwarp();
     for (int e = lane; e < E; e += 32) {
         ds[e] *= s[e] * (1.0f - s[e]);
-        d_logits[long(n) * E + e] = ds[e];
+        d_logits[n * E + e] = ds[e];
     }
     __syncwarp();
+}
+
+// One warp per token: its logits' gradients, then du += ds W_g.
+template <typename T>
+__global__ void router_backward_kernel(float* d_logits, T* du, const float* d_gate, const float* scores,
+                                       const float* score_sum, const int* expert, const float* coef, int seq_len,
+                                       const float* W_g, int N, int d, MoeConfig m) {
+    extern __shared__ float router_smem[];  // per warp: ds [E]
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, E = m.n_routed;
+    const long n = long(blockIdx.x) * WARPS_PER_BLOCK + warp;
+    if (n >= N) return;
+    float* ds = router_smem + warp * E;
+    router_token_grad(ds, d_logits, n, d_gate, scores, score_sum, expert, coef, seq_len, m);
     for (int j = lane; j < d; j += 32) {
         float acc = 0.0f;
         for (int e = 0; e < E; e++) acc += ds[e] * W_g[long(e) * d + j];
-        du[long(n) * d + j] = from_float<T>(to_float(du[long(n) * d + j]) + acc);
+        du[n * d + j] = from_float<T>(to_float(du[n * d + j]) + acc);
     }
 }
 
-// Per block of rows, its partial sums of dW_g [E, d] = d_logits^T u, a thread per column of u and 16 experts at a
-// time in registers; sum_partials adds the blocks' partial sums in order.
-constexpr int ROUTER_GRAD_EXPERTS = 16;
+// Per block of rows, its partial sums of dW_g [E, d] = d_logits^T u; sum_partials adds the blocks' partial sums in
+// order. A thread holds ROUTER_GRAD_COLUMNS columns of ROUTER_GRAD_EXPERTS experts in registers; the block's rows of
+// d_logits pass through shared memory, ROUTER_GRAD_ROWS at a time, read back as 4-float vectors that every thread
+// shares.
+constexpr int ROUTER_GRAD_EXPERTS = 16, ROUTER_GRAD_COLUMNS = 3, ROUTER_GRAD_THREADS = 128, ROUTER_GRAD_ROWS = 64;
+constexpr int ROUTER_GRAD_SPAN = ROUTER_GRAD_COLUMNS * ROUTER_GRAD_THREADS;  // the columns of one pass
 
 template <typename T>
-__global__ void router_weight_grad_kernel(float* partial, const float* d_logits, const T* u, int N, int E, int d,
-                                          int rows_per_block) {
+__global__ void __launch_bounds__(ROUTER_GRAD_THREADS)
+    router_weight_grad_kernel(float* partial, const float* d_logits, const T* u, int N, int E, int d,
+                              int rows_per_block) {
+    __shared__ float4 staged[ROUTER_GRAD_ROWS][ROUTER_GRAD_EXPERTS / 4];
     const int first = blockIdx.x * rows_per_block, last = min(first + rows_per_block, N);
-    for (int j = threadIdx.x; j < d; j += blockDim.x)
+    for (int j0 = 0; j0 < d; j0 += ROUTER_GRAD_SPAN)
         for (int e0 = 0; e0 < E; e0 += ROUTER_GRAD_EXPERTS) {
-            float acc[ROUTER_GRAD_EXPERTS] = {};
-            for (int n = first; n < last; n++) {
-                const float x = to_float(u[long(n) * d + j]);
+            float acc[ROUTER_GRAD_COLUMNS][ROUTER_GRAD_EXPERTS] = {};
+            for (int r0 = first; r0 < last; r0 += ROUTER_GRAD_ROWS) {
+                const int rows = min(ROUTER_GRAD_ROWS, last - r0);
+                __syncthreads();  // the previous rows are read
+                float* flat = reinterpret_cast<float*>(staged);
+                for (int i = threadIdx.x; i < ROUTER_GRAD_ROWS * ROUTER_GRAD_EXPERTS; i += blockDim.x) {
+                    const int r = i / ROUTER_GRAD_EXPERTS, e = e0 + i % ROUTER_GRAD_EXPERTS;
+                    flat[i] = r < rows && e < E ? d_logits[long(r0 + r) * E + e] : 0.0f;
+                }
+                __syncthreads();
+#pragma unroll 2
+                for (int r = 0; r < rows; r++) {
+                    float x[ROUTER_GRAD_COLUMNS];
 #pragma unroll
-                for (int k = 0; k < ROUTER_GRAD_EXPERTS; k++)
-                    if (e0 + k < E) acc[k] += d_logits[long(n) * E + e0 + k] * x;
+                    for (int c = 0; c < ROUTER_GRAD_COLUMNS; c++) {
+                        const int j = j0 + threadIdx.x + c * ROUTER_GRAD_THREADS;
+                        x[c] = j < d ? to_float(u[long(r0 + r) * d + j]) : 0.0f;
+                    }
+#pragma unroll
+                    for (int q = 0; q < ROUTER_GRAD_EXPERTS / 4; q++) {
+                        const float4 g = staged[r][q];
+#pragma unroll
+                        for (int c = 0; c < ROUTER_GRAD_COLUMNS; c++) {
+                            acc[c][4 * q] += g.x * x[c];
+                            acc[c][4 * q + 1] += g.y * x[c];
+                            acc[c][4 * q + 2] += g.z * x[c];
+                            acc[c][4 * q + 3] += g.w * x[c];
+                        }
+                    }
+                }
             }
 #pragma unroll
-            for (int k = 0; k < ROUTER_GRAD_EXPERTS; k++)
-                if (e0 + k < E) partial[(long(blockIdx.x) * E + e0 + k) * d + j] = acc[k];
+            for (int c = 0; c < ROUTER_GRAD_COLUMNS; c++) {
+                const int j = j0 + threadIdx.x + c * ROUTER_GRAD_THREADS;
+#pragma unroll
+                for (int k = 0; k < ROUTER_GRAD_EXPERTS; k++)
+                    if (j < d && e0 + k < E) partial[(long(blockIdx.x) * E + e0 + k) * d + j] = acc[c][k];
+            }
         }
 }
 
@@ -556,7 +654,7 @@ template <typename T>
 void combine_backward(T* d_out, float* d_gate, const T* dy, const T* out, const float* gate, const int* source,
                       int rows, int K, int d, cudaStream_t s) {
     combine_backward_kernel<<<ceil_div(rows, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(d_out, d_gate, dy, out,
-                                                                                           gate, source, rows, K, d);
+                                                                                             gate, source, rows, K, d);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -586,10 +684,12 @@ struct MoeActs {
     int *chunk_counts, *chunk_first;   // per chunk of pairs and expert: its pairs, and the row of its first
     T *x_g, *out_g;                    // the experts' input and output rows
     SwiGluActs<T> routed, shared;
-    int* seq_counts;             // per sequence and expert: its tokens' top-K counts on s alone
-    float *seq_P, *coef;         // per sequence and expert: the sum of s'; per segment and expert: dL/ds'
-    RowGroups rows;              // the groups of the last forward pass
-    std::vector<int> loads;      // its counts, on the host
+    int* seq_counts;         // per sequence and expert: its tokens' top-K counts on s alone
+    float *seq_P, *coef;     // per sequence and expert: the sum of s'; per segment and expert: dL/ds'
+    RowGroups rows;          // the groups of the last forward pass
+    std::vector<int> loads;  // its counts, on the host
+    int* host_counts;        // page-locked: where the counts arrive
+    cudaEvent_t counts_ready;
     int seq_len = 0;
 };
 
@@ -639,6 +739,7 @@ struct Moe {
         A.routed = experts.allocate<T>(arena, rows), A.shared = shared.allocate<T>(arena, N);
         A.seq_counts = arena.take<int>(long(N) * E), A.seq_P = arena.take<float>(long(N) * E);
         A.coef = arena.take<float>(long(N) * E);
+        A.host_counts = arena.take_pinned<int>(E), A.counts_ready = arena.take_event();
         return A;
     }
 
@@ -656,21 +757,24 @@ struct Moe {
     // s, the chosen experts and their gates for N tokens; with plain, also the top K of s alone.
     template <typename T>
     void route(const Ctx<T>& c, MoeActs<T>& A, const T* u, int N, bool plain) const {
-        const size_t smem = sizeof(float) * WARPS_PER_BLOCK * (d + 2 * cfg.n_routed);
-        if (smem > 48 * 1024)  // a wide model's rows need more than the default dynamic shared memory
-            CUDA_CHECK(cudaFuncSetAttribute(router_forward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            int(smem)));
-        router_forward_kernel<<<ceil_div(N, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, smem, c.stream>>>(
-            A.scores, A.score_sum, A.expert, A.gate, plain ? A.plain_topk : nullptr, u, c.w32(gate), c.w32(bias), N,
-            d, cfg);
+        const size_t smem = router_scores_smem(cfg.n_routed);
+        if (smem > 48 * 1024)  // many experts need more than the default dynamic shared memory
+            CUDA_CHECK(
+                cudaFuncSetAttribute(router_scores_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+        router_scores_kernel<<<ceil_div(N, ROUTER_BLOCK_TOKENS), WARPS_PER_BLOCK * 32, smem, c.stream>>>(
+            A.scores, u, c.w32(gate), N, d, cfg.n_routed);
+        CUDA_CHECK_LAUNCH();
+        router_choose_kernel<<<ceil_div(N, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32,
+                               sizeof(float) * WARPS_PER_BLOCK * cfg.n_routed, c.stream>>>(
+            A.score_sum, A.expert, A.gate, plain ? A.plain_topk : nullptr, A.scores, c.w32(bias), N, cfg);
         CUDA_CHECK_LAUNCH();
     }
 
-    // Each pair's row in the experts' buffer (dest, source, the groups' offsets); the loads come to the host to
-    // size the experts' GEMMs; then the rows are gathered.
+    // Each pair's row in the experts' buffer (dest, source, the groups' offsets); the loads start for the host,
+    // which needs them to size the experts' GEMMs, and the stream goes on meanwhile.
     template <typename T>
-    void group_by_expert(const Ctx<T>& c, MoeActs<T>& A, const T* u, int N) const {
-        const int E = cfg.n_routed, K = cfg.top_k, pairs = N * K, chunks = ceil_div(pairs, DISPATCH_CHUNK);
+    void dispatch(const Ctx<T>& c, MoeActs<T>& A, int N) const {
+        const int E = cfg.n_routed, pairs = N * cfg.top_k, chunks = ceil_div(pairs, DISPATCH_CHUNK);
         chunk_counts_kernel<<<chunks, DISPATCH_CHUNK, 0, c.stream>>>(A.chunk_counts, A.expert, pairs, E);
         CUDA_CHECK_LAUNCH();
         dispatch_offsets_kernel<<<1, MOE_MAX_EXPERTS, 0, c.stream>>>(A.counts, A.offsets, A.chunk_first, A.source,
@@ -678,15 +782,28 @@ struct Moe {
         CUDA_CHECK_LAUNCH();
         dispatch_kernel<<<chunks, DISPATCH_CHUNK, 0, c.stream>>>(A.dest, A.source, A.chunk_first, A.expert, pairs, E);
         CUDA_CHECK_LAUNCH();
-        A.loads.resize(E);
-        CUDA_CHECK(cudaMemcpyAsync(A.loads.data(), A.counts, sizeof(int) * E, cudaMemcpyDeviceToHost, c.stream));
-        CUDA_CHECK(cudaStreamSynchronize(c.stream));
+        CUDA_CHECK(cudaMemcpyAsync(A.host_counts, A.counts, sizeof(int) * E, cudaMemcpyDeviceToHost, c.stream));
+        CUDA_CHECK(cudaEventRecord(A.counts_ready, c.stream));
+    }
+
+    // After dispatch: waits for the loads, sizes the groups, and gathers each pair's row of u.
+    template <typename T>
+    void gather(const Ctx<T>& c, MoeActs<T>& A, const T* u) const {
+        const int E = cfg.n_routed;
+        CUDA_CHECK(cudaEventSynchronize(A.counts_ready));
+        A.loads.assign(A.host_counts, A.host_counts + E);
         A.rows.offsets.assign(1, 0);
         for (int e = 0; e < E; e++) A.rows.offsets.push_back(A.rows.offsets.back() + padded_rows(A.loads[e]));
         A.rows.device_offsets = A.offsets;
         gather_rows_kernel<<<pack_blocks(A.rows.rows(), d, PACK<T>), 256, 0, c.stream>>>(A.x_g, u, A.source,
-                                                                                         A.rows.rows(), K, d);
+                                                                                         A.rows.rows(), cfg.top_k, d);
         CUDA_CHECK_LAUNCH();
+    }
+
+    template <typename T>
+    void group_by_expert(const Ctx<T>& c, MoeActs<T>& A, const T* u, int N) const {
+        dispatch(c, A, N);
+        gather(c, A, u);
     }
 
     // y += MoE(u) for N tokens in sequences of seq_len; in training also the balance loss into *balance_loss.
@@ -696,13 +813,14 @@ struct Moe {
         const int E = cfg.n_routed, K = cfg.top_k;
         const bool balance_loss_on = !c.decoding && balancing.alpha > 0.0f;
         route(c, A, u, N, balance_loss_on);
-        shared.forward(c, y, u, A.shared, RowGroups::all(N), true);
+        if (!c.decoding) dispatch(c, A, N);
+        shared.forward(c, y, u, A.shared, RowGroups::all(N), true);  // the GPU's work while the loads travel
         if (c.decoding) {
             every_expert_dest_kernel<<<elementwise_blocks(long(N) * K), 256, 0, c.stream>>>(A.dest, A.expert, N, K);
             CUDA_CHECK_LAUNCH();
             experts.forward_every_group(c, A.out_g, u, A.routed, N);
         } else {
-            group_by_expert(c, A, u, N);
+            gather(c, A, u);
             experts.forward(c, A.out_g, A.x_g, A.routed, A.rows, false);
         }
         combine(y, A.out_g, A.gate, A.dest, N, K, d, c.stream);
@@ -738,7 +856,8 @@ struct Moe {
             A.seq_len, c.w32(gate), N, d, cfg);
         CUDA_CHECK_LAUNCH();
         const int rows_per_block = partial_rows_per_block(N), blocks = ceil_div(N, rows_per_block);
-        router_weight_grad_kernel<<<blocks, 128, 0, c.stream>>>(G.partial, G.d_logits, u, N, E, d, rows_per_block);
+        router_weight_grad_kernel<<<blocks, ROUTER_GRAD_THREADS, 0, c.stream>>>(G.partial, G.d_logits, u, N, E, d,
+                                                                                rows_per_block);
         CUDA_CHECK_LAUNCH();
         sum_partials(c.g(gate), G.partial, blocks, E * d, false, c.stream);
     }

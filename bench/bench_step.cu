@@ -3,6 +3,9 @@
 // --profile, one more step runs between cudaProfilerStart and cudaProfilerStop, for
 //   ncu --profile-from-start off --metrics gpu__time_duration.sum --csv ./build/bench_step --profile
 //   ./build/bench_step [--config FILE.json] [--precision fp8|bf16|fp32] [--batch 64] [--seq 512] [--steps 20]
+//                      [--warmup 3]
+// The routed experts' GEMMs change shape with the expert loads, and each new shape costs a cuBLASLt heuristic query
+// on the host; a long run has met its shapes, so many warm-up steps time the steady state of training.
 #include <cuda_profiler_api.h>
 
 #include <algorithm>
@@ -15,7 +18,7 @@
 
 struct BenchOptions {
     std::string config, precision = "fp8";
-    int batch = 64, seq = 512, steps = 20;
+    int batch = 64, seq = 512, steps = 20, warmup = 3;
     bool profile = false;
 };
 
@@ -29,20 +32,25 @@ void run(const Config& c, const BenchOptions& o) {
     for (int& t : rows) t = int(rng.range(16, c.vocab_size - 1));
     split_rows(rows, o.batch, o.seq, inputs, targets);
     std::vector<double> ms;
-    for (int step = 1; step <= o.steps + 3; step++) {  // 3 warm-up steps: cuBLASLt plans, allocations
+    size_t warm_plans = 0;
+    for (int step = 1; step <= o.warmup + o.steps; step++) {  // warm-up steps: cuBLASLt plans, allocations
         WallTimer clock;
         model.train_step(inputs, targets, o.batch, o.seq, AdamW{1e-3f}, 1.0f, step, 1);
         model.read_scalars();
-        if (step > 3) ms.push_back(clock.seconds() * 1e3);
+        if (step > o.warmup) ms.push_back(clock.seconds() * 1e3);
+        if (step == o.warmup) warm_plans = model.blas.plans.size();
     }
     std::sort(ms.begin(), ms.end());
     double median = ms[ms.size() / 2];
     std::printf("%-8s %-10s %8.2f %12.0f   (%d x %d tokens, %.2fM parameters, %.2fM in GEMMs per token)\n",
                 c.has_moe() ? "moe" : "dense", o.precision.c_str(), median, o.batch * o.seq / median * 1e3, o.batch,
                 o.seq, model.num_params() / 1e6, model.matmul_params(true) / 1e6);
+    std::printf(
+        "         %d warm-up steps, %d timed; cuBLASLt plans: %zu after the warm-up, %zu new in the timed steps\n",
+        o.warmup, o.steps, warm_plans, model.blas.plans.size() - warm_plans);
     if (!o.profile) return;
     CUDA_CHECK(cudaProfilerStart());
-    model.train_step(inputs, targets, o.batch, o.seq, AdamW{1e-3f}, 1.0f, o.steps + 4, 1);
+    model.train_step(inputs, targets, o.batch, o.seq, AdamW{1e-3f}, 1.0f, o.warmup + o.steps + 1, 1);
     model.read_scalars();
     CUDA_CHECK(cudaProfilerStop());
 }
@@ -55,12 +63,14 @@ int main(int argc, char** argv) {
     flags.add("batch", &o.batch, "sequences per step");
     flags.add("seq", &o.seq, "tokens per sequence");
     flags.add("steps", &o.steps, "timed steps");
+    flags.add("warmup", &o.warmup, "steps before the timed ones");
     flags.add_switch("profile", &o.profile, "one more step between cudaProfilerStart and cudaProfilerStop");
     try {
         flags.parse(std::vector<std::string>(argv + 1, argv + argc));
         if (o.precision != "fp8" && o.precision != "bf16" && o.precision != "fp32")
             throw std::invalid_argument("--precision must be fp8, bf16 or fp32");
-        if (o.steps < 1 || o.batch < 1 || o.seq < 1) throw std::invalid_argument("--steps, --batch, --seq: >= 1");
+        if (o.steps < 1 || o.batch < 1 || o.seq < 1 || o.warmup < 1)
+            throw std::invalid_argument("--steps, --batch, --seq, --warmup: >= 1");
     } catch (const std::invalid_argument& e) {
         std::fprintf(stderr, "error: %s\nflags:\n%s", e.what(), flags.help().c_str());
         return 2;

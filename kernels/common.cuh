@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -100,13 +101,43 @@ struct DeviceBuffer {
     }
 };
 
-// Many device arrays that live as long as their owner: each take<U>(n) is a buffer of its own, freed together.
+// Page-locked host memory: a cudaMemcpyAsync into it returns at once instead of waiting for the stream.
+struct PinnedBuffer {
+    void* ptr = nullptr;
+    explicit PinnedBuffer(size_t bytes) { CUDA_CHECK(cudaMallocHost(&ptr, bytes)); }
+    PinnedBuffer(const PinnedBuffer&) = delete;
+    PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+    ~PinnedBuffer() { cudaFreeHost(ptr); }
+};
+
+// A point in a stream that the host can wait for.
+struct Event {
+    cudaEvent_t event = nullptr;
+    Event() { CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming)); }
+    Event(const Event&) = delete;
+    Event& operator=(const Event&) = delete;
+    ~Event() { cudaEventDestroy(event); }
+};
+
+// Many device arrays that live as long as their owner: each take<U>(n) is a buffer of its own, freed together;
+// likewise page-locked host arrays and events.
 struct DeviceArena {
     std::vector<DeviceBuffer<uint8_t>> blocks;
+    std::vector<std::unique_ptr<PinnedBuffer>> pinned;
+    std::vector<std::unique_ptr<Event>> events;
     template <typename U>
     U* take(long n) {
         blocks.emplace_back(size_t(n) * sizeof(U));
         return reinterpret_cast<U*>(blocks.back().data());
+    }
+    template <typename U>
+    U* take_pinned(long n) {
+        pinned.push_back(std::make_unique<PinnedBuffer>(size_t(n) * sizeof(U)));
+        return reinterpret_cast<U*>(pinned.back()->ptr);
+    }
+    cudaEvent_t take_event() {
+        events.push_back(std::make_unique<Event>());
+        return events.back()->event;
     }
 };
 
