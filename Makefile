@@ -31,13 +31,17 @@ EVAL_MODELS = $(BASE),$(BASE):direct,$(BASE):r1zero,runs/r1zero/checkpoint,runs/
 PYTHON ?= python3
 
 .PHONY: all test train demo bench clean
-all: $(BUILD)/train $(BUILD)/run_tests $(BUILD)/bench_sampler $(BUILD)/bench_fp8 $(BUILD)/bench_step
+all: $(BUILD)/train $(BUILD)/run_tests $(BUILD)/bench_sampler $(BUILD)/bench_fp8 $(BUILD)/bench_step \
+	$(BUILD)/bench_experts
 
 $(BUILD)/train: train.cu $(HEADERS) | $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -o $@ train.cu $(LIBS)
 
-$(BUILD)/bench_%: bench/bench_%.cu $(HEADERS) | $(BUILD)
+$(BUILD)/bench_%: bench/bench_%.cu $(HEADERS) $(wildcard bench/*.h) | $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -o $@ $< $(LIBS)
+
+# The grouped GEMM it measures is cuBLAS's, not cuBLASLt's.
+$(BUILD)/bench_experts: LIBS += -lcublas
 
 $(BUILD)/tests/%.o: tests/%.cu $(HEADERS) $(wildcard tests/*.h) | $(BUILD)
 	@mkdir -p $(BUILD)/tests
@@ -70,7 +74,7 @@ demo: $(BUILD)/train
 	./$(BUILD)/train chat --init $(DEMO_CHECKPOINT)
 
 # Benchmarks print tables; run them on the GPU machine.
-bench: $(BUILD)/bench_step $(BUILD)/bench_sampler $(BUILD)/bench_fp8
+bench: $(BUILD)/bench_step $(BUILD)/bench_sampler $(BUILD)/bench_fp8 $(BUILD)/bench_experts
 	./$(BUILD)/bench_step --precision fp8
 	./$(BUILD)/bench_step --precision bf16
 	./$(BUILD)/bench_sampler 256 256

@@ -6,10 +6,10 @@
 // of the same E4M3 values (per-tensor scale, values in [-4, 4], 128 x 128 outputs) as K grows, with and without
 // promotion, our wgmma kernel beside cuBLASLt.
 #include <cstdio>
-#include <functional>
 #include <string>
 
 #include "../fp8.cuh"
+#include "timing.h"
 
 namespace {
 
@@ -24,29 +24,6 @@ DeviceBuffer<T> upload(const std::vector<T>& host) {
     DeviceBuffer<T> d(host.size());
     d.upload(host);
     return d;
-}
-
-// Milliseconds per call: the mean of `reps` calls after a warm-up; negative where the call throws
-// (cuBLASLt without an algorithm for the shape).
-double time_ms(const std::function<void()>& call, int reps = 20) {
-    try {
-        call();
-        CUDA_CHECK(cudaDeviceSynchronize());
-    } catch (const std::exception&) {
-        return -1.0;
-    }
-    cudaEvent_t start, stop;
-    CUDA_CHECK(cudaEventCreate(&start));
-    CUDA_CHECK(cudaEventCreate(&stop));
-    CUDA_CHECK(cudaEventRecord(start));
-    for (int i = 0; i < reps; i++) call();
-    CUDA_CHECK(cudaEventRecord(stop));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    return ms / reps;
 }
 
 std::string tflops(double ms, double flops) {

@@ -10,6 +10,9 @@
 // probabilities P kept for the backward pass.
 #pragma once
 
+#include <initializer_list>
+#include <type_traits>
+
 #include "gemm.cuh"
 #include "layers.cuh"
 
@@ -22,91 +25,158 @@ struct MlaDims {
     HD float softmax_scale() const { return 1.0f / sqrtf(float(d_qk())); }
 };
 
-// RoPE on the pair (x0, x1) = (x_2i, x_2i+1) of a d_rope-wide vector at position pos: V3's interleaved pairs,
-// angle pos * theta^(-2i/d_rope). inverse = true applies the transpose rotation (the backward pass).
-HD void rope_rotate(float& x0, float& x1, int pos, int i, int d_rope, float theta, bool inverse) {
+// The angle of RoPE's pair i at position pos: V3's interleaved pairs, angle pos * theta^(-2i/d_rope).
+HD void rope_cos_sin(int pos, int i, int d_rope, float theta, float& c, float& s) {
     float inv_freq = 1.0f / powf(theta, float(2 * i) / float(d_rope));
-    float s, c;
     sincosf(float(pos) * inv_freq, &s, &c);
+}
+
+// Rotates the pair (x0, x1) = (x_2i, x_2i+1) by the angle whose cosine and sine are c and s; inverse = true applies
+// the transpose rotation (the backward pass).
+HD void rope_apply(float& x0, float& x1, float c, float s, bool inverse) {
     if (inverse) s = -s;
     float y0 = x0 * c - x1 * s, y1 = x1 * c + x0 * s;
     x0 = y0, x1 = y1;
 }
 
-// Element c of head h of token n: a nope column of q and k, a rotated rope pair, or a v column.
-template <typename T>
-__device__ __forceinline__ void mla_pack_element(T* __restrict__ Q, T* __restrict__ K, T* __restrict__ V,
-                                                 const T* __restrict__ q, const T* __restrict__ kva,
-                                                 const T* __restrict__ kvb, const MlaDims& m, int n, int h, int c) {
-    int half = m.d_rope / 2, b = n / m.T, t = n % m.T;
-    long row = (long(b) * m.H + h) * m.T + t;
-    const T* qh = q + long(n) * m.H * m.d_qk() + h * m.d_qk();
-    const T* kvh = kvb + long(n) * m.H * (m.d_nope + m.d_v) + h * (m.d_nope + m.d_v);
-    T* Qr = Q + row * m.d_qk();
-    T* Kr = K + row * m.d_qk();
-    if (c < m.d_nope) {
-        Qr[c] = qh[c];
-        Kr[c] = kvh[c];
-    } else if (c < m.d_nope + half) {
-        int i = c - m.d_nope, j = m.d_nope + 2 * i;
-        float q0 = to_float(qh[j]), q1 = to_float(qh[j + 1]);
-        const T* kr = kva + long(n) * (m.d_c + m.d_rope) + m.d_c + 2 * i;
-        float k0 = to_float(kr[0]), k1 = to_float(kr[1]);
-        rope_rotate(q0, q1, t, i, m.d_rope, m.rope_theta, false);
-        rope_rotate(k0, k1, t, i, m.d_rope, m.rope_theta, false);
-        Qr[j] = from_float<T>(q0), Qr[j + 1] = from_float<T>(q1);
-        Kr[j] = from_float<T>(k0), Kr[j + 1] = from_float<T>(k1);
+// RoPE on pair i of a d_rope-wide vector at position pos.
+HD void rope_rotate(float& x0, float& x1, int pos, int i, int d_rope, float theta, bool inverse) {
+    float c, s;
+    rope_cos_sin(pos, i, d_rope, theta, c, s);
+    rope_apply(x0, x1, c, s, inverse);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The layout kernels move P values at a time (16 bytes where the widths allow, see mla_pack_width), a chunk per
+// thread, and a block takes MLA_TOKENS tokens: a block per token and a thread per value left the GPU scheduling
+// blocks of a few hundred bytes.
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int MLA_TOKENS = 8, MLA_THREADS = 256;
+
+// Item i of a block's tokens, with per_head chunks of P values per (token, head): its token n (position t), head h,
+// first column c of the chunk, and the row of (sequence, head, position) in the head layout.
+struct MlaItem {
+    int n, t, h, c, slot;  // slot: the token's place among the block's tokens
+    long row;
+};
+__device__ __forceinline__ MlaItem mla_item(int i, int per_head, int P, const MlaDims& m) {
+    MlaItem it;
+    it.slot = i / (m.H * per_head), it.n = blockIdx.x * MLA_TOKENS + it.slot;
+    it.h = i / per_head % m.H, it.c = i % per_head * P, it.t = it.n % m.T;
+    it.row = (long(it.n / m.T) * m.H + it.h) * m.T + it.t;
+    return it;
+}
+
+// The cosine and sine of every rope pair of the block's tokens, [MLA_TOKENS][d_rope/2] in shared memory: computed
+// once per block, a chunk's rotation costs a shared-memory read instead of powf and sincosf in a few lanes of a warp.
+__device__ __forceinline__ const float2* rope_table(const MlaDims& m) {
+    extern __shared__ float2 rope_cs[];
+    const int half = m.d_rope / 2;
+    for (int j = threadIdx.x; j < MLA_TOKENS * half; j += blockDim.x) {
+        float c, s;
+        rope_cos_sin((blockIdx.x * MLA_TOKENS + j / half) % m.T, j % half, m.d_rope, m.rope_theta, c, s);
+        rope_cs[j] = make_float2(c, s);
+    }
+    __syncthreads();
+    return rope_cs;
+}
+
+inline size_t rope_table_bytes(const MlaDims& m) { return MLA_TOKENS * (m.d_rope / 2) * sizeof(float2); }
+
+// Rotates the chunk x of P values that starts at rope column r0, with its token's row cs of rope_table: its pairs
+// where P > 1 (r0 is even then), else the one value, whose partner is read from beside it in memory.
+template <int P, typename T>
+__device__ __forceinline__ void rope_chunk(float (&x)[P], const T* at, int r0, const float2* cs, bool inverse) {
+    if constexpr (P == 1) {
+        const bool odd = r0 % 2;
+        float x0 = odd ? to_float(at[-1]) : x[0], x1 = odd ? x[0] : to_float(at[1]);
+        rope_apply(x0, x1, cs[r0 / 2].x, cs[r0 / 2].y, inverse);
+        x[0] = odd ? x1 : x0;
     } else {
-        int e = c - m.d_nope - half;
-        V[row * m.d_v + e] = kvh[m.d_nope + e];
-    }
-}
-
-// A row of row_grid per token, an item per (head, nope column, rope pair or v column): builds Q, K and V.
-template <typename T>
-__global__ void mla_pack_kernel(T* __restrict__ Q, T* __restrict__ K, T* __restrict__ V, const T* __restrict__ q,
-                                const T* __restrict__ kva, const T* __restrict__ kvb, MlaDims m) {
-    const int half = m.d_rope / 2, width = m.d_nope + half + m.d_v, n = blockIdx.x;
 #pragma unroll
-    for (int item = 0; item < ROW_ITEMS; item++) {
-        const int column = row_grid_column(item);
-        if (column >= m.H * width) break;
-        mla_pack_element(Q, K, V, q, kva, kvb, m, n, column / width, column % width);
+        for (int k = 0; k < P; k += 2) rope_apply(x[k], x[k + 1], cs[(r0 + k) / 2].x, cs[(r0 + k) / 2].y, inverse);
     }
 }
 
-// The adjoint of mla_pack_element for q and kvb: gradients flow back through the layout and the rotation.
-template <typename T>
-__device__ __forceinline__ void mla_unpack_element(T* __restrict__ dq, T* __restrict__ dkvb, const T* __restrict__ dQ,
-                                                   const T* __restrict__ dK, const T* __restrict__ dV,
-                                                   const MlaDims& m, int n, int h, int c) {
-    int half = m.d_rope / 2, b = n / m.T, t = n % m.T;
-    long row = (long(b) * m.H + h) * m.T + t;
-    T* dqh = dq + long(n) * m.H * m.d_qk() + h * m.d_qk();
-    T* dkvh = dkvb + long(n) * m.H * (m.d_nope + m.d_v) + h * (m.d_nope + m.d_v);
-    if (c < m.d_nope) {
-        dqh[c] = dQ[row * m.d_qk() + c];
-        dkvh[c] = dK[row * m.d_qk() + c];
-    } else if (c < m.d_nope + half) {
-        int i = c - m.d_nope, j = m.d_nope + 2 * i;
-        float g0 = to_float(dQ[row * m.d_qk() + j]), g1 = to_float(dQ[row * m.d_qk() + j + 1]);
-        rope_rotate(g0, g1, t, i, m.d_rope, m.rope_theta, true);
-        dqh[j] = from_float<T>(g0), dqh[j + 1] = from_float<T>(g1);
-    } else {
-        int e = c - m.d_nope - half;
-        dkvh[m.d_nope + e] = dV[row * m.d_v + e];
+// Q, K and V in the head layout, a (token, head) at a time: its chunks of [Q row | K row | V row]. q_nope, k_nope
+// and v are copied; q_rope and k_rope (the latter from kva, shared by the heads) are rotated.
+template <typename T, int P>
+__global__ void __launch_bounds__(MLA_THREADS)
+    mla_pack_kernel(T* __restrict__ Q, T* __restrict__ K, T* __restrict__ V, const T* __restrict__ q,
+                    const T* __restrict__ kva, const T* __restrict__ kvb, MlaDims m) {
+    const int d_qk = m.d_qk(), per_head = (2 * d_qk + m.d_v) / P;
+    const float2* cs = rope_table(m);
+    for (int i = threadIdx.x; i < MLA_TOKENS * m.H * per_head; i += blockDim.x) {
+        const MlaItem it = mla_item(i, per_head, P, m);
+        if (it.n >= m.N()) return;
+        const float2* token_cs = cs + it.slot * (m.d_rope / 2);
+        const T* qh = q + (long(it.n) * m.H + it.h) * d_qk;
+        const T* kvh = kvb + (long(it.n) * m.H + it.h) * (m.d_nope + m.d_v);
+        int c = it.c;
+        float x[P];
+        if (c < d_qk) {
+            load_chunk(x, qh + c);
+            if (c >= m.d_nope) rope_chunk(x, qh + c, c - m.d_nope, token_cs, false);
+            store_chunk(Q + it.row * d_qk + c, x);
+        } else if ((c -= d_qk) < d_qk) {
+            const T* from = c < m.d_nope ? kvh + c : kva + long(it.n) * (m.d_c + m.d_rope) + m.d_c + c - m.d_nope;
+            load_chunk(x, from);
+            if (c >= m.d_nope) rope_chunk(x, from, c - m.d_nope, token_cs, false);
+            store_chunk(K + it.row * d_qk + c, x);
+        } else {
+            c -= d_qk;
+            load_chunk(x, kvh + m.d_nope + c);
+            store_chunk(V + it.row * m.d_v + c, x);
+        }
     }
 }
 
-template <typename T>
-__global__ void mla_unpack_qkv_kernel(T* __restrict__ dq, T* __restrict__ dkvb, const T* __restrict__ dQ,
-                                      const T* __restrict__ dK, const T* __restrict__ dV, MlaDims m) {
-    const int width = m.d_nope + m.d_rope / 2 + m.d_v, n = blockIdx.x;
-#pragma unroll
-    for (int item = 0; item < ROW_ITEMS; item++) {
-        const int column = row_grid_column(item);
-        if (column >= m.H * width) break;
-        mla_unpack_element(dq, dkvb, dQ, dK, dV, m, n, column / width, column % width);
+// The adjoint of mla_pack_kernel for q and kvb: the gradients move back through the layout and the rotation. The
+// k_rope chunks are left to mla_unpack_krope_kernel, which sums them over the heads.
+template <typename T, int P>
+__global__ void __launch_bounds__(MLA_THREADS)
+    mla_unpack_qkv_kernel(T* __restrict__ dq, T* __restrict__ dkvb, const T* __restrict__ dQ, const T* __restrict__ dK,
+                          const T* __restrict__ dV, MlaDims m) {
+    const int d_qk = m.d_qk(), per_head = (2 * d_qk + m.d_v) / P;
+    const float2* cs = rope_table(m);
+    for (int i = threadIdx.x; i < MLA_TOKENS * m.H * per_head; i += blockDim.x) {
+        const MlaItem it = mla_item(i, per_head, P, m);
+        if (it.n >= m.N()) return;
+        const float2* token_cs = cs + it.slot * (m.d_rope / 2);
+        T* dqh = dq + (long(it.n) * m.H + it.h) * d_qk;
+        T* dkvh = dkvb + (long(it.n) * m.H + it.h) * (m.d_nope + m.d_v);
+        int c = it.c;
+        float x[P];
+        if (c < d_qk) {
+            const T* from = dQ + it.row * d_qk + c;
+            load_chunk(x, from);
+            if (c >= m.d_nope) rope_chunk(x, from, c - m.d_nope, token_cs, true);
+            store_chunk(dqh + c, x);
+        } else if ((c -= d_qk) < d_qk) {
+            if (c >= m.d_nope) continue;
+            load_chunk(x, dK + it.row * d_qk + c);
+            store_chunk(dkvh + c, x);
+        } else {
+            c -= d_qk;
+            load_chunk(x, dV + it.row * m.d_v + c);
+            store_chunk(dkvh + m.d_nope + c, x);
+        }
+    }
+}
+
+// Moves per-head outputs [B*H, T, d_v] to token rows [N, H*d_v] (to_tokens) or back (the backward pass).
+template <typename T, int P>
+__global__ void __launch_bounds__(MLA_THREADS)
+    heads_tokens_kernel(T* __restrict__ dst, const T* __restrict__ src, MlaDims m, bool to_tokens) {
+    const int per_head = m.d_v / P;
+    for (int i = threadIdx.x; i < MLA_TOKENS * m.H * per_head; i += blockDim.x) {
+        const MlaItem it = mla_item(i, per_head, P, m);
+        if (it.n >= m.N()) return;
+        const long token_at = (long(it.n) * m.H + it.h) * m.d_v + it.c, head_at = it.row * m.d_v + it.c;
+        float x[P];
+        load_chunk(x, src + (to_tokens ? head_at : token_at));
+        store_chunk(dst + (to_tokens ? token_at : head_at), x);
     }
 }
 
@@ -161,41 +231,62 @@ __global__ void causal_softmax_backward_kernel(T* dS, const float* dP, const T* 
         dS[r * Tn + j] = from_float<T>(j <= i ? scale * to_float(p[j]) * (dp[j] - dot) : 0.0f);
 }
 
-// Moves per-head outputs [B*H, T, d_v] to token rows [N, H*d_v] (to_tokens) or back (the backward pass).
-template <typename T>
-__global__ void heads_tokens_kernel(T* __restrict__ dst, const T* __restrict__ src, MlaDims m, bool to_tokens) {
-    const int n = blockIdx.x;
-#pragma unroll
-    for (int item = 0; item < ROW_ITEMS; item++) {
-        const int column = row_grid_column(item), h = column / m.d_v, e = column % m.d_v;
-        if (column >= m.H * m.d_v) break;
-        long idx = long(n) * m.H * m.d_v + column;
-        long head_idx = ((long(n / m.T) * m.H + h) * m.T + n % m.T) * m.d_v + e;
-        if (to_tokens)
-            dst[idx] = src[head_idx];
-        else
-            dst[head_idx] = src[idx];
-    }
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------------------------
 
+// Values per access in a layout kernel: 16 bytes where every width it steps through and every pointer allow it,
+// else the largest power of two that they do.
+template <typename T>
+int mla_pack_width(std::initializer_list<int> widths, std::initializer_list<const void*> pointers) {
+    auto fits = [&](int p) {
+        for (const void* ptr : pointers)
+            if (pointer_alignment(ptr) < p * sizeof(T)) return false;
+        for (int w : widths)
+            if (w % p != 0) return false;
+        return true;
+    };
+    int p = 16 / sizeof(T);
+    while (p > 1 && !fits(p)) p /= 2;
+    return p;
+}
+
+// Calls launch(std::integral_constant<int, P>) for the P of mla_pack_width: P_MAX, or half of it, ... or 1.
+template <int P_MAX, typename Launch>
+void with_pack_width(int p, Launch launch) {
+    if constexpr (P_MAX > 1)
+        if (p < P_MAX) return with_pack_width<P_MAX / 2>(p, launch);
+    launch(std::integral_constant<int, P_MAX>());
+}
+
+inline dim3 mla_grid(const MlaDims& m) { return dim3(ceil_div(m.N(), MLA_TOKENS)); }
+
 template <typename T>
 void mla_pack(T* Q, T* K, T* V, const T* q, const T* kva, const T* kvb, const MlaDims& m, cudaStream_t s) {
-    mla_pack_kernel<<<row_grid(m.N(), m.H * (m.d_nope + m.d_rope / 2 + m.d_v)), ROW_THREADS, 0, s>>>(Q, K, V, q,
-                                                                                                        kva, kvb, m);
+    const int p = mla_pack_width<T>({m.d_nope, m.d_rope, m.d_v, m.d_c}, {Q, K, V, q, kva, kvb});
+    with_pack_width<16 / sizeof(T)>(p, [&](auto P) {
+        mla_pack_kernel<T, P()><<<mla_grid(m), MLA_THREADS, rope_table_bytes(m), s>>>(Q, K, V, q, kva, kvb, m);
+    });
     CUDA_CHECK_LAUNCH();
 }
 
 // dq, dkvb, and the k_rope columns of dkva, from the gradients of Q, K and V.
 template <typename T>
 void mla_unpack(T* dq, T* dkva, T* dkvb, const T* dQ, const T* dK, const T* dV, const MlaDims& m, cudaStream_t s) {
-    mla_unpack_qkv_kernel<<<row_grid(m.N(), m.H * (m.d_nope + m.d_rope / 2 + m.d_v)), ROW_THREADS, 0, s>>>(
-        dq, dkvb, dQ, dK, dV, m);
+    const int p = mla_pack_width<T>({m.d_nope, m.d_rope, m.d_v}, {dq, dkvb, dQ, dK, dV});
+    with_pack_width<16 / sizeof(T)>(p, [&](auto P) {
+        mla_unpack_qkv_kernel<T, P()><<<mla_grid(m), MLA_THREADS, rope_table_bytes(m), s>>>(dq, dkvb, dQ, dK, dV, m);
+    });
     CUDA_CHECK_LAUNCH();
     mla_unpack_krope_kernel<<<elementwise_blocks(long(m.N()) * m.d_rope / 2), 256, 0, s>>>(dkva, dK, m);
+    CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void heads_tokens(T* dst, const T* src, const MlaDims& m, bool to_tokens, cudaStream_t s) {
+    with_pack_width<16 / sizeof(T)>(mla_pack_width<T>({m.d_v}, {dst, src}), [&](auto P) {
+        heads_tokens_kernel<T, P()><<<mla_grid(m), MLA_THREADS, 0, s>>>(dst, src, m, to_tokens);
+    });
     CUDA_CHECK_LAUNCH();
 }
 
@@ -227,8 +318,7 @@ void mla_attention_forward(Blas& blas, cudaStream_t s, const MlaDims& m, T* o, c
     // O = P V
     matmul(blas, s, scratch.O, saved.P, saved.V,
            Matmul{m.T, m.d_v, m.T, false, false, 1.0f, 0.0f, int(m.heads()), tt, v_stride, v_stride});
-    heads_tokens_kernel<<<row_grid(m.N(), m.H * m.d_v), ROW_THREADS, 0, s>>>(o, scratch.O, m, true);
-    CUDA_CHECK_LAUNCH();
+    heads_tokens(o, scratch.O, m, true, s);
 }
 
 // From do [N, H*d_v]: dq, dkvb, and the k_rope columns of dkva (its c_kv columns come from the RMSNorm).
@@ -240,8 +330,7 @@ void mla_attention_backward(Blas& blas, cudaStream_t s, const MlaDims& m, T* dq,
     int heads = int(m.heads());
     T* dO = scratch.O;
     float* dP = scratch.S;
-    heads_tokens_kernel<<<row_grid(m.N(), m.H * m.d_v), ROW_THREADS, 0, s>>>(dO, d_o, m, false);
-    CUDA_CHECK_LAUNCH();
+    heads_tokens(dO, d_o, m, false, s);
     // dP = dO V^T, dV = P^T dO
     matmul(blas, s, dP, dO, saved.V, Matmul{m.T, m.T, m.d_v, false, true, 1.0f, 0.0f, heads, v_stride, v_stride, tt});
     matmul(blas, s, scratch.dV, saved.P, dO,

@@ -207,6 +207,28 @@ constexpr cudaDataType_t cuda_dtype<bf16>() {
     return CUDA_R_16BF;
 }
 
+// P consecutive values of a row, moved as one access of P * sizeof(T) bytes (16 at most): the pointer must be
+// aligned to it. Wide accesses put more bytes in flight per instruction, which memory-bound kernels need.
+template <typename T, int P>
+struct alignas(sizeof(T) * P) Chunk {
+    T v[P];
+};
+
+template <int P, typename T>
+__device__ __forceinline__ void load_chunk(float (&x)[P], const T* p) {
+    const Chunk<T, P> c = *reinterpret_cast<const Chunk<T, P>*>(p);
+#pragma unroll
+    for (int k = 0; k < P; k++) x[k] = to_float(c.v[k]);
+}
+
+template <int P, typename T>
+__device__ __forceinline__ void store_chunk(T* p, const float (&x)[P]) {
+    Chunk<T, P> c;
+#pragma unroll
+    for (int k = 0; k < P; k++) c.v[k] = from_float<T>(x[k]);
+    *reinterpret_cast<Chunk<T, P>*>(p) = c;
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
     for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xFFFFFFFFu, x, offset);
     return x;

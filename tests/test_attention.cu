@@ -11,10 +11,14 @@ using ref::stream;
 using Vec = std::vector<double>;
 
 // Every dimension differs from the others, so a stride taken from the wrong one shows. The second shape's softmax
-// rows are longer than a warp's 32 lanes.
+// rows are longer than a warp's 32 lanes. The layout kernels move 2 values at a time in the first two, 16 bytes in
+// the third, and single values in the fourth (odd widths; a rope value's partner is read beside it); 9 and 5 tokens
+// leave the last block of MLA_TOKENS part-empty.
 const MlaDims shapes[] = {
     {2, 7, 3, 16, 8, 12, 10, 10000.0f},
     {2, 33, 2, 8, 4, 16, 14, 10000.0f},
+    {1, 9, 2, 16, 8, 32, 24, 10000.0f},
+    {1, 5, 3, 7, 2, 9, 11, 10000.0f},
 };
 
 // The BF16 gradients go through more roundings than the forward pass: P, dS, dQ/dK/dV, and the rotated rope rows.
