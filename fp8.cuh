@@ -59,8 +59,8 @@ __host__ __device__ inline long block_scale_count(int rows, int cols) { return l
 // A block of 16 warps holds one 128x128 tile of a row-major matrix [R, C]: warp w holds rows w, w + 16, ...,
 // w + 112 of the tile and lane l columns 4l ... 4l + 3 of each, so that a warp reads and writes whole rows in
 // 4-element vectors. Outside the matrix the tile holds zeros, which change no amax. The quantizers read their input
-// once and write each output once, in rows. Eight rows a thread keep a block's registers few enough for four blocks
-// on a multiprocessor: while some wait on their loads, others compute and store.
+// once and write each output once, in rows. Eight rows a thread keep the block at 62 registers a thread (ptxas
+// -v), two blocks on a multiprocessor: while one waits on its loads, the other computes and stores.
 constexpr int TILE_THREADS = 512, TILE_WARPS = TILE_THREADS / 32, TILE_ROWS = N_C / TILE_WARPS;
 
 __device__ inline void load_vector4(float (&v)[4], const float* p) {
