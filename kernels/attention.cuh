@@ -10,7 +10,6 @@
 // probabilities P kept for the backward pass.
 #pragma once
 
-#include <initializer_list>
 #include <type_traits>
 
 #include "gemm.cuh"
@@ -47,9 +46,9 @@ HD void rope_rotate(float& x0, float& x1, int pos, int i, int d_rope, float thet
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The layout kernels move P values at a time (16 bytes where the widths allow, see mla_pack_width), a chunk per
-// thread, and a block takes MLA_TOKENS tokens: a block per token and a thread per value left the GPU scheduling
-// blocks of a few hundred bytes.
+// The layout kernels move P values at a time (16 bytes where the widths allow, see vector_width in common.cuh), a
+// chunk per thread, and a block takes MLA_TOKENS tokens: a block per token and a thread per value left the GPU
+// scheduling blocks of a few hundred bytes.
 // ---------------------------------------------------------------------------------------------------------------
 
 constexpr int MLA_TOKENS = 8, MLA_THREADS = 256;
@@ -235,36 +234,12 @@ __global__ void causal_softmax_backward_kernel(T* dS, const float* dP, const T* 
 // Launchers
 // ---------------------------------------------------------------------------------------------------------------
 
-// Values per access in a layout kernel: 16 bytes where every width it steps through and every pointer allow it,
-// else the largest power of two that they do.
-template <typename T>
-int mla_pack_width(std::initializer_list<int> widths, std::initializer_list<const void*> pointers) {
-    auto fits = [&](int p) {
-        for (const void* ptr : pointers)
-            if (pointer_alignment(ptr) < p * sizeof(T)) return false;
-        for (int w : widths)
-            if (w % p != 0) return false;
-        return true;
-    };
-    int p = 16 / sizeof(T);
-    while (p > 1 && !fits(p)) p /= 2;
-    return p;
-}
-
-// Calls launch(std::integral_constant<int, P>) for the P of mla_pack_width: P_MAX, or half of it, ... or 1.
-template <int P_MAX, typename Launch>
-void with_pack_width(int p, Launch launch) {
-    if constexpr (P_MAX > 1)
-        if (p < P_MAX) return with_pack_width<P_MAX / 2>(p, launch);
-    launch(std::integral_constant<int, P_MAX>());
-}
-
 inline dim3 mla_grid(const MlaDims& m) { return dim3(ceil_div(m.N(), MLA_TOKENS)); }
 
 template <typename T>
 void mla_pack(T* Q, T* K, T* V, const T* q, const T* kva, const T* kvb, const MlaDims& m, cudaStream_t s) {
-    const int p = mla_pack_width<T>({m.d_nope, m.d_rope, m.d_v, m.d_c}, {Q, K, V, q, kva, kvb});
-    with_pack_width<16 / sizeof(T)>(p, [&](auto P) {
+    const int p = vector_width<T>({m.d_nope, m.d_rope, m.d_v, m.d_c}, {Q, K, V, q, kva, kvb});
+    with_vector_width<16 / sizeof(T)>(p, [&](auto P) {
         mla_pack_kernel<T, P()><<<mla_grid(m), MLA_THREADS, rope_table_bytes(m), s>>>(Q, K, V, q, kva, kvb, m);
     });
     CUDA_CHECK_LAUNCH();
@@ -273,8 +248,8 @@ void mla_pack(T* Q, T* K, T* V, const T* q, const T* kva, const T* kvb, const Ml
 // dq, dkvb, and the k_rope columns of dkva, from the gradients of Q, K and V.
 template <typename T>
 void mla_unpack(T* dq, T* dkva, T* dkvb, const T* dQ, const T* dK, const T* dV, const MlaDims& m, cudaStream_t s) {
-    const int p = mla_pack_width<T>({m.d_nope, m.d_rope, m.d_v}, {dq, dkvb, dQ, dK, dV});
-    with_pack_width<16 / sizeof(T)>(p, [&](auto P) {
+    const int p = vector_width<T>({m.d_nope, m.d_rope, m.d_v}, {dq, dkvb, dQ, dK, dV});
+    with_vector_width<16 / sizeof(T)>(p, [&](auto P) {
         mla_unpack_qkv_kernel<T, P()><<<mla_grid(m), MLA_THREADS, rope_table_bytes(m), s>>>(dq, dkvb, dQ, dK, dV, m);
     });
     CUDA_CHECK_LAUNCH();
@@ -284,7 +259,7 @@ void mla_unpack(T* dq, T* dkva, T* dkvb, const T* dQ, const T* dK, const T* dV, 
 
 template <typename T>
 void heads_tokens(T* dst, const T* src, const MlaDims& m, bool to_tokens, cudaStream_t s) {
-    with_pack_width<16 / sizeof(T)>(mla_pack_width<T>({m.d_v}, {dst, src}), [&](auto P) {
+    with_vector_width<16 / sizeof(T)>(vector_width<T>({m.d_v}, {dst, src}), [&](auto P) {
         heads_tokens_kernel<T, P()><<<mla_grid(m), MLA_THREADS, 0, s>>>(dst, src, m, to_tokens);
     });
     CUDA_CHECK_LAUNCH();

@@ -15,9 +15,11 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "rng.h"
@@ -227,6 +229,40 @@ __device__ __forceinline__ void store_chunk(T* p, const float (&x)[P]) {
 #pragma unroll
     for (int k = 0; k < P; k++) c.v[k] = from_float<T>(x[k]);
     *reinterpret_cast<Chunk<T, P>*>(p) = c;
+}
+
+// The largest power of two (256 at most) that the address is a multiple of.
+inline uint32_t pointer_alignment(const void* p) {
+    uintptr_t address = reinterpret_cast<uintptr_t>(p);
+    uint32_t align = 256;
+    while (align > 1 && address % align != 0) align /= 2;
+    return align;
+}
+
+// Values of T per access in a kernel that moves chunks (see Chunk): 16 bytes where every width it steps through (row
+// lengths, strides, offsets, in elements) is a multiple of the chunk and every pointer is aligned to it, else the
+// largest power of two that they allow.
+template <typename T>
+int vector_width(std::initializer_list<long> widths, std::initializer_list<const void*> pointers) {
+    auto fits = [&](int p) {
+        for (const void* ptr : pointers)
+            if (pointer_alignment(ptr) < p * sizeof(T)) return false;
+        for (long w : widths)
+            if (w % p != 0) return false;
+        return true;
+    };
+    int p = 16 / sizeof(T);
+    while (p > 1 && !fits(p)) p /= 2;
+    return p;
+}
+
+// Calls launch(std::integral_constant<int, P>) for p, a power of two from vector_width: the kernel gets its chunk
+// width as a template argument, so that a chunk is an array of registers.
+template <int P_MAX, typename Launch>
+void with_vector_width(int p, Launch launch) {
+    if constexpr (P_MAX > 1)
+        if (p < P_MAX) return with_vector_width<P_MAX / 2>(p, launch);
+    launch(std::integral_constant<int, P_MAX>());
 }
 
 __device__ __forceinline__ float warp_sum(float x) {

@@ -140,13 +140,6 @@ struct Matmul {
     int lda = 0, ldb = 0, ldc = 0;
 };
 
-inline uint32_t pointer_alignment(const void* p) {
-    uintptr_t address = reinterpret_cast<uintptr_t>(p);
-    uint32_t align = 256;
-    while (align > 1 && address % align != 0) align /= 2;
-    return align;
-}
-
 template <typename TAB, typename TC>
 void matmul(Blas& blas, cudaStream_t stream, TC* C, const TAB* A, const TAB* B, const Matmul& m) {
     MatmulKey key{m.M,

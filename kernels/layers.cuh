@@ -81,7 +81,7 @@ void embedding_backward(float* dE, const T* dx, const int* tokens, int N, int V,
                         cudaStream_t s) {
     long warps = long(V) * ((D + 31) / 32);
     embedding_backward_kernel<<<ceil_div(warps, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(dE, dx, tokens, N, V, D,
-                                                                                              accumulate);
+                                                                                                accumulate);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -123,49 +123,153 @@ inline void sum_partials(float* out, const float* partial, int blocks, int D, bo
 
 // ---------------------------------------------------------------------------------------------------------------
 // RMSNorm: y = w * x / sqrt(mean(x^2) + eps), one warp per row, statistics in FP32.
+//
+// A warp loads its row once, into registers, P values (16 bytes where D, the stride and the pointers allow) a load:
+// all of a lane's loads are in flight together, and the pass after the warp's sum reads registers instead of
+// memory. Lane l holds the chunks at columns (k * 32 + l) * P, k < ROW_VALUES / P, of a ROW_SEGMENT-column segment;
+// a wider row is taken a segment at a time, and the second pass loads again all but the last segment.
 // ---------------------------------------------------------------------------------------------------------------
 
-template <typename T>
+constexpr int ROW_VALUES = 16, ROW_SEGMENT = 32 * ROW_VALUES;
+
+HD int row_segments(int D) { return (D + ROW_SEGMENT - 1) / ROW_SEGMENT; }
+
+// The lane's chunks of one segment of a row, as stored: BF16 values take half the registers of their floats.
+template <typename T, int P>
+struct LaneRow {
+    Chunk<T, P> chunk[ROW_VALUES / P];
+    __device__ __forceinline__ float operator()(int k, int p) const { return to_float(chunk[k].v[p]); }
+};
+
+// The column of the lane's chunk k in segment s. P divides D, so a chunk is all inside the row or all past it.
+template <int P>
+__device__ __forceinline__ int lane_column(int s, int k) {
+    return s * ROW_SEGMENT + (k * 32 + threadIdx.x % 32) * P;
+}
+
+template <typename T, int P>
+__device__ __forceinline__ void load_lane_row(LaneRow<T, P>& r, const T* row, int s, int D) {
+#pragma unroll
+    for (int k = 0; k < ROW_VALUES / P; k++) {
+        const int d = lane_column<P>(s, k);
+        if (d < D) r.chunk[k] = *reinterpret_cast<const Chunk<T, P>*>(row + d);
+    }
+}
+
+template <typename T, int P>
 __global__ void rmsnorm_forward_kernel(T* y, float* rstd, const T* x, int x_stride, const T* w, int N, int D,
                                        float eps) {
-    int n = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int n = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, last = row_segments(D) - 1;
     if (n >= N) return;
     const T* xr = x + long(n) * x_stride;
+    LaneRow<T, P> xs, ws;
     float ss = 0.0f;
-    for (int d = lane; d < D; d += 32) ss += to_float(xr[d]) * to_float(xr[d]);
-    float r = rsqrtf(warp_sum(ss) / D + eps);
-    for (int d = lane; d < D; d += 32) y[long(n) * D + d] = from_float<T>(to_float(w[d]) * to_float(xr[d]) * r);
-    if (lane == 0) rstd[n] = r;
+    for (int s = 0; s <= last; s++) {
+        load_lane_row(xs, xr, s, D);
+        load_lane_row(ws, w, s, D);  // needed only after the sum, but in flight with x's loads
+#pragma unroll
+        for (int k = 0; k < ROW_VALUES / P; k++) {
+            if (lane_column<P>(s, k) >= D) continue;
+#pragma unroll
+            for (int p = 0; p < P; p++) ss += xs(k, p) * xs(k, p);
+        }
+    }
+    const float r = rsqrtf(warp_sum(ss) / D + eps);
+    for (int s = last; s >= 0; s--) {
+        if (s < last) {
+            load_lane_row(xs, xr, s, D);
+            load_lane_row(ws, w, s, D);
+        }
+#pragma unroll
+        for (int k = 0; k < ROW_VALUES / P; k++) {
+            const int d = lane_column<P>(s, k);
+            if (d >= D) continue;
+            float out[P];
+#pragma unroll
+            for (int p = 0; p < P; p++) out[p] = ws(k, p) * xs(k, p) * r;
+            store_chunk(y + long(n) * D + d, out);
+        }
+    }
+    if (threadIdx.x % 32 == 0) rstd[n] = r;
 }
 
 // dx = r (w dy - xhat mean(w dy xhat)), xhat = r x. Each block also writes its partial sum of dy * xhat over its
-// rows (the weight gradient), which sum_partials adds up in a fixed order.
+// rows (the weight gradient), which sum_partials adds up in a fixed order: each warp adds its rows in order into its
+// own slots in shared memory, then the block adds its warps' sums in order.
 
-template <typename T>
-__global__ void rmsnorm_backward_kernel(T* dx, float* dw_partial, const T* dy, const T* x, int x_stride, const T* w,
-                                        const float* rstd, int N, int D, int rows_per_block, bool accumulate_dx) {
-    extern __shared__ float warp_dw[];  // [WARPS_PER_BLOCK][D]
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int d = lane; d < D; d += 32) warp_dw[warp * D + d] = 0.0f;
-    int first = blockIdx.x * rows_per_block;
-    for (int n = first + warp; n < min(first + rows_per_block, N); n += WARPS_PER_BLOCK) {
-        const T* xr = x + long(n) * x_stride;
-        const T* dyr = dy + long(n) * D;
-        float r = rstd[n], dot = 0.0f;
-        for (int d = lane; d < D; d += 32) dot += to_float(w[d]) * to_float(dyr[d]) * to_float(xr[d]) * r;
-        float mean_dot = warp_sum(dot) / D;
-        T* dxr = dx + long(n) * x_stride;
-        for (int d = lane; d < D; d += 32) {
-            float xhat = to_float(xr[d]) * r;
-            float g = r * (to_float(w[d]) * to_float(dyr[d]) - xhat * mean_dot);
-            dxr[d] = from_float<T>(accumulate_dx ? to_float(dxr[d]) + g : g);
-            warp_dw[warp * D + d] += to_float(dyr[d]) * xhat;
+// A warp's dw sums in shared memory: lane l's value p of chunk k of segment s at slot (s * ROW_VALUES + k * P + p)
+// * 32 + l, so that the 32 lanes, each adding to its own columns, touch 32 consecutive slots (no bank conflicts).
+template <int P>
+__device__ __forceinline__ int dw_slot(int s, int k, int p) {
+    return (s * ROW_VALUES + k * P + p) * 32 + threadIdx.x % 32;
+}
+
+// The column whose sum slot i holds: dw_slot's inverse.
+template <int P>
+__device__ __forceinline__ int dw_slot_column(int i) {
+    const int lane = i % 32, q = i / 32, s = q / ROW_VALUES, k = q % ROW_VALUES / P, p = q % P;
+    return s * ROW_SEGMENT + (k * 32 + lane) * P + p;
+}
+
+// One row: dx (+)= its gradient, and dy * xhat added to the warp's slots dw.
+template <typename T, int P>
+__device__ void rmsnorm_backward_row(T* dxr, float* dw, const T* dyr, const T* xr, const T* w, float r, int D,
+                                     bool accumulate_dx) {
+    const int last = row_segments(D) - 1;
+    LaneRow<T, P> xs, dys, ws, dxs;
+    auto load = [&](int s, bool with_dx) {
+        load_lane_row(xs, xr, s, D);
+        load_lane_row(dys, dyr, s, D);
+        load_lane_row(ws, w, s, D);
+        if (with_dx) load_lane_row(dxs, dxr, s, D);
+    };
+    float dot = 0.0f;
+    for (int s = 0; s <= last; s++) {
+        load(s, accumulate_dx && s == last);  // dx's loads join the row's where the row is one segment
+#pragma unroll
+        for (int k = 0; k < ROW_VALUES / P; k++) {
+            if (lane_column<P>(s, k) >= D) continue;
+#pragma unroll
+            for (int p = 0; p < P; p++) dot += ws(k, p) * dys(k, p) * xs(k, p) * r;
         }
     }
+    const float mean_dot = warp_sum(dot) / D;
+    for (int s = last; s >= 0; s--) {
+        if (s < last) load(s, accumulate_dx);
+#pragma unroll
+        for (int k = 0; k < ROW_VALUES / P; k++) {
+            const int d = lane_column<P>(s, k);
+            if (d >= D) continue;
+            float g[P];
+#pragma unroll
+            for (int p = 0; p < P; p++) {
+                const float xhat = xs(k, p) * r;
+                g[p] = r * (ws(k, p) * dys(k, p) - xhat * mean_dot);
+                if (accumulate_dx) g[p] = dxs(k, p) + g[p];
+                dw[dw_slot<P>(s, k, p)] += dys(k, p) * xhat;
+            }
+            store_chunk(dxr + d, g);
+        }
+    }
+}
+
+template <typename T, int P>
+__global__ void rmsnorm_backward_kernel(T* dx, float* dw_partial, const T* dy, const T* x, int x_stride, const T* w,
+                                        const float* rstd, int N, int D, int rows_per_block, bool accumulate_dx) {
+    extern __shared__ float warp_dw[];  // [WARPS_PER_BLOCK][slots]
+    const int warp = threadIdx.x / 32, slots = row_segments(D) * ROW_SEGMENT;
+    float* dw = warp_dw + warp * slots;
+    for (int i = threadIdx.x % 32; i < slots; i += 32) dw[i] = 0.0f;  // slot i is lane i % 32's alone: no sync
+    const int first = blockIdx.x * rows_per_block;
+    for (int n = first + warp; n < min(first + rows_per_block, N); n += WARPS_PER_BLOCK)
+        rmsnorm_backward_row<T, P>(dx + long(n) * x_stride, dw, dy + long(n) * D, x + long(n) * x_stride, w, rstd[n], D,
+                                   accumulate_dx);
     __syncthreads();
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    for (int i = threadIdx.x; i < slots; i += blockDim.x) {
+        const int d = dw_slot_column<P>(i);
+        if (d >= D) continue;
         float sum = 0.0f;
-        for (int k = 0; k < WARPS_PER_BLOCK; k++) sum += warp_dw[k * D + d];
+        for (int k = 0; k < WARPS_PER_BLOCK; k++) sum += warp_dw[k * slots + i];
         dw_partial[long(blockIdx.x) * D + d] = sum;
     }
 }
@@ -174,8 +278,10 @@ __global__ void rmsnorm_backward_kernel(T* dx, float* dw_partial, const T* dy, c
 // kv_a in place of a copy. In the backward pass dx has x's row stride, and y and dy are dense.
 template <typename T>
 void rmsnorm_forward(T* y, float* rstd, const T* x, int x_stride, const T* w, int N, int D, float eps, cudaStream_t s) {
-    rmsnorm_forward_kernel<<<ceil_div(N, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(y, rstd, x, x_stride, w, N, D,
-                                                                                         eps);
+    with_vector_width<16 / sizeof(T)>(vector_width<T>({D, x_stride}, {y, x, w}), [&](auto P) {
+        rmsnorm_forward_kernel<T, P()>
+            <<<ceil_div(N, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(y, rstd, x, x_stride, w, N, D, eps);
+    });
     CUDA_CHECK_LAUNCH();
 }
 
@@ -183,12 +289,14 @@ template <typename T>
 void rmsnorm_backward(T* dx, float* dw, float* scratch, const T* dy, const T* x, int x_stride, const T* w,
                       const float* rstd, int N, int D, bool accumulate_dx, bool accumulate_dw, cudaStream_t s) {
     const int rows_per_block = partial_rows_per_block(N), blocks = ceil_div(N, rows_per_block);
-    size_t smem = sizeof(float) * WARPS_PER_BLOCK * D;
-    if (smem > 48 * 1024)  // wide rows need more than the default dynamic shared memory
-        CUDA_CHECK(
-            cudaFuncSetAttribute(rmsnorm_backward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    rmsnorm_backward_kernel<<<blocks, WARPS_PER_BLOCK * 32, smem, s>>>(dx, scratch, dy, x, x_stride, w, rstd, N, D,
-                                                                       rows_per_block, accumulate_dx);
+    const size_t smem = sizeof(float) * WARPS_PER_BLOCK * row_segments(D) * ROW_SEGMENT;
+    with_vector_width<16 / sizeof(T)>(vector_width<T>({D, x_stride}, {dx, dy, x, w}), [&](auto P) {
+        auto kernel = rmsnorm_backward_kernel<T, P()>;
+        if (smem > 48 * 1024)  // wide rows need more than the default dynamic shared memory
+            CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+        kernel<<<blocks, WARPS_PER_BLOCK * 32, smem, s>>>(dx, scratch, dy, x, x_stride, w, rstd, N, D, rows_per_block,
+                                                          accumulate_dx);
+    });
     CUDA_CHECK_LAUNCH();
     sum_partials(dw, scratch, blocks, D, accumulate_dw, s);
 }
@@ -200,41 +308,106 @@ void rmsnorm_backward(T* dx, float* dw, float* scratch, const T* dy, const T* x,
 
 HD float silu(float x) { return x / (1.0f + expf(-x)); }
 
-template <typename T>
-__global__ void swiglu_forward_kernel(T* __restrict__ a, const T* __restrict__ gu, int I) {
-    const long n = blockIdx.x;
+// The kernels move P values at a time (16 bytes where I and the pointers allow), SWIGLU_ITEMS chunks a thread, their
+// loads in flight together, and a block takes as many rows as that covers: a block per row left half of its threads
+// idle at the routed experts' I = 256. A row wider than the block's chunks is the block's alone, in several steps.
+constexpr int SWIGLU_THREADS = 256, SWIGLU_ITEMS = 2;
+
+inline int swiglu_rows_per_block(int chunks_per_row) {
+    return std::max(1, SWIGLU_THREADS * SWIGLU_ITEMS / chunks_per_row);
+}
+
+// The chunks of the block's rows, the last block's rows ending at N.
+__device__ __forceinline__ int swiglu_block_chunks(long N, int rows_per_block, int per_row) {
+    const long rows_left = N - long(blockIdx.x) * rows_per_block;
+    return (rows_left < rows_per_block ? int(rows_left) : rows_per_block) * per_row;
+}
+
+// Where chunk i of the block's rows is: its g values in gu (its u values follow I later) and its values in a.
+struct SwigluChunk {
+    long gu, a;
+};
+template <int P>
+__device__ __forceinline__ SwigluChunk swiglu_chunk(int i, int rows_per_block, int per_row, int I) {
+    const long n = long(blockIdx.x) * rows_per_block + i / per_row;
+    const int j = i % per_row * P;
+    return {n * 2 * I + j, n * I + j};
+}
+
+template <typename T, int P>
+__global__ void __launch_bounds__(SWIGLU_THREADS)
+    swiglu_forward_kernel(T* __restrict__ a, const T* __restrict__ gu, long N, int I, int rows_per_block) {
+    const int per_row = I / P, chunks = swiglu_block_chunks(N, rows_per_block, per_row);
+    for (int i0 = threadIdx.x; i0 < chunks; i0 += SWIGLU_ITEMS * SWIGLU_THREADS) {
+        SwigluChunk at[SWIGLU_ITEMS];
+        float g[SWIGLU_ITEMS][P], u[SWIGLU_ITEMS][P];
 #pragma unroll
-    for (int k = 0; k < ROW_ITEMS; k++) {
-        const int j = row_grid_column(k);
-        if (j >= I) break;
-        float g = to_float(gu[n * 2 * I + j]), u = to_float(gu[n * 2 * I + I + j]);
-        a[n * I + j] = from_float<T>(silu(g) * u);
+        for (int k = 0; k < SWIGLU_ITEMS; k++) {
+            const int i = i0 + k * SWIGLU_THREADS;
+            if (i >= chunks) break;
+            at[k] = swiglu_chunk<P>(i, rows_per_block, per_row, I);
+            load_chunk(g[k], gu + at[k].gu);
+            load_chunk(u[k], gu + at[k].gu + I);
+        }
+#pragma unroll
+        for (int k = 0; k < SWIGLU_ITEMS; k++) {
+            if (i0 + k * SWIGLU_THREADS >= chunks) break;
+            float out[P];
+#pragma unroll
+            for (int p = 0; p < P; p++) out[p] = silu(g[k][p]) * u[k][p];
+            store_chunk(a + at[k].a, out);
+        }
+    }
+}
+
+template <typename T, int P>
+__global__ void __launch_bounds__(SWIGLU_THREADS)
+    swiglu_backward_kernel(T* __restrict__ dgu, const T* __restrict__ da, const T* __restrict__ gu, long N, int I,
+                           int rows_per_block) {
+    const int per_row = I / P, chunks = swiglu_block_chunks(N, rows_per_block, per_row);
+    for (int i0 = threadIdx.x; i0 < chunks; i0 += SWIGLU_ITEMS * SWIGLU_THREADS) {
+        SwigluChunk at[SWIGLU_ITEMS];
+        float g[SWIGLU_ITEMS][P], u[SWIGLU_ITEMS][P], d[SWIGLU_ITEMS][P];
+#pragma unroll
+        for (int k = 0; k < SWIGLU_ITEMS; k++) {
+            const int i = i0 + k * SWIGLU_THREADS;
+            if (i >= chunks) break;
+            at[k] = swiglu_chunk<P>(i, rows_per_block, per_row, I);
+            load_chunk(g[k], gu + at[k].gu);
+            load_chunk(u[k], gu + at[k].gu + I);
+            load_chunk(d[k], da + at[k].a);
+        }
+#pragma unroll
+        for (int k = 0; k < SWIGLU_ITEMS; k++) {
+            if (i0 + k * SWIGLU_THREADS >= chunks) break;
+            float dg[P], du[P];
+#pragma unroll
+            for (int p = 0; p < P; p++) {
+                float sig = 1.0f / (1.0f + expf(-g[k][p]));
+                dg[p] = d[k][p] * u[k][p] * sig * (1.0f + g[k][p] * (1.0f - sig));
+                du[p] = d[k][p] * g[k][p] * sig;
+            }
+            store_chunk(dgu + at[k].gu, dg);
+            store_chunk(dgu + at[k].gu + I, du);
+        }
     }
 }
 
 template <typename T>
-__global__ void swiglu_backward_kernel(T* __restrict__ dgu, const T* __restrict__ da, const T* __restrict__ gu, int I) {
-    const long n = blockIdx.x;
-#pragma unroll
-    for (int k = 0; k < ROW_ITEMS; k++) {
-        const int j = row_grid_column(k);
-        if (j >= I) break;
-        float g = to_float(gu[n * 2 * I + j]), u = to_float(gu[n * 2 * I + I + j]), d = to_float(da[n * I + j]);
-        float sig = 1.0f / (1.0f + expf(-g));
-        dgu[n * 2 * I + j] = from_float<T>(d * u * sig * (1.0f + g * (1.0f - sig)));
-        dgu[n * 2 * I + I + j] = from_float<T>(d * g * sig);
-    }
-}
-
-template <typename T>
-void swiglu_forward(T* a, const T* gu, int N, int I, cudaStream_t s) {
-    swiglu_forward_kernel<<<row_grid(N, I), ROW_THREADS, 0, s>>>(a, gu, I);
+void swiglu_forward(T* a, const T* gu, long N, int I, cudaStream_t s) {
+    with_vector_width<16 / sizeof(T)>(vector_width<T>({I}, {a, gu}), [&](auto P) {
+        const int rows = swiglu_rows_per_block(I / P());
+        swiglu_forward_kernel<T, P()><<<ceil_div(N, rows), SWIGLU_THREADS, 0, s>>>(a, gu, N, I, rows);
+    });
     CUDA_CHECK_LAUNCH();
 }
 
 template <typename T>
-void swiglu_backward(T* dgu, const T* da, const T* gu, int N, int I, cudaStream_t s) {
-    swiglu_backward_kernel<<<row_grid(N, I), ROW_THREADS, 0, s>>>(dgu, da, gu, I);
+void swiglu_backward(T* dgu, const T* da, const T* gu, long N, int I, cudaStream_t s) {
+    with_vector_width<16 / sizeof(T)>(vector_width<T>({I}, {dgu, da, gu}), [&](auto P) {
+        const int rows = swiglu_rows_per_block(I / P());
+        swiglu_backward_kernel<T, P()><<<ceil_div(N, rows), SWIGLU_THREADS, 0, s>>>(dgu, da, gu, N, I, rows);
+    });
     CUDA_CHECK_LAUNCH();
 }
 
@@ -368,7 +541,7 @@ template <typename T>
 void adamw_update(float* master, T* weights, bf16* m, bf16* v, const float* grad, const float* grad_norm, long n,
                   long n_decay, const AdamW& opt, float max_grad_norm, int step, uint64_t seed, cudaStream_t s,
                   const int* skip = nullptr) {
-    adamw_kernel<<<ceil_div(n, 256 * ADAMW_ITEMS), 256, 0, s>>>(master, weights, m, v, grad, grad_norm, n, n_decay,
-                                                                opt, max_grad_norm, step, seed, skip);
+    adamw_kernel<<<ceil_div(n, 256 * ADAMW_ITEMS), 256, 0, s>>>(master, weights, m, v, grad, grad_norm, n, n_decay, opt,
+                                                                max_grad_norm, step, seed, skip);
     CUDA_CHECK_LAUNCH();
 }

@@ -87,10 +87,14 @@ struct NormShape {
     int N, D, stride;
 };
 
-// Rows wider than a warp's 32 lanes; and MLA's kv_a case, the first D columns of wider rows, over more rows than one
-// block of the backward kernel takes (partial_rows_per_block), so that the weight gradient adds partial sums; and
-// enough rows that a block's warps take more than one each.
-const NormShape norm_shapes[] = {{13, 48, 48}, {130, 16, 20}, {5000, 24, 24}};
+// The kernels load 16 bytes a lane where D, the stride and the pointers allow it, and fewer otherwise. Rows wider
+// than a warp's 32 lanes; MLA's kv_a case, the first D columns of wider rows (8-byte loads in BF16), over more rows
+// than one block of the backward kernel takes (partial_rows_per_block), so that the weight gradient adds partial
+// sums; enough rows that a block's warps take more than one each; the model's width, which leaves half of the lanes a
+// chunk short in BF16; kv_a's shape at 16 bytes; a stride of 22 (two values a load) and an odd D (one); rows wider
+// than the registers' segment (ROW_SEGMENT columns), at 16 bytes and at one value a load.
+const NormShape norm_shapes[] = {{13, 48, 48}, {130, 16, 20}, {5000, 24, 24},  {300, 384, 384}, {64, 128, 160},
+                                 {40, 20, 22}, {17, 13, 13},  {6, 1280, 1288}, {9, 1100, 1101}};
 constexpr double norm_eps = 1e-6;
 
 // The moments must equal the reference's stochastically rounded values, except where host and device FP32 values
@@ -110,6 +114,24 @@ void check_moments(const std::vector<float>& got, const std::vector<float>& want
 }
 
 std::vector<float> zeros(size_t n) { return std::vector<float>(n, 0.0f); }
+
+// SwiGLU over N rows of width I, every array starting offset elements into its buffer.
+struct SwigluShape {
+    int N, I, offset;
+};
+
+// The kernels move 16 bytes a thread where I and the pointers allow it, and fewer otherwise. A block of several rows
+// (16 bytes); the routed experts' width over blocks of 16 (BF16) or 8 (FP32) rows, the last one short; an odd width
+// (one value a thread); widths a multiple of 4 and of 2 only (8 and 4 bytes in BF16); rows wider than a block's
+// chunks, at 16 bytes and at one value a thread; and the routed experts' width at pointers one element off (one value
+// a thread).
+const SwigluShape swiglu_shapes[] = {{26, 40, 0}, {300, 256, 0}, {33, 37, 0}, {21, 12, 0},
+                                     {7, 6, 0},   {3, 4104, 0},  {5, 601, 0}, {40, 256, 1}};
+
+// The elements of x from offset on.
+std::vector<float> after(const std::vector<float>& x, int offset) {
+    return std::vector<float>(x.begin() + offset, x.end());
+}
 
 // Finite differences through a reference with float inputs: x + h is rounded to float, so h must be large (1e-3),
 // and the result is good to about 1e-4.
@@ -238,17 +260,25 @@ TEST_SUITE("gpu") {
             }
     }
 
-    TEST_CASE_TEMPLATE("swiglu: forward and backward", T, float, bf16) {
-        const int N = 26, I = 40;
+    TEST_CASE_TEMPLATE("swiglu: forward and backward, at every access width", T, float, bf16) {
         Rng rng(7);
-        // Gates over [-6, 6] reach both tails of the sigmoid.
-        ref::Tensor<T> gu = ref::input<T>(rng, size_t(N) * 2 * I, -6.0, 6.0), da = ref::input<T>(rng, size_t(N) * I);
-        ref::Tensor<T> a = ref::output<T>(rng, size_t(N) * I, false);
-        ref::Tensor<T> dgu = ref::output<T>(rng, size_t(N) * 2 * I, false);
-        swiglu_forward(a.data(), gu.data(), N, I, stream);
-        swiglu_backward(dgu.data(), da.data(), gu.data(), N, I, stream);
-        CHECK_CLOSE(ref::download(a.device), ref::swiglu_forward(gu.host, N, I), ref::tolerance<T>());
-        CHECK_CLOSE(ref::download(dgu.device), ref::swiglu_backward(gu.host, da.host, N, I), ref::tolerance<T>());
+        for (SwigluShape s : swiglu_shapes) {
+            CAPTURE(s.N);
+            CAPTURE(s.I);
+            CAPTURE(s.offset);
+            // Gates over [-6, 6] reach both tails of the sigmoid.
+            ref::Tensor<T> gu = ref::input<T>(rng, s.offset + size_t(s.N) * 2 * s.I, -6.0, 6.0);
+            ref::Tensor<T> da = ref::input<T>(rng, s.offset + size_t(s.N) * s.I);
+            ref::Tensor<T> a = ref::output<T>(rng, s.offset + size_t(s.N) * s.I, false);
+            ref::Tensor<T> dgu = ref::output<T>(rng, s.offset + size_t(s.N) * 2 * s.I, false);
+            swiglu_forward(a.data() + s.offset, gu.data() + s.offset, s.N, s.I, stream);
+            swiglu_backward(dgu.data() + s.offset, da.data() + s.offset, gu.data() + s.offset, s.N, s.I, stream);
+            std::vector<float> gu_host = after(gu.host, s.offset), da_host = after(da.host, s.offset);
+            CHECK_CLOSE(after(ref::download(a.device), s.offset), ref::swiglu_forward(gu_host, s.N, s.I),
+                        ref::tolerance<T>());
+            CHECK_CLOSE(after(ref::download(dgu.device), s.offset), ref::swiglu_backward(gu_host, da_host, s.N, s.I),
+                        ref::tolerance<T>());
+        }
     }
 
     TEST_CASE_TEMPLATE("cross_entropy: loss and gradient; ignored targets give zeros; gradient rows sum to zero", T,
