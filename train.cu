@@ -561,10 +561,7 @@ int main(int argc, char** argv) {
         std::printf("%s", Options::usage().c_str());
         return 0;
     }
-    if (!gpu_available()) {
-        std::fprintf(stderr, "error: no usable CUDA GPU found (cudaGetDeviceCount failed or found none)\n");
-        return 1;
-    }
+    if (!require_gpu()) return 1;
     try {
         return o.precision == "fp32" ? run_stage<float>(o) : run_stage<bf16>(o);
     } catch (const std::exception& e) {

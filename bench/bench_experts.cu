@@ -125,10 +125,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "error: %s\nflags:\n%s", e.what(), flags.help().c_str());
         return 2;
     }
-    if (!gpu_available()) {
-        std::fprintf(stderr, "error: no usable CUDA GPU found\n");
-        return 1;
-    }
+    if (!require_gpu()) return 1;
     const std::vector<int> rows = expert_rows(tokens, top_k, E, skew);
     long total = 0;
     std::printf("rows per expert (padded to 128):");

@@ -120,10 +120,7 @@ void accumulation(Blas& blas, int K) {
 }  // namespace
 
 int main() {
-    if (!gpu_available()) {
-        std::fprintf(stderr, "error: no usable CUDA GPU found\n");
-        return 1;
-    }
+    if (!require_gpu()) return 1;
     Blas blas;
     const int tokens = 64 * 512;
     std::printf("TFLOP/s (n/a: no algorithm for the shape)\n\n");

@@ -32,10 +32,7 @@ void run(int P, int N) {
 int main(int argc, char** argv) {
     int P = argc > 1 ? std::stoi(argv[1]) : 256, N = argc > 2 ? std::stoi(argv[2]) : 256;
     std::string precision = argc > 3 ? argv[3] : "bf16";
-    if (!gpu_available()) {
-        std::fprintf(stderr, "error: no usable CUDA GPU found\n");
-        return 1;
-    }
+    if (!require_gpu()) return 1;
     std::printf("%8s %8s %12s %14s %14s\n", "prompts", "new", "generated", "tokens/s", "ms/step");
     if (precision == "fp32")
         run<float>(P, N);

@@ -75,10 +75,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "error: %s\nflags:\n%s", e.what(), flags.help().c_str());
         return 2;
     }
-    if (!gpu_available()) {
-        std::fprintf(stderr, "error: no usable CUDA GPU found\n");
-        return 1;
-    }
+    if (!require_gpu()) return 1;
     try {
         Config c = o.config.empty() ? Config() : load_config(o.config);
         if (o.precision == "fp32")

@@ -54,15 +54,17 @@ HD void rope_rotate(float& x0, float& x1, int pos, int i, int d_rope, float thet
 constexpr int MLA_TOKENS = 8, MLA_THREADS = 256;
 
 // Item i of a block's tokens, with per_head chunks of P values per (token, head): its token n (position t), head h,
-// first column c of the chunk, and the row of (sequence, head, position) in the head layout.
+// first column c of the chunk, the (token, head) pair's index in the token layout, and the row of (sequence, head,
+// position) in the head layout.
 struct MlaItem {
     int n, t, h, c, slot;  // slot: the token's place among the block's tokens
-    long row;
+    long token_head, row;
 };
 __device__ __forceinline__ MlaItem mla_item(int i, int per_head, int P, const MlaDims& m) {
     MlaItem it;
     it.slot = i / (m.H * per_head), it.n = blockIdx.x * MLA_TOKENS + it.slot;
     it.h = i / per_head % m.H, it.c = i % per_head * P, it.t = it.n % m.T;
+    it.token_head = long(it.n) * m.H + it.h;
     it.row = (long(it.n / m.T) * m.H + it.h) * m.T + it.t;
     return it;
 }
@@ -110,8 +112,8 @@ __global__ void __launch_bounds__(MLA_THREADS)
         const MlaItem it = mla_item(i, per_head, P, m);
         if (it.n >= m.N()) return;
         const float2* token_cs = cs + it.slot * (m.d_rope / 2);
-        const T* qh = q + (long(it.n) * m.H + it.h) * d_qk;
-        const T* kvh = kvb + (long(it.n) * m.H + it.h) * (m.d_nope + m.d_v);
+        const T* qh = q + it.token_head * d_qk;
+        const T* kvh = kvb + it.token_head * (m.d_nope + m.d_v);
         int c = it.c;
         float x[P];
         if (c < d_qk) {
@@ -143,8 +145,8 @@ __global__ void __launch_bounds__(MLA_THREADS)
         const MlaItem it = mla_item(i, per_head, P, m);
         if (it.n >= m.N()) return;
         const float2* token_cs = cs + it.slot * (m.d_rope / 2);
-        T* dqh = dq + (long(it.n) * m.H + it.h) * d_qk;
-        T* dkvh = dkvb + (long(it.n) * m.H + it.h) * (m.d_nope + m.d_v);
+        T* dqh = dq + it.token_head * d_qk;
+        T* dkvh = dkvb + it.token_head * (m.d_nope + m.d_v);
         int c = it.c;
         float x[P];
         if (c < d_qk) {
@@ -172,7 +174,7 @@ __global__ void __launch_bounds__(MLA_THREADS)
     for (int i = threadIdx.x; i < MLA_TOKENS * m.H * per_head; i += blockDim.x) {
         const MlaItem it = mla_item(i, per_head, P, m);
         if (it.n >= m.N()) return;
-        const long token_at = (long(it.n) * m.H + it.h) * m.d_v + it.c, head_at = it.row * m.d_v + it.c;
+        const long token_at = it.token_head * m.d_v + it.c, head_at = it.row * m.d_v + it.c;
         float x[P];
         load_chunk(x, src + (to_tokens ? head_at : token_at));
         store_chunk(dst + (to_tokens ? token_at : head_at), x);

@@ -57,6 +57,13 @@ inline bool gpu_available() {
     return n > 0;
 }
 
+// For a program that cannot run without a GPU: whether there is one, the error printed where there is none.
+inline bool require_gpu() {
+    if (gpu_available()) return true;
+    std::fprintf(stderr, "error: no usable CUDA GPU found (cudaGetDeviceCount failed or found none)\n");
+    return false;
+}
+
 inline int ceil_div(long a, long b) { return int((a + b - 1) / b); }
 
 // ---------------------------------------------------------------------------------------------------------------
