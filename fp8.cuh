@@ -40,9 +40,14 @@ __host__ __device__ inline float tile_scale(float amax) {
     return amax > 0.0f ? fmaxf(amax / E4M3_MAX, FLT_MIN) : 1.0f;
 }
 
-// E4M3 of x / scale, rounded to nearest even and saturated at +-448, as x times the tile's 1 / scale: one
-// division per tile instead of one per element.
-__host__ __device__ inline fp8 quantize(float x, float inverse_scale) { return fp8(x * inverse_scale); }
+// E4M3 of x / scale, rounded to nearest even and saturated at +-448, is taken as x times the tile's 1 / scale: one
+// division per tile instead of one per element. Four such products go into one word, the first in the low byte, by
+// two conversions of a pair each (sm_89's cvt.rn.satfinite.e4m3x2).
+__device__ __forceinline__ uint32_t e4m3x4(float a, float b, float c, float d) {
+    const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+    const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(c, d), __NV_SATFINITE, __NV_E4M3);
+    return lo | hi << 16;
+}
 
 __host__ __device__ inline int scale_tiles(int n) { return (n + N_C - 1) / N_C; }
 
@@ -50,7 +55,9 @@ __host__ __device__ inline int scale_tiles(int n) { return (n + N_C - 1) / N_C; 
 __host__ __device__ inline int block_scale_stride(int cols) { return (scale_tiles(cols) + 3) / 4 * 4; }
 
 // Scale slots of a weight [rows, cols] in 128x128 blocks.
-__host__ __device__ inline long block_scale_count(int rows, int cols) { return long(scale_tiles(rows)) * block_scale_stride(cols); }
+__host__ __device__ inline long block_scale_count(int rows, int cols) {
+    return long(scale_tiles(rows)) * block_scale_stride(cols);
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // A 128x128 tile in registers: the shape every quantizer works on
@@ -82,19 +89,27 @@ __device__ void load4(float (&v)[4], const T* p, int valid, bool vector) {
     for (int j = 0; j < 4; j++) v[j] = j < valid ? to_float(p[j]) : 0.0f;
 }
 
-// q[0..valid-1] to p, as one 4-byte store where all four go and p is aligned.
-__device__ inline void store4(fp8* p, const fp8 (&q)[4], int valid, bool vector) {
+// The first `valid` bytes of the word to p, as one 4-byte store where all four go and p is aligned.
+__device__ inline void store4(fp8* p, uint32_t word, int valid, bool vector) {
     if (valid == 4 && vector) {
-        *reinterpret_cast<uint32_t*>(p) = q[0].__x | q[1].__x << 8 | q[2].__x << 16 | uint32_t(q[3].__x) << 24;
+        *reinterpret_cast<uint32_t*>(p) = word;
         return;
     }
-    for (int j = 0; j < valid; j++) p[j] = q[j];
+    for (int j = 0; j < valid; j++) reinterpret_cast<uint8_t*>(p)[j] = uint8_t(word >> 8 * j);
 }
 
-// This thread's part of the tile at (r0, c0) of x [R, C]; false if it holds a NaN or Inf. Inside the matrix the
-// loads have no branch between them, so that all 16 are in flight at once: one memory latency per tile, not 16.
+// max(a, |x|), and NaN where either is NaN (PTX max.NaN, sm_80): a tile's amax taken this way also says whether the
+// tile holds a NaN or an Inf, without a test per value.
+__device__ __forceinline__ float amax_nan(float a, float x) {
+    float m;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(m) : "f"(a), "f"(fabsf(x)));
+    return m;
+}
+
+// This thread's part of the tile at (r0, c0) of x [R, C]. Inside the matrix the loads have no branch between them,
+// so that all 16 are in flight at once: one memory latency per tile, not 16.
 template <typename T>
-__device__ bool load_tile(float (&v)[TILE_ROWS][4], const T* x, int R, int C, int r0, int c0, bool vector) {
+__device__ void load_tile(float (&v)[TILE_ROWS][4], const T* x, int R, int C, int r0, int c0, bool vector) {
     const int c = c0 + 4 * (threadIdx.x % 32);
     const int r = r0 + threadIdx.x / 32;
     if (vector && r0 + N_C <= R && c0 + N_C <= C) {
@@ -107,53 +122,66 @@ __device__ bool load_tile(float (&v)[TILE_ROWS][4], const T* x, int R, int C, in
             load4(v[i], x + long(min(ri, R - 1)) * C + c, ri < R ? min(4, max(0, C - c)) : 0, vector);
         }
     }
-    bool finite = true;
-#pragma unroll
-    for (int i = 0; i < TILE_ROWS; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++) finite &= isfinite(v[i][j]);
-    return finite;
 }
 
 // The tile quantized to q [R, C], this thread's row i by the inverse scale row_inverse(i).
 template <typename RowInverse>
-__device__ void store_tile(fp8* q, const float (&v)[TILE_ROWS][4], RowInverse row_inverse, int R, int C, int r0,
-                           int c0, bool vector) {
+__device__ void store_tile(fp8* q, const float (&v)[TILE_ROWS][4], RowInverse row_inverse, int R, int C, int r0, int c0,
+                           bool vector) {
     const int c = c0 + 4 * (threadIdx.x % 32);
 #pragma unroll
     for (int i = 0; i < TILE_ROWS; i++) {
         const int r = r0 + threadIdx.x / 32 + TILE_WARPS * i;
         if (r >= R) break;
-        fp8 out[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) out[j] = quantize(v[i][j], row_inverse(i));
-        store4(q + long(r) * C + c, out, min(4, max(0, C - c)), vector);
+        const float inverse = row_inverse(i);
+        store4(q + long(r) * C + c, e4m3x4(v[i][0] * inverse, v[i][1] * inverse, v[i][2] * inverse, v[i][3] * inverse),
+               min(4, max(0, C - c)), vector);
     }
 }
 
+// A 4x4 block of bytes, transposed: w[m] holds row m (byte j: column j) and becomes column m (byte j: row j).
+__device__ __forceinline__ void transpose_bytes(uint32_t (&w)[4]) {
+    const uint32_t lo01 = __byte_perm(w[0], w[1], 0x5140), lo23 = __byte_perm(w[2], w[3], 0x5140);
+    const uint32_t hi01 = __byte_perm(w[0], w[1], 0x7362), hi23 = __byte_perm(w[2], w[3], 0x7362);
+    w[0] = __byte_perm(lo01, lo23, 0x5410), w[1] = __byte_perm(lo01, lo23, 0x7632);
+    w[2] = __byte_perm(hi01, hi23, 0x5410), w[3] = __byte_perm(hi01, hi23, 0x7632);
+}
+
 // The tile's transpose quantized to qT [C, R], this thread's column j by the inverse scale column_inverse(j). The
-// tile goes through shared memory so that a warp writes rows of qT; the staging rows are 129 bytes apart, so that
-// lanes writing one column each land in different banks.
+// quantized tile is staged in shared memory as it stands (a thread's four columns of a row are one word), then read
+// back in 4x4 blocks of bytes that transpose_bytes turns in registers: every shared-memory access and every store
+// is a whole word. The staging rows are 33 words apart, and a warp takes the blocks of 8 row groups x 4 column
+// groups, so that the words a warp writes or reads lie in 32 different banks.
+constexpr int STAGED_WORDS = N_C / 4 + 1;
+
 template <typename ColumnInverse>
-__device__ void store_tile_transposed(fp8* qT, fp8 (*staged)[N_C + 1], const float (&v)[TILE_ROWS][4],
+__device__ void store_tile_transposed(fp8* qT, uint32_t (*staged)[STAGED_WORDS], const float (&v)[TILE_ROWS][4],
                                       ColumnInverse column_inverse, int R, int C, int r0, int c0, bool vector) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float inverse[4];
 #pragma unroll
-    for (int j = 0; j < 4; j++) {
-        const float inverse = column_inverse(j);
+    for (int j = 0; j < 4; j++) inverse[j] = column_inverse(j);
 #pragma unroll
-        for (int i = 0; i < TILE_ROWS; i++) staged[4 * lane + j][warp + TILE_WARPS * i] = quantize(v[i][j], inverse);
-    }
+    for (int i = 0; i < TILE_ROWS; i++)
+        staged[warp + TILE_WARPS * i][lane] =
+            e4m3x4(v[i][0] * inverse[0], v[i][1] * inverse[1], v[i][2] * inverse[2], v[i][3] * inverse[3]);
     __syncthreads();
-    const int r = r0 + 4 * lane;
+    constexpr int BLOCKS = (N_C / 4) * (N_C / 4) / TILE_THREADS;  // 4x4 blocks a thread
 #pragma unroll
-    for (int i = 0; i < TILE_ROWS; i++) {
-        const int c = warp + TILE_WARPS * i;
-        if (c0 + c >= C) break;
-        fp8 out[4];
+    for (int k = 0; k < BLOCKS; k++) {
+        const int warp_blocks = warp + TILE_WARPS * k;  // one of the 32 groups of 8 x 4 blocks
+        const int a = warp_blocks % 4 * 8 + lane / 4;   // rows 4a .. 4a + 3 of the tile
+        const int b = warp_blocks / 4 * 4 + lane % 4;   // columns 4b .. 4b + 3
+        uint32_t w[4];
 #pragma unroll
-        for (int j = 0; j < 4; j++) out[j] = staged[c][4 * lane + j];
-        store4(qT + long(c0 + c) * R + r, out, min(4, max(0, R - r)), vector);
+        for (int m = 0; m < 4; m++) w[m] = staged[4 * a + m][b];
+        transpose_bytes(w);
+        const int r = r0 + 4 * a;
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            const int c = c0 + 4 * b + m;
+            if (c < C) store4(qT + long(c) * R + r, w[m], min(4, max(0, R - r)), vector);
+        }
     }
 }
 
@@ -178,7 +206,7 @@ __global__ void __launch_bounds__(TILE_THREADS)
                                         bool vector_columns) {
     __shared__ float column_amax[TILE_WARPS][N_C];
     __shared__ float column_inverse[N_C];
-    __shared__ fp8 staged[N_C][N_C + 1];
+    __shared__ uint32_t staged[N_C][STAGED_WORDS];
     int r0 = blockIdx.y * N_C;
     if (group_offsets) {
         int g = 0;
@@ -190,24 +218,30 @@ __global__ void __launch_bounds__(TILE_THREADS)
     }
     const int c0 = blockIdx.x * N_C, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float v[TILE_ROWS][4];
-    if (__syncthreads_or(!load_tile(v, x, R, C, r0, c0, vector_rows)) && threadIdx.x == 0) *nonfinite = 1;
+    load_tile(v, x, R, C, r0, c0, vector_rows);
 
-    float row_inverse[TILE_ROWS];
+    // The warp's rows' amaxes; lane i < TILE_ROWS turns row i's into its scale, so that the warp divides once, not
+    // once per row, and store_tile takes row i's inverse from lane i.
+    bool finite = true;
+    float lane_amax = 0.0f;
 #pragma unroll
     for (int i = 0; i < TILE_ROWS; i++) {
         float amax = 0.0f;
-        for (int j = 0; j < 4; j++) amax = fmaxf(amax, fabsf(v[i][j]));
-        const float scale = tile_scale(warp_max(amax));
-        row_inverse[i] = 1.0f / scale;
-        const int r = r0 + warp + TILE_WARPS * i;
-        if (lane == 0 && r < R) scales[long(blockIdx.x) * R + r] = scale;
+#pragma unroll
+        for (int j = 0; j < 4; j++) amax = amax_nan(amax, v[i][j]);
+        finite &= isfinite(amax);
+        amax = warp_max(amax);
+        if (lane % TILE_ROWS == i) lane_amax = amax;
     }
+    const float lane_scale = tile_scale(lane_amax), lane_inverse = 1.0f / lane_scale;
+    const int lane_row = r0 + warp + TILE_WARPS * lane;
+    if (lane < TILE_ROWS && lane_row < R) scales[long(blockIdx.x) * R + lane_row] = lane_scale;
     for (int j = 0; j < 4; j++) {
         float amax = 0.0f;
         for (int i = 0; i < TILE_ROWS; i++) amax = fmaxf(amax, fabsf(v[i][j]));
         column_amax[warp][4 * lane + j] = amax;
     }
-    __syncthreads();
+    if (__syncthreads_or(!finite) && threadIdx.x == 0) *nonfinite = 1;
     if (threadIdx.x < N_C) {
         float amax = 0.0f;
         for (int w = 0; w < TILE_WARPS; w++) amax = fmaxf(amax, column_amax[w][threadIdx.x]);
@@ -217,7 +251,7 @@ __global__ void __launch_bounds__(TILE_THREADS)
     }
     __syncthreads();
 
-    store_tile(q, v, [&](int i) { return row_inverse[i]; }, R, C, r0, c0, vector_rows);
+    store_tile(q, v, [&](int i) { return __shfl_sync(0xFFFFFFFFu, lane_inverse, i); }, R, C, r0, c0, vector_rows);
     store_tile_transposed(qT, staged, v, [&](int j) { return column_inverse[4 * lane + j]; }, R, C, r0, c0,
                           vector_columns);
 }
@@ -247,19 +281,20 @@ static __global__ void __launch_bounds__(TILE_THREADS)
     quantize_weight_kernel(fp8* q, fp8* qT, float* scales, float* scalesT, int* nonfinite, const float* W, int N,
                            int K, bool vector_rows, bool vector_columns) {
     __shared__ float warp_amax[TILE_WARPS];
-    __shared__ fp8 staged[N_C][N_C + 1];
+    __shared__ uint32_t staged[N_C][STAGED_WORDS];
     const long group = blockIdx.z;
     W += group * N * K, q += group * N * K, qT += group * N * K;
     scales += group * block_scale_count(N, K), scalesT += group * block_scale_count(K, N);
     const int nb = blockIdx.y, kb = blockIdx.x, n0 = nb * N_C, k0 = kb * N_C;
     float v[TILE_ROWS][4];
-    if (__syncthreads_or(!load_tile(v, W, N, K, n0, k0, vector_rows)) && threadIdx.x == 0) *nonfinite = 1;
+    load_tile(v, W, N, K, n0, k0, vector_rows);
     float amax = 0.0f;
     for (int i = 0; i < TILE_ROWS; i++)
-        for (int j = 0; j < 4; j++) amax = fmaxf(amax, fabsf(v[i][j]));
+        for (int j = 0; j < 4; j++) amax = amax_nan(amax, v[i][j]);
+    const bool finite = isfinite(amax);
     amax = warp_max(amax);
     if (threadIdx.x % 32 == 0) warp_amax[threadIdx.x / 32] = amax;
-    __syncthreads();
+    if (__syncthreads_or(!finite) && threadIdx.x == 0) *nonfinite = 1;
     float block_amax = 0.0f;
     for (int w = 0; w < TILE_WARPS; w++) block_amax = fmaxf(block_amax, warp_amax[w]);
     const float scale = tile_scale(block_amax);
@@ -505,7 +540,7 @@ __device__ __forceinline__ uint64_t smem_descriptor(const void* p) {
 // from zero: the tensor cores' fresh partial sum of a K-block.
 __device__ __forceinline__ void wgmma_e4m3_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
                                                       bool accumulate) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile(
         "{\n"
         ".reg .pred p;\n"
@@ -539,6 +574,7 @@ template <typename OutT, BScales b_scales, bool promote>
 __global__ void __launch_bounds__(256, 1)
     fp8_gemm_wgmma_kernel(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const float* scale_b, int M, int N,
                           int K, bool accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma, and the async proxy's fence, exist on sm_90a alone
     extern __shared__ __align__(1024) uint8_t wgmma_smem[];  // the swizzle's 1024-byte alignment
     WgmmaStage* stages = reinterpret_cast<WgmmaStage*>(wgmma_smem);
     const int m0 = blockIdx.y * GEMM_TILE, n0 = blockIdx.x * GEMM_TILE;
@@ -583,6 +619,9 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
     for (int i = 0; i < 64; i++)
         store_output(C, m0 + row0 + i % 4 / 2 * 8, n0 + i / 4 * 8 + col0 + i % 2, acc[i], M, N, accumulate);
+#else
+    __trap();  // default_fp8_mma picks this kernel only where it was built for sm_90a
+#endif
 }
 
 static __global__ void has_wgmma_kernel(int* out) {
@@ -722,7 +761,9 @@ struct Fp8Weight {
 inline long fp8_operand_scales(int rows, int cols) {
     return std::max(long(scale_tiles(cols)) * rows, long(scale_tiles(rows)) * cols);
 }
-inline Fp8Tensor fp8_operand(int rows, int cols) { return Fp8Tensor(long(rows) * cols, fp8_operand_scales(rows, cols)); }
+inline Fp8Tensor fp8_operand(int rows, int cols) {
+    return Fp8Tensor(long(rows) * cols, fp8_operand_scales(rows, cols));
+}
 
 // The rows of a Linear's input, in groups: group g, rows [offsets[g], offsets[g + 1]), meets weight g (the routed
 // experts: group g is the tokens routed to expert g). With more than one group, every group's size is a multiple of
