@@ -11,7 +11,10 @@ TEST_SRCS = $(wildcard tests/*.cu)
 TEST_OBJS = $(patsubst tests/%.cu,$(BUILD)/tests/%.o,$(TEST_SRCS))
 
 # The main job: R1's pipeline in miniature. Override a stage's settings on the command line, e.g.
-# make train PRETRAIN_ARGS="--steps 500".
+# make train PRETRAIN_ARGS="--steps 500". Another seed, in a folder of its own: make train SEED=1 RUNS=runs/seed1
+# (the final table samples every seed's models on the same held-out problems).
+SEED ?= 1234
+RUNS ?= runs
 PRETRAIN_ARGS ?=
 SFT_ARGS ?= --steps 300 --batch 64 --seq 320 --lr 5e-4 --warmup 20 --samples 0
 # GRPO on countdown at difficulty 2, one policy update per batch of samples; a quarter of the prompts come from
@@ -26,8 +29,8 @@ R1_ARGS ?= --steps 400 --w-language 0.2
 BASELINE_ARGS ?= --batch 64 --seq 320 --lr 1e-4 --warmup 0 --min-lr-frac 1 --task countdown --difficulty 2 \
 	--replay 0.25 --sft-examples 200000 --samples 0
 # The columns of the final table: the base model (answering directly too, and prompted as R1-Zero is), then the rest.
-BASE = runs/pretrain/checkpoint
-EVAL_MODELS = $(BASE),$(BASE):direct,$(BASE):r1zero,runs/r1zero/checkpoint,runs/sft/checkpoint,runs/sft_more/checkpoint,runs/r1/checkpoint
+BASE = $(RUNS)/pretrain/checkpoint
+EVAL_MODELS = $(BASE),$(BASE):direct,$(BASE):r1zero,$(RUNS)/r1zero/checkpoint,$(RUNS)/sft/checkpoint,$(RUNS)/sft_more/checkpoint,$(RUNS)/r1/checkpoint
 PYTHON ?= python3
 
 .PHONY: all test train demo bench clean
@@ -57,16 +60,17 @@ test: $(BUILD)/run_tests
 	./$(BUILD)/run_tests
 
 # pretrain (the base model) -> r1zero (GRPO on the base) and sft (cold start) -> grpo (R1), the supervised
-# baseline, then one table of every model on the same held-out problems (runs/eval/eval.md); the RL curves go to
-# runs/rl_curves.png where matplotlib is installed.
+# baseline, then one table of every model on the same held-out problems (RUNS/eval/eval.md); the RL curves go to
+# RUNS/rl_curves.png where matplotlib is installed.
 train: $(BUILD)/train
-	./$(BUILD)/train pretrain --out runs/pretrain $(PRETRAIN_ARGS)
-	./$(BUILD)/train r1zero --init runs/pretrain/checkpoint --out runs/r1zero $(RL_ARGS) $(R1ZERO_ARGS)
-	./$(BUILD)/train sft --init runs/pretrain/checkpoint --out runs/sft $(SFT_ARGS)
-	./$(BUILD)/train grpo --init runs/sft/checkpoint --out runs/r1 $(RL_ARGS) $(R1_ARGS)
-	./$(BUILD)/train sft --init runs/sft/checkpoint --out runs/sft_more --same-flops-as runs/r1 $(BASELINE_ARGS)
-	./$(BUILD)/train eval --init $(EVAL_MODELS) --out runs/eval
-	-$(PYTHON) tools/plots.py runs
+	./$(BUILD)/train pretrain --out $(RUNS)/pretrain --seed $(SEED) $(PRETRAIN_ARGS)
+	./$(BUILD)/train r1zero --init $(BASE) --out $(RUNS)/r1zero --seed $(SEED) $(RL_ARGS) $(R1ZERO_ARGS)
+	./$(BUILD)/train sft --init $(BASE) --out $(RUNS)/sft --seed $(SEED) $(SFT_ARGS)
+	./$(BUILD)/train grpo --init $(RUNS)/sft/checkpoint --out $(RUNS)/r1 --seed $(SEED) $(RL_ARGS) $(R1_ARGS)
+	./$(BUILD)/train sft --init $(RUNS)/sft/checkpoint --out $(RUNS)/sft_more --same-flops-as $(RUNS)/r1 \
+		--seed $(SEED) $(BASELINE_ARGS)
+	./$(BUILD)/train eval --init $(EVAL_MODELS) --out $(RUNS)/eval
+	-$(PYTHON) tools/plots.py $(RUNS)
 
 # The interactive demo on the model that `make train` leaves; DEMO_CHECKPOINT picks another.
 DEMO_CHECKPOINT ?= runs/r1/checkpoint
