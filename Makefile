@@ -30,7 +30,9 @@ BASELINE_ARGS ?= --batch 64 --seq 320 --lr 1e-4 --warmup 0 --min-lr-frac 1 --tas
 	--replay 0.25 --sft-examples 200000 --samples 0
 # The columns of the final table: the base model (answering directly too, and prompted as R1-Zero is), then the rest.
 BASE = $(RUNS)/pretrain/checkpoint
-EVAL_MODELS = $(BASE),$(BASE):direct,$(BASE):r1zero,$(RUNS)/r1zero/checkpoint,$(RUNS)/sft/checkpoint,$(RUNS)/sft_more/checkpoint,$(RUNS)/r1/checkpoint
+EVAL_BASE = $(BASE),$(BASE):direct,$(BASE):r1zero
+EVAL_TRAINED = $(RUNS)/r1zero/checkpoint,$(RUNS)/sft/checkpoint,$(RUNS)/sft_more/checkpoint,$(RUNS)/r1/checkpoint
+EVAL_MODELS = $(EVAL_BASE),$(EVAL_TRAINED)
 PYTHON ?= python3
 
 .PHONY: all test train demo bench clean
@@ -73,7 +75,7 @@ train: $(BUILD)/train
 	-$(PYTHON) tools/plots.py $(RUNS)
 
 # The interactive demo on the model that `make train` leaves; DEMO_CHECKPOINT picks another.
-DEMO_CHECKPOINT ?= runs/r1/checkpoint
+DEMO_CHECKPOINT ?= $(RUNS)/r1/checkpoint
 demo: $(BUILD)/train
 	./$(BUILD)/train chat --init $(DEMO_CHECKPOINT)
 

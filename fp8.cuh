@@ -107,7 +107,7 @@ __device__ __forceinline__ float amax_nan(float a, float x) {
 }
 
 // This thread's part of the tile at (r0, c0) of x [R, C]. Inside the matrix the loads have no branch between them,
-// so that all 16 are in flight at once: one memory latency per tile, not 16.
+// so that all 8 are in flight at once: one memory latency per tile, not 8.
 template <typename T>
 __device__ void load_tile(float (&v)[TILE_ROWS][4], const T* x, int R, int C, int r0, int c0, bool vector) {
     const int c = c0 + 4 * (threadIdx.x % 32);
@@ -149,9 +149,9 @@ __device__ __forceinline__ void transpose_bytes(uint32_t (&w)[4]) {
 
 // The tile's transpose quantized to qT [C, R], this thread's column j by the inverse scale column_inverse(j). The
 // quantized tile is staged in shared memory as it stands (a thread's four columns of a row are one word), then read
-// back in 4x4 blocks of bytes that transpose_bytes turns in registers: every shared-memory access and every store
-// is a whole word. The staging rows are 33 words apart, and a warp takes the blocks of 8 row groups x 4 column
-// groups, so that the words a warp writes or reads lie in 32 different banks.
+// back in 4x4 blocks of bytes that transpose_bytes turns in registers: every shared-memory access, and every store
+// where R and qT's alignment allow, is a whole word. The staging rows are 33 words apart, and a warp takes the blocks
+// of 8 row groups x 4 column groups, so that the words a warp writes or reads lie in 32 different banks.
 constexpr int STAGED_WORDS = N_C / 4 + 1;
 
 template <typename ColumnInverse>
@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(TILE_THREADS)
         for (int j = 0; j < 4; j++) amax = amax_nan(amax, v[i][j]);
         finite &= isfinite(amax);
         amax = warp_max(amax);
-        if (lane % TILE_ROWS == i) lane_amax = amax;
+        if (lane == i) lane_amax = amax;
     }
     const float lane_scale = tile_scale(lane_amax), lane_inverse = 1.0f / lane_scale;
     const int lane_row = r0 + warp + TILE_WARPS * lane;
@@ -562,7 +562,7 @@ __device__ __forceinline__ void wgmma_e4m3_m64n128k32(float (&d)[64], uint64_t d
           "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));
 #else
-    __trap();  // wgmma needs sm_90a
+    __trap();  // a backstop: the one caller, fp8_gemm_wgmma_kernel, is compiled for sm_90a alone
 #endif
 }
 
@@ -574,7 +574,7 @@ template <typename OutT, BScales b_scales, bool promote>
 __global__ void __launch_bounds__(256, 1)
     fp8_gemm_wgmma_kernel(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const float* scale_b, int M, int N,
                           int K, bool accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma, and the async proxy's fence, exist on sm_90a alone
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma exists on sm_90a alone
     extern __shared__ __align__(1024) uint8_t wgmma_smem[];  // the swizzle's 1024-byte alignment
     WgmmaStage* stages = reinterpret_cast<WgmmaStage*>(wgmma_smem);
     const int m0 = blockIdx.y * GEMM_TILE, n0 = blockIdx.x * GEMM_TILE;
@@ -650,6 +650,8 @@ void fp8_gemm(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const f
     if (K <= 0 || K % 16 != 0 || pointer_alignment(A) < 16 || pointer_alignment(B) < 16)
         throw std::invalid_argument("fp8_gemm: K = " + std::to_string(K) +
                                     " must be a positive multiple of 16 and A, B 16-byte aligned");
+    if (mma == Fp8Mma::Wgmma && default_fp8_mma() != Fp8Mma::Wgmma)
+        throw std::invalid_argument("fp8_gemm: wgmma needs a Hopper GPU and a build for sm_90a");
     dim3 grid(ceil_div(N, GEMM_TILE), ceil_div(M, GEMM_TILE));
     if (mma == Fp8Mma::Wgmma) {
         auto kernel =

@@ -3,10 +3,10 @@
     python3 tools/seeds.py RUNS_DIR [RUNS_DIR ...]       (e.g. runs runs/seed1, from make train SEED=1 RUNS=runs/seed1)
 
 Reads RUNS_DIR/eval/eval.md of each run (the accuracy table that `train eval` writes) and prints, for every task,
-difficulty and model, the mean accuracy over the runs and its spread (lowest and highest), then the per-run
-differences that the R1 issue asks about: R1 minus the cold start, and R1 minus the supervised baseline of the same
-compute. Runs are compared like for like only if their tables have the same rows and columns; otherwise it says
-which differ and exits 1.
+difficulty and model, the mean accuracy over the runs and its spread (lowest and highest), then, run by run, what R1
+(DeepSeek-R1 §2.3: GRPO after the cold start) adds: R1 minus the cold start, and R1 minus the supervised baseline
+given the same compute. Runs are compared like for like only if their tables have the same rows and columns in the
+same order; otherwise it names the run that differs and exits 1.
 """
 import os
 import statistics
@@ -26,14 +26,19 @@ def read_accuracy(path):
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[(cells[0], cells[1])] = [float(c.rstrip("%")) for c in cells[2:]]
+        key = (cells[0], cells[1])
+        if len(cells) != len(columns) + 2 or key in rows:
+            raise ValueError(f"{path}: the row {line} has {len(cells) - 2} values for {len(columns)} columns, "
+                             "or repeats an earlier row")
+        try:
+            rows[key] = [float(c.rstrip("%")) for c in cells[2:]]
+        except ValueError:
+            raise ValueError(f"{path}: the row {line} holds a value that is not a percentage")
     return columns, rows
 
 
 def difference(rows, columns, a, b):
-    """Per row, column a minus column b, where both are in the table."""
-    if a not in columns or b not in columns:
-        return None
+    """Per row, column a minus column b."""
     ia, ib = columns.index(a), columns.index(b)
     return {key: values[ia] - values[ib] for key, values in rows.items()}
 
@@ -45,12 +50,16 @@ def main(runs):
         if c != columns or r.keys() != rows.keys():
             print(f"error: {run}'s table has other rows or columns than {runs[0]}'s", file=sys.stderr)
             return 1
+    missing = [c for c in ("r1", "sft", "sft_more") if c not in columns]
+    if missing:
+        print(f"error: the tables lack the column(s) {', '.join(missing)}", file=sys.stderr)
+        return 1
 
     def spread(values):
         mean = statistics.fmean(values)
         return f"{mean:.1f}% ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else f"{mean:.1f}%"
 
-    print(f"Held-out pass@1 over {len(runs)} runs: mean (lowest-highest)\n")
+    print(f"Held-out pass@1 over {len(runs)} run{'s' if len(runs) > 1 else ''}: mean (lowest-highest)\n")
     print("| task | difficulty | " + " | ".join(columns) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in columns) + " |")
     for key in rows:
@@ -62,9 +71,6 @@ def main(runs):
     print("| --- | --- | " + " | ".join("---" for _ in runs) + " | --- |")
     for key in rows:
         pairs = [(difference(t[1], t[0], "r1", "sft"), difference(t[1], t[0], "r1", "sft_more")) for t in tables]
-        if any(p[0] is None or p[1] is None for p in pairs):
-            print("error: the tables need the columns r1, sft and sft_more", file=sys.stderr)
-            return 1
         over_sft = [p[0][key] for p in pairs]
         over_baseline = [p[1][key] for p in pairs]
         cells = [f"{a:+.1f}; {b:+.1f}" for a, b in zip(over_sft, over_baseline)]
@@ -74,9 +80,12 @@ def main(runs):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+    if len(sys.argv) < 2:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    if sys.argv[1] in ("-h", "--help"):
         print(__doc__)
-        sys.exit(0 if len(sys.argv) > 1 else 2)
+        sys.exit(0)
     try:
         sys.exit(main(sys.argv[1:]))
     except (OSError, ValueError) as e:
