@@ -7,7 +7,7 @@
 // The kernels rotate q_rope and k_rope (RoPE, eq. 3 and 8), lay the heads out as batched matrices
 //   Q, K [B*H, T, d_nope + d_rope] (k_rope copied to every head), V [B*H, T, d_v],
 // and compute o = softmax(Q K^T / sqrt(d_nope + d_rope), causal) V with cuBLASLt batched GEMMs, the
-// probabilities P kept for the backward pass.
+// probabilities P kept for the backward pass. T is at most SOFTMAX_MAX_T = 2048: a warp holds a row of scores.
 #pragma once
 
 #include <type_traits>
@@ -199,49 +199,91 @@ __global__ void mla_unpack_krope_kernel(T* dkva, const T* dK, MlaDims m) {
     out[0] = from_float<T>(g0), out[1] = from_float<T>(g1);
 }
 
-// Causal softmax over rows of S [B*H*T, T]: P_ij = exp(scale S_ij) / sum_{k<=i} exp(scale S_ik), 0 for j > i.
-template <typename T>
+// Causal softmax over rows of S [B*H*T, T] and its backward: a warp per row, which it reads once. Lane l holds the
+// row's columns l, l + 32, ... (PER_LANE of them) in registers; those past the causal limit i read as 0.
+constexpr int SOFTMAX_MAX_PER_LANE = 64, SOFTMAX_MAX_T = 32 * SOFTMAX_MAX_PER_LANE;
+
+template <int PER_LANE, typename U>
+__device__ __forceinline__ void load_causal_row(float (&x)[PER_LANE], const U* row, int i, int lane) {
+#pragma unroll
+    for (int k = 0; k < PER_LANE; k++) x[k] = lane + 32 * k <= i ? to_float(row[lane + 32 * k]) : 0.0f;
+}
+
+template <int PER_LANE, typename T>
+__device__ __forceinline__ void store_row(T* row, const float (&x)[PER_LANE], int Tn, int lane) {
+#pragma unroll
+    for (int k = 0; k < PER_LANE; k++)
+        if (lane + 32 * k < Tn) row[lane + 32 * k] = from_float<T>(x[k]);
+}
+
+// P_ij = exp(scale S_ij) / sum_{k<=i} exp(scale S_ik), 0 for j > i.
+template <typename T, int PER_LANE>
 __global__ void causal_softmax_forward_kernel(T* P, const float* S, long rows, int Tn, float scale) {
-    long r = long(blockIdx.x) * WARPS_PER_BLOCK + threadIdx.x / 32;
-    int lane = threadIdx.x % 32;
+    const long r = long(blockIdx.x) * WARPS_PER_BLOCK + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
     if (r >= rows) return;
-    int i = int(r % Tn);
-    const float* s = S + r * Tn;
+    const int i = int(r % Tn);
+    float x[PER_LANE];
+    load_causal_row(x, S + r * Tn, i, lane);
     float mx = -INFINITY;
-    for (int j = lane; j <= i; j += 32) mx = fmaxf(mx, s[j] * scale);
+#pragma unroll
+    for (int k = 0; k < PER_LANE; k++)
+        if (lane + 32 * k <= i) mx = fmaxf(mx, x[k] * scale);
     mx = warp_max(mx);
     float sum = 0.0f;
-    for (int j = lane; j <= i; j += 32) sum += expf(s[j] * scale - mx);
-    float inv = 1.0f / warp_sum(sum);
-    for (int j = lane; j < Tn; j += 32) P[r * Tn + j] = from_float<T>(j <= i ? expf(s[j] * scale - mx) * inv : 0.0f);
+#pragma unroll
+    for (int k = 0; k < PER_LANE; k++) {
+        x[k] = lane + 32 * k <= i ? expf(x[k] * scale - mx) : 0.0f;
+        sum += x[k];
+    }
+    const float inv = 1.0f / warp_sum(sum);
+#pragma unroll
+    for (int k = 0; k < PER_LANE; k++) x[k] *= inv;
+    store_row(P + r * Tn, x, Tn, lane);
 }
 
 // dS_ij = scale P_ij (dP_ij - sum_k P_ik dP_ik): the softmax Jacobian, with the 1/sqrt(d) of the scores folded in.
-template <typename T>
+template <typename T, int PER_LANE>
 __global__ void causal_softmax_backward_kernel(T* dS, const float* dP, const T* P, long rows, int Tn, float scale) {
-    long r = long(blockIdx.x) * WARPS_PER_BLOCK + threadIdx.x / 32;
-    int lane = threadIdx.x % 32;
+    const long r = long(blockIdx.x) * WARPS_PER_BLOCK + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
     if (r >= rows) return;
-    int i = int(r % Tn);
-    const float* dp = dP + r * Tn;
-    const T* p = P + r * Tn;
+    const int i = int(r % Tn);
+    float p[PER_LANE], dp[PER_LANE];
+    load_causal_row(p, P + r * Tn, i, lane);
+    load_causal_row(dp, dP + r * Tn, i, lane);
     float dot = 0.0f;
-    for (int j = lane; j <= i; j += 32) dot += to_float(p[j]) * dp[j];
+#pragma unroll
+    for (int k = 0; k < PER_LANE; k++)
+        if (lane + 32 * k <= i) dot += p[k] * dp[k];
     dot = warp_sum(dot);
-    for (int j = lane; j < Tn; j += 32)
-        dS[r * Tn + j] = from_float<T>(j <= i ? scale * to_float(p[j]) * (dp[j] - dot) : 0.0f);
+#pragma unroll
+    for (int k = 0; k < PER_LANE; k++) p[k] = lane + 32 * k <= i ? scale * p[k] * (dp[k] - dot) : 0.0f;
+    store_row(dS + r * Tn, p, Tn, lane);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------------------------
 
+// Calls launch(std::integral_constant<int, PER_LANE>) for rows of Tn scores.
+template <typename Launch>
+void with_softmax_row(int Tn, Launch launch) {
+    if (Tn > SOFTMAX_MAX_T)
+        throw std::invalid_argument("attention over " + std::to_string(Tn) + " tokens: at most " +
+                                    std::to_string(SOFTMAX_MAX_T) + " (the softmax holds a row in a warp's registers)");
+    int per_lane = 1;
+    while (32 * per_lane < Tn) per_lane *= 2;
+    with_power_of_two<SOFTMAX_MAX_PER_LANE>(per_lane, launch);
+    CUDA_CHECK_LAUNCH();
+}
+
 inline dim3 mla_grid(const MlaDims& m) { return dim3(ceil_div(m.N(), MLA_TOKENS)); }
 
 template <typename T>
 void mla_pack(T* Q, T* K, T* V, const T* q, const T* kva, const T* kvb, const MlaDims& m, cudaStream_t s) {
     const int p = vector_width<T>({m.d_nope, m.d_rope, m.d_v, m.d_c}, {Q, K, V, q, kva, kvb});
-    with_vector_width<16 / sizeof(T)>(p, [&](auto P) {
+    with_power_of_two<16 / sizeof(T)>(p, [&](auto P) {
         mla_pack_kernel<T, P()><<<mla_grid(m), MLA_THREADS, rope_table_bytes(m), s>>>(Q, K, V, q, kva, kvb, m);
     });
     CUDA_CHECK_LAUNCH();
@@ -251,7 +293,7 @@ void mla_pack(T* Q, T* K, T* V, const T* q, const T* kva, const T* kvb, const Ml
 template <typename T>
 void mla_unpack(T* dq, T* dkva, T* dkvb, const T* dQ, const T* dK, const T* dV, const MlaDims& m, cudaStream_t s) {
     const int p = vector_width<T>({m.d_nope, m.d_rope, m.d_v}, {dq, dkvb, dQ, dK, dV});
-    with_vector_width<16 / sizeof(T)>(p, [&](auto P) {
+    with_power_of_two<16 / sizeof(T)>(p, [&](auto P) {
         mla_unpack_qkv_kernel<T, P()><<<mla_grid(m), MLA_THREADS, rope_table_bytes(m), s>>>(dq, dkvb, dQ, dK, dV, m);
     });
     CUDA_CHECK_LAUNCH();
@@ -261,7 +303,7 @@ void mla_unpack(T* dq, T* dkva, T* dkvb, const T* dQ, const T* dK, const T* dV, 
 
 template <typename T>
 void heads_tokens(T* dst, const T* src, const MlaDims& m, bool to_tokens, cudaStream_t s) {
-    with_vector_width<16 / sizeof(T)>(vector_width<T>({m.d_v}, {dst, src}), [&](auto P) {
+    with_power_of_two<16 / sizeof(T)>(vector_width<T>({m.d_v}, {dst, src}), [&](auto P) {
         heads_tokens_kernel<T, P()><<<mla_grid(m), MLA_THREADS, 0, s>>>(dst, src, m, to_tokens);
     });
     CUDA_CHECK_LAUNCH();
@@ -289,9 +331,10 @@ void mla_attention_forward(Blas& blas, cudaStream_t s, const MlaDims& m, T* o, c
     matmul(blas, s, scratch.S, saved.Q, saved.K,
            Matmul{m.T, m.T, m.d_qk(), false, true, 1.0f, 0.0f, int(m.heads()), qk_stride, qk_stride, tt});
     long rows = m.heads() * m.T;
-    causal_softmax_forward_kernel<<<ceil_div(rows, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(
-        saved.P, scratch.S, rows, m.T, m.softmax_scale());
-    CUDA_CHECK_LAUNCH();
+    with_softmax_row(m.T, [&](auto PER_LANE) {
+        causal_softmax_forward_kernel<T, PER_LANE()><<<ceil_div(rows, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(
+            saved.P, scratch.S, rows, m.T, m.softmax_scale());
+    });
     // O = P V
     matmul(blas, s, scratch.O, saved.P, saved.V,
            Matmul{m.T, m.d_v, m.T, false, false, 1.0f, 0.0f, int(m.heads()), tt, v_stride, v_stride});
@@ -313,9 +356,10 @@ void mla_attention_backward(Blas& blas, cudaStream_t s, const MlaDims& m, T* dq,
     matmul(blas, s, scratch.dV, saved.P, dO,
            Matmul{m.T, m.d_v, m.T, true, false, 1.0f, 0.0f, heads, tt, v_stride, v_stride});
     long rows = m.heads() * m.T;
-    causal_softmax_backward_kernel<<<ceil_div(rows, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(
-        scratch.dS, dP, saved.P, rows, m.T, m.softmax_scale());
-    CUDA_CHECK_LAUNCH();
+    with_softmax_row(m.T, [&](auto PER_LANE) {
+        causal_softmax_backward_kernel<T, PER_LANE()><<<ceil_div(rows, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(
+            scratch.dS, dP, saved.P, rows, m.T, m.softmax_scale());
+    });
     // dQ = dS K, dK = dS^T Q
     matmul(blas, s, scratch.dQ, scratch.dS, saved.K,
            Matmul{m.T, m.d_qk(), m.T, false, false, 1.0f, 0.0f, heads, tt, qk_stride, qk_stride});

@@ -263,12 +263,12 @@ int vector_width(std::initializer_list<long> widths, std::initializer_list<const
     return p;
 }
 
-// Calls launch(std::integral_constant<int, P>) for p, a power of two from vector_width: the kernel gets its chunk
-// width as a template argument, so that a chunk is an array of registers.
+// Calls launch(std::integral_constant<int, P>) for p, a power of two up to P_MAX (a chunk's width from vector_width,
+// a row's values a lane): the kernel gets it as a template argument, so that an array of P values is registers.
 template <int P_MAX, typename Launch>
-void with_vector_width(int p, Launch launch) {
+void with_power_of_two(int p, Launch launch) {
     if constexpr (P_MAX > 1)
-        if (p < P_MAX) return with_vector_width<P_MAX / 2>(p, launch);
+        if (p < P_MAX) return with_power_of_two<P_MAX / 2>(p, launch);
     launch(std::integral_constant<int, P_MAX>());
 }
 

@@ -278,7 +278,7 @@ __global__ void rmsnorm_backward_kernel(T* dx, float* dw_partial, const T* dy, c
 // kv_a in place of a copy. In the backward pass dx has x's row stride, and y and dy are dense.
 template <typename T>
 void rmsnorm_forward(T* y, float* rstd, const T* x, int x_stride, const T* w, int N, int D, float eps, cudaStream_t s) {
-    with_vector_width<16 / sizeof(T)>(vector_width<T>({D, x_stride}, {y, x, w}), [&](auto P) {
+    with_power_of_two<16 / sizeof(T)>(vector_width<T>({D, x_stride}, {y, x, w}), [&](auto P) {
         rmsnorm_forward_kernel<T, P()>
             <<<ceil_div(N, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, s>>>(y, rstd, x, x_stride, w, N, D, eps);
     });
@@ -290,7 +290,7 @@ void rmsnorm_backward(T* dx, float* dw, float* scratch, const T* dy, const T* x,
                       const float* rstd, int N, int D, bool accumulate_dx, bool accumulate_dw, cudaStream_t s) {
     const int rows_per_block = partial_rows_per_block(N), blocks = ceil_div(N, rows_per_block);
     const size_t smem = sizeof(float) * WARPS_PER_BLOCK * row_segments(D) * ROW_SEGMENT;
-    with_vector_width<16 / sizeof(T)>(vector_width<T>({D, x_stride}, {dx, dy, x, w}), [&](auto P) {
+    with_power_of_two<16 / sizeof(T)>(vector_width<T>({D, x_stride}, {dx, dy, x, w}), [&](auto P) {
         auto kernel = rmsnorm_backward_kernel<T, P()>;
         if (smem > 48 * 1024)  // wide rows need more than the default dynamic shared memory
             CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
@@ -395,7 +395,7 @@ __global__ void __launch_bounds__(SWIGLU_THREADS)
 
 template <typename T>
 void swiglu_forward(T* a, const T* gu, long N, int I, cudaStream_t s) {
-    with_vector_width<16 / sizeof(T)>(vector_width<T>({I}, {a, gu}), [&](auto P) {
+    with_power_of_two<16 / sizeof(T)>(vector_width<T>({I}, {a, gu}), [&](auto P) {
         const int rows = swiglu_rows_per_block(I / P());
         swiglu_forward_kernel<T, P()><<<ceil_div(N, rows), SWIGLU_THREADS, 0, s>>>(a, gu, N, I, rows);
     });
@@ -404,7 +404,7 @@ void swiglu_forward(T* a, const T* gu, long N, int I, cudaStream_t s) {
 
 template <typename T>
 void swiglu_backward(T* dgu, const T* da, const T* gu, long N, int I, cudaStream_t s) {
-    with_vector_width<16 / sizeof(T)>(vector_width<T>({I}, {dgu, da, gu}), [&](auto P) {
+    with_power_of_two<16 / sizeof(T)>(vector_width<T>({I}, {dgu, da, gu}), [&](auto P) {
         const int rows = swiglu_rows_per_block(I / P());
         swiglu_backward_kernel<T, P()><<<ceil_div(N, rows), SWIGLU_THREADS, 0, s>>>(dgu, da, gu, N, I, rows);
     });

@@ -132,10 +132,14 @@ double sum_of_squared_products(const std::vector<float>& a, const std::vector<fl
 }  // namespace
 
 TEST_SUITE("gpu") {
+    // With rows of 300 tokens (a lane holds 16 of a row's scores) and of the longest the softmax takes.
     TEST_CASE_TEMPLATE("mla attention: forward matches the reference, RoPE included; P is causal, rows sum to 1", T,
                        float, bf16) {
         Rng rng(20);
-        for (const MlaDims& m : shapes) {
+        std::vector<MlaDims> forward_shapes(std::begin(shapes), std::end(shapes));
+        forward_shapes.push_back({1, 300, 1, 8, 4, 8, 8, 10000.0f});
+        forward_shapes.push_back({1, SOFTMAX_MAX_T, 1, 4, 2, 4, 4, 10000.0f});
+        for (const MlaDims& m : forward_shapes) {
             CAPTURE(m.T);
             MlaInputs<T> in(m, rng);
             MlaBuffers<T> buf(m);
@@ -158,10 +162,25 @@ TEST_SUITE("gpu") {
         }
     }
 
+    TEST_CASE("mla attention: rows longer than the softmax takes are refused") {
+        const MlaDims m{1, SOFTMAX_MAX_T + 1, 1, 4, 2, 4, 4, 10000.0f};
+        Rng rng(21);
+        MlaInputs<float> in(m, rng);
+        MlaBuffers<float> buf(m);
+        DeviceBuffer<float> o(o_size(m));
+        Blas blas;
+        CHECK_THROWS_AS(mla_attention_forward(blas, stream, m, o.data(), buf.saved(), buf.scratch(), in.q.data(),
+                                              in.kva.data(), in.kvb.data()),
+                        std::invalid_argument);
+    }
+
+    // With rows of 70 tokens too: a lane holds 4 of a row's scores.
     TEST_CASE_TEMPLATE("mla attention: backward matches finite differences of the reference; c_kv columns untouched", T,
                        float, bf16) {
         Rng rng(21);
-        for (const MlaDims& m : shapes) {
+        std::vector<MlaDims> backward_shapes(std::begin(shapes), std::end(shapes));
+        backward_shapes.push_back({1, 70, 1, 4, 2, 4, 4, 10000.0f});
+        for (const MlaDims& m : backward_shapes) {
             CAPTURE(m.T);
             MlaInputs<T> in(m, rng);
             ref::Tensor<T> R = ref::input<T>(rng, o_size(m));  // L = sum(o * R), so dL/do = R
