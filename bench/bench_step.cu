@@ -1,5 +1,7 @@
 // Training speed: optimizer steps on B x T random tokens, the model of a config (default: the V3-shaped MoE model)
-// in a precision. Prints ms per step and tokens/s (the median of the timed steps, each step waited for). With
+// in a precision. Prints ms per step and tokens/s (the median of the timed steps, each step waited for), and when
+// the host's train_step call returned (the median): a step whose host returns near its end is bound by the host's
+// launches and waits, and shorter kernels do not shorten it. With
 // --profile, one more step runs between cudaProfilerStart and cudaProfilerStop, for
 //   ncu --profile-from-start off --metrics gpu__time_duration.sum --csv ./build/bench_step --profile
 //   ./build/bench_step [--config FILE.json] [--precision fp8|bf16|fp32] [--batch 64] [--seq 512] [--steps 20]
@@ -31,23 +33,26 @@ void run(const Config& c, const BenchOptions& o) {
     std::vector<int> rows(size_t(o.batch) * (o.seq + 1)), inputs, targets;
     for (int& t : rows) t = int(rng.range(16, c.vocab_size - 1));
     split_rows(rows, o.batch, o.seq, inputs, targets);
-    std::vector<double> ms;
+    std::vector<double> ms, host_ms;
     size_t warm_plans = 0;
     for (int step = 1; step <= o.warmup + o.steps; step++) {  // warm-up steps: cuBLASLt plans, allocations
         WallTimer clock;
         model.train_step(inputs, targets, o.batch, o.seq, AdamW{1e-3f}, 1.0f, step, 1);
+        const double host = clock.seconds() * 1e3;
         model.read_scalars();
-        if (step > o.warmup) ms.push_back(clock.seconds() * 1e3);
+        if (step > o.warmup) ms.push_back(clock.seconds() * 1e3), host_ms.push_back(host);
         if (step == o.warmup) warm_plans = model.blas.plans.size();
     }
     std::sort(ms.begin(), ms.end());
-    double median = ms[ms.size() / 2];
+    std::sort(host_ms.begin(), host_ms.end());
+    const double median = ms[ms.size() / 2];
     std::printf("%-8s %-10s %8.2f %12.0f   (%d x %d tokens, %.2fM parameters, %.2fM in GEMMs per token)\n",
                 c.has_moe() ? "moe" : "dense", o.precision.c_str(), median, o.batch * o.seq / median * 1e3, o.batch,
                 o.seq, model.num_params() / 1e6, model.matmul_params(true) / 1e6);
     std::printf(
         "         %d warm-up steps, %d timed; cuBLASLt plans: %zu after the warm-up, %zu new in the timed steps\n",
         o.warmup, o.steps, warm_plans, model.blas.plans.size() - warm_plans);
+    std::printf("         the host's train_step call returned after %.2f ms of the step\n", host_ms[host_ms.size() / 2]);
     if (!o.profile) return;
     CUDA_CHECK(cudaProfilerStart());
     model.train_step(inputs, targets, o.batch, o.seq, AdamW{1e-3f}, 1.0f, o.warmup + o.steps + 1, 1);
