@@ -45,9 +45,6 @@ $(BUILD)/train: train.cu $(HEADERS) | $(BUILD)
 $(BUILD)/bench_%: bench/bench_%.cu $(HEADERS) $(wildcard bench/*.h) | $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -o $@ $< $(LIBS)
 
-# The grouped GEMM it measures is cuBLAS's, not cuBLASLt's.
-$(BUILD)/bench_experts: LIBS += -lcublas
-
 $(BUILD)/tests/%.o: tests/%.cu $(HEADERS) $(wildcard tests/*.h) | $(BUILD)
 	@mkdir -p $(BUILD)/tests
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -c -o $@ $<

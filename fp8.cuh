@@ -383,22 +383,31 @@ __device__ void load_block_scales(float* a_scale, float* b_scale, const float* s
         b_scale[0] = scale_b[long(n0 / GEMM_TILE) * block_scale_stride(K) + kb];
 }
 
+// C [M, N] (+)= A [M, K] B [N, K]^T, with the scales of A and B: the operands of one GEMM.
+template <typename OutT>
+struct Fp8GemmArgs {
+    OutT* C;
+    const fp8 *A, *B;
+    const float *scale_a, *scale_b;
+    int M, N, K;
+    bool accumulate;
+};
+
 template <typename OutT>
 __device__ __forceinline__ void store_output(OutT* C, int row, int col, float v, int M, int N, bool accumulate) {
     if (row < M && col < N)
         C[long(row) * N + col] = from_float<OutT>(v + (accumulate ? to_float(C[long(row) * N + col]) : 0.0f));
 }
 
-// 8 warps, each 64 rows x 32 columns of the 128x128 output tile; each thread keeps its part of the promoted sum
+// The output tile (m0, n0): 8 warps, each 64 rows x 32 columns of it; each thread keeps its part of the promoted sum
 // (acc) and of the current block's tensor-core sum (partial). With promote = false the partial sum runs over all
 // of K and is scaled once at the end by one block's scales: valid only where the scales do not change along
 // K (one scale per tensor), which is how the accumulation study uses it.
 template <typename OutT, BScales b_scales, bool promote>
-__global__ void __launch_bounds__(256) fp8_gemm_kernel(OutT* C, const fp8* A, const fp8* B, const float* scale_a,
-                                                       const float* scale_b, int M, int N, int K, bool accumulate) {
+__device__ void sync_mma_tile(const Fp8GemmArgs<OutT>& p, int m0, int n0) {
     __shared__ __align__(16) uint8_t a_tile[GEMM_TILE * GEMM_ROW_BYTES], b_tile[GEMM_TILE * GEMM_ROW_BYTES];
     __shared__ float a_scale[GEMM_TILE], b_scale[GEMM_TILE];
-    const int m0 = blockIdx.y * GEMM_TILE, n0 = blockIdx.x * GEMM_TILE;
+    const auto [C, A, B, scale_a, scale_b, M, N, K, accumulate] = p;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, thread_in_group = lane % 4;
     const int wm = warp / GEMM_WARPS_N * GEMM_WARP_M, wn = warp % GEMM_WARPS_N * GEMM_WARP_N;
     float acc[GEMM_MMA_M][GEMM_MMA_N][4] = {}, partial[GEMM_MMA_M][GEMM_MMA_N][4] = {};
@@ -562,29 +571,56 @@ __device__ __forceinline__ void wgmma_e4m3_m64n128k32(float (&d)[64], uint64_t d
           "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));
 #else
-    __trap();  // a backstop: the one caller, fp8_gemm_wgmma_kernel, is compiled for sm_90a alone
+    __trap();  // a backstop: the one caller, wgmma_tile, is compiled for sm_90a alone
 #endif
 }
 
-// Two warpgroups, each 64 rows of the 128x128 output tile, and a pipeline of WGMMA_STAGES K-blocks: while the
+// The output tile leaves through shared memory: a thread's results lie 8 columns apart in 8 rows, and written as
+// they are, a warp's store would touch 8 rows in pieces of 8 bytes; staged, the tile is read back in rows and
+// written 16 bytes a thread. The stages are free by then and hold the tile as FP32 (with accumulate, the sum with
+// C's old value is rounded once, as store_output does it). The stride's 8 extra floats put a warp's 8 rows of
+// float2 writes in different banks.
+constexpr int STAGED_OUT_STRIDE = GEMM_TILE + 8;
+static_assert(GEMM_TILE * STAGED_OUT_STRIDE * sizeof(float) <= WGMMA_SMEM_BYTES, "the stages hold the output tile");
+
+template <typename OutT>
+__device__ void store_staged_tile(const Fp8GemmArgs<OutT>& p, const float* staged, int m0, int n0) {
+    constexpr int V = 16 / sizeof(OutT);  // values per 16-byte store
+    const bool vector = p.N % V == 0 && reinterpret_cast<uintptr_t>(p.C) % 16 == 0;
+    for (int i = threadIdx.x; i < GEMM_TILE * GEMM_TILE / V; i += blockDim.x) {
+        const int r = i / (GEMM_TILE / V), c = i % (GEMM_TILE / V) * V, row = m0 + r, col = n0 + c;
+        if (row >= p.M || col >= p.N) continue;
+        const float* v = staged + r * STAGED_OUT_STRIDE + c;
+        OutT* out = p.C + long(row) * p.N + col;
+        if (vector) {
+            alignas(16) OutT pack[V];
+            if (p.accumulate) *reinterpret_cast<uint4*>(pack) = *reinterpret_cast<const uint4*>(out);
+#pragma unroll
+            for (int j = 0; j < V; j++) pack[j] = from_float<OutT>(v[j] + (p.accumulate ? to_float(pack[j]) : 0.0f));
+            *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(pack);
+        } else {
+            for (int j = 0; j < V && col + j < p.N; j++) store_output(p.C, row, col + j, v[j], p.M, p.N, p.accumulate);
+        }
+    }
+}
+
+// The output tile (m0, n0): two warpgroups, each 64 rows of it, and a pipeline of WGMMA_STAGES K-blocks: while the
 // tensor cores multiply block kb, blocks kb+1 .. kb+STAGES-1 are being copied in. Per block: four wgmma of K = 32
 // into the tensor cores' partial sum, wait for them, and promote (V3 §3.3.2, as in fp8_gemm_kernel). Without
 // promotion the partial sum runs over all of K and the last block's scales serve for all of it.
 template <typename OutT, BScales b_scales, bool promote>
-__global__ void __launch_bounds__(256, 1)
-    fp8_gemm_wgmma_kernel(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const float* scale_b, int M, int N,
-                          int K, bool accumulate) {
+__device__ void wgmma_tile(const Fp8GemmArgs<OutT>& p, int m0, int n0) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma exists on sm_90a alone
     extern __shared__ __align__(1024) uint8_t wgmma_smem[];  // the swizzle's 1024-byte alignment
     WgmmaStage* stages = reinterpret_cast<WgmmaStage*>(wgmma_smem);
-    const int m0 = blockIdx.y * GEMM_TILE, n0 = blockIdx.x * GEMM_TILE;
     const int warpgroup = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
     const int row0 = warpgroup * 64 + warp * 16 + lane / 4, col0 = lane % 4 * 2;  // of the thread's first result
     float acc[64] = {}, partial[64] = {};
-    const int blocks = scale_tiles(K);
+    const int blocks = scale_tiles(p.K);
     auto load = [&](int kb) {
         if (kb < blocks)
-            load_stage_async<b_scales>(stages[kb % WGMMA_STAGES], A, B, scale_a, scale_b, M, N, K, m0, n0, kb);
+            load_stage_async<b_scales>(stages[kb % WGMMA_STAGES], p.A, p.B, p.scale_a, p.scale_b, p.M, p.N, p.K, m0, n0,
+                                       kb);
         cp_async_commit();  // an empty group past the end keeps the count that cp_async_wait relies on
     };
     for (int kb = 0; kb < WGMMA_STAGES - 1; kb++) load(kb);
@@ -616,11 +652,18 @@ __global__ void __launch_bounds__(256, 1)
         }
     }
 
+
+    __syncthreads();  // both warpgroups are done with the stages: they hold the output tile now
+    float* staged = reinterpret_cast<float*>(wgmma_smem);
 #pragma unroll
-    for (int i = 0; i < 64; i++)
-        store_output(C, m0 + row0 + i % 4 / 2 * 8, n0 + i / 4 * 8 + col0 + i % 2, acc[i], M, N, accumulate);
+    for (int i = 0; i < 64; i += 2) {
+        const int row = row0 + i % 4 / 2 * 8, col = i / 4 * 8 + col0;
+        *reinterpret_cast<float2*>(staged + row * STAGED_OUT_STRIDE + col) = make_float2(acc[i], acc[i + 1]);
+    }
+    __syncthreads();
+    store_staged_tile(p, staged, m0, n0);
 #else
-    __trap();  // default_fp8_mma picks this kernel only where it was built for sm_90a
+    __trap();  // default_fp8_mma picks wgmma only where it was built for sm_90a
 #endif
 }
 
@@ -643,26 +686,100 @@ inline Fp8Mma default_fp8_mma() {
     return choice;
 }
 
+// One launch for the GEMMs of every routed expert (the groups of rows of RowGroups, with their offsets on the
+// device, so that the host need not know the groups' sizes):
+//   Rows:      C's rows of group g = A's rows of g times B_g^T, B_g the g-th of `groups` weights [N, K] with their
+//              128x128 block scales (forward and data gradient). blockIdx.y walks the tiles of all groups' rows;
+//              as their sizes are multiples of 128, a tile lies in one group;
+//   Reduction: C_g [M, N] = A_g B_g^T where the groups' rows are the reduction, A_g [M, rows of g] and B_g [N, rows
+//              of g] transposed operands at the group's place, as quantize_rows_and_transposed leaves them (weight
+//              gradient); blockIdx.z is g, and a group without rows gets C_g = 0.
+enum class GemmGrouping { None, Rows, Reduction };
+
+// Points p at the operands of the group that the tile (m0 in its rows) lies in; false past the last group's rows.
+template <GemmGrouping grouping, typename OutT>
+__device__ bool select_group(Fp8GemmArgs<OutT>& p, int& m0, const int* offsets, int groups) {
+    if constexpr (grouping == GemmGrouping::Rows) {
+        if (m0 >= offsets[groups]) return false;
+        int g = 0;
+        while (offsets[g + 1] <= m0) g++;
+        const long first = offsets[g];
+        p.M = offsets[g + 1] - int(first), m0 -= int(first);
+        p.C += first * p.N, p.A += first * p.K, p.scale_a += first * scale_tiles(p.K);
+        p.B += long(g) * p.N * p.K, p.scale_b += g * block_scale_count(p.N, p.K);
+    } else if constexpr (grouping == GemmGrouping::Reduction) {
+        const int g = blockIdx.z;
+        const long first = offsets[g];
+        p.K = offsets[g + 1] - int(first);
+        p.C += long(g) * p.M * p.N, p.A += first * p.M, p.B += first * p.N;
+        p.scale_a += first / N_C * p.M, p.scale_b += first / N_C * p.N;
+    }
+    return true;
+}
+
+template <Fp8Mma mma, GemmGrouping grouping, typename OutT, BScales b_scales, bool promote>
+__global__ void __launch_bounds__(256, 1) fp8_gemm_kernel(Fp8GemmArgs<OutT> p, const int* offsets, int groups) {
+    int m0 = blockIdx.y * GEMM_TILE;
+    if (!select_group<grouping>(p, m0, offsets, groups)) return;
+    if constexpr (mma == Fp8Mma::Wgmma)
+        wgmma_tile<OutT, b_scales, promote>(p, m0, blockIdx.x * GEMM_TILE);
+    else
+        sync_mma_tile<OutT, b_scales, promote>(p, m0, blockIdx.x * GEMM_TILE);
+}
+
+template <GemmGrouping grouping, typename OutT, BScales b_scales, bool promote>
+void launch_fp8_gemm(Fp8Mma mma, const Fp8GemmArgs<OutT>& p, dim3 grid, const int* offsets, int groups,
+                     cudaStream_t s) {
+    // 16-byte loads of rows of A and B
+    if (p.K % 16 != 0 || pointer_alignment(p.A) < 16 || pointer_alignment(p.B) < 16)
+        throw std::invalid_argument("fp8_gemm: K = " + std::to_string(p.K) +
+                                    " must be a multiple of 16 and A, B 16-byte aligned");
+    if (mma == Fp8Mma::Wgmma && default_fp8_mma() != Fp8Mma::Wgmma)
+        throw std::invalid_argument("fp8_gemm: wgmma needs a Hopper GPU and a build for sm_90a");
+    if (mma == Fp8Mma::Wgmma) {
+        auto kernel = fp8_gemm_kernel<Fp8Mma::Wgmma, grouping, OutT, b_scales, promote>;
+        static const bool opted_in = [&] {  // more than the default 48 KB of dynamic shared memory, once
+            CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WGMMA_SMEM_BYTES));
+            return true;
+        }();
+        (void)opted_in;
+        kernel<<<grid, 256, WGMMA_SMEM_BYTES, s>>>(p, offsets, groups);
+    } else {
+        fp8_gemm_kernel<Fp8Mma::Sync, grouping, OutT, b_scales, promote><<<grid, 256, 0, s>>>(p, offsets, groups);
+    }
+    CUDA_CHECK_LAUNCH();
+}
+
 template <typename OutT, BScales b_scales>
 void fp8_gemm(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const float* scale_b, int M, int N, int K,
               bool accumulate, bool promote, cudaStream_t s, Fp8Mma mma = default_fp8_mma()) {
-    // 16-byte loads of rows of A and B
-    if (K <= 0 || K % 16 != 0 || pointer_alignment(A) < 16 || pointer_alignment(B) < 16)
-        throw std::invalid_argument("fp8_gemm: K = " + std::to_string(K) +
-                                    " must be a positive multiple of 16 and A, B 16-byte aligned");
-    if (mma == Fp8Mma::Wgmma && default_fp8_mma() != Fp8Mma::Wgmma)
-        throw std::invalid_argument("fp8_gemm: wgmma needs a Hopper GPU and a build for sm_90a");
-    dim3 grid(ceil_div(N, GEMM_TILE), ceil_div(M, GEMM_TILE));
-    if (mma == Fp8Mma::Wgmma) {
-        auto kernel =
-            promote ? fp8_gemm_wgmma_kernel<OutT, b_scales, true> : fp8_gemm_wgmma_kernel<OutT, b_scales, false>;
-        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WGMMA_SMEM_BYTES));
-        kernel<<<grid, 256, WGMMA_SMEM_BYTES, s>>>(C, A, B, scale_a, scale_b, M, N, K, accumulate);
-    } else {
-        auto kernel = promote ? fp8_gemm_kernel<OutT, b_scales, true> : fp8_gemm_kernel<OutT, b_scales, false>;
-        kernel<<<grid, 256, 0, s>>>(C, A, B, scale_a, scale_b, M, N, K, accumulate);
-    }
-    CUDA_CHECK_LAUNCH();
+    if (K <= 0) throw std::invalid_argument("fp8_gemm: K = " + std::to_string(K) + " must be positive");
+    const Fp8GemmArgs<OutT> p{C, A, B, scale_a, scale_b, M, N, K, accumulate};
+    const dim3 grid(ceil_div(N, GEMM_TILE), ceil_div(M, GEMM_TILE));
+    if (promote)
+        launch_fp8_gemm<GemmGrouping::None, OutT, b_scales, true>(mma, p, grid, nullptr, 0, s);
+    else
+        launch_fp8_gemm<GemmGrouping::None, OutT, b_scales, false>(mma, p, grid, nullptr, 0, s);
+}
+
+// C's rows of group g (+)= A's rows of g times weight g^T ([N, K], 128x128 scales), for `groups` groups of at
+// most max_rows rows in all (GemmGrouping::Rows).
+template <typename OutT>
+void fp8_gemm_grouped_rows(OutT* C, const fp8* A, const fp8* B, const float* scale_a, const float* scale_b,
+                           const int* offsets, int groups, int max_rows, int N, int K, bool accumulate, cudaStream_t s,
+                           Fp8Mma mma = default_fp8_mma()) {
+    const Fp8GemmArgs<OutT> p{C, A, B, scale_a, scale_b, 0, N, K, accumulate};
+    const dim3 grid(ceil_div(N, GEMM_TILE), ceil_div(max_rows, GEMM_TILE));
+    launch_fp8_gemm<GemmGrouping::Rows, OutT, BScales::Block, true>(mma, p, grid, offsets, groups, s);
+}
+
+// C_g [M, N] = A_g B_g^T for every group g, reduced over the group's rows (GemmGrouping::Reduction).
+inline void fp8_gemm_grouped_reduction(float* C, const fp8* A, const fp8* B, const float* scale_a,
+                                       const float* scale_b, const int* offsets, int groups, int M, int N,
+                                       cudaStream_t s, Fp8Mma mma = default_fp8_mma()) {
+    const Fp8GemmArgs<float> p{C, A, B, scale_a, scale_b, M, N, 0, false};
+    const dim3 grid(ceil_div(N, GEMM_TILE), ceil_div(M, GEMM_TILE), groups);
+    launch_fp8_gemm<GemmGrouping::Reduction, float, BScales::Row, true>(mma, p, grid, offsets, groups, s);
 }
 
 // The same product through cuBLASLt's FP8 GEMM (block scaling needs CUDA 12.9+ and Hopper). The scale modes
@@ -769,7 +886,8 @@ inline Fp8Tensor fp8_operand(int rows, int cols) {
 
 // The rows of a Linear's input, in groups: group g, rows [offsets[g], offsets[g + 1]), meets weight g (the routed
 // experts: group g is the tokens routed to expert g). With more than one group, every group's size is a multiple of
-// 128, so that no FP8 tile spans two groups, and the offsets are on the device too, for the quantizer.
+// 128, so that no FP8 tile spans two groups, and the offsets are on the device too, for the quantizer and the
+// grouped GEMMs.
 struct RowGroups {
     std::vector<int> offsets;
     const int* device_offsets = nullptr;
@@ -781,19 +899,19 @@ struct RowGroups {
 };
 
 // y = x W^T (+ y); x_saved receives x^T in FP8 for the backward pass; x_q is scratch for the forward GEMM's A.
+// Groups of rows (the routed experts) run as one grouped launch, sized on the device.
 template <typename T>
 void fp8_linear_forward(Fp8Backend backend, Blas& blas, cudaStream_t s, T* y, const T* x, const Fp8Weight& W,
                         Fp8Tensor& x_q, Fp8Tensor& x_saved, const RowGroups& rows, int* nonfinite,
                         bool accumulate = false) {
     quantize_rows_and_transposed(x_q.q.data(), x_q.scales.data(), x_saved.q.data(), x_saved.scales.data(), nonfinite,
                                  x, rows.rows(), W.K, s, rows.device_offsets, rows.groups());
-    for (int g = 0; g < rows.groups(); g++) {
-        const long first = rows.first(g);
-        if (rows.size(g) == 0) continue;
-        fp8_matmul(backend, blas, s, y + first * W.N, x_q.q.data() + first * W.K, W.q(g),
-                   x_q.scales.data() + first * scale_tiles(W.K), W.scales(g), rows.size(g), W.N, W.K, BScales::Block,
-                   accumulate);
-    }
+    if (rows.device_offsets)
+        fp8_gemm_grouped_rows(y, x_q.q.data(), W.q(0), x_q.scales.data(), W.scales(0), rows.device_offsets,
+                              rows.groups(), rows.rows(), W.N, W.K, accumulate, s);
+    else
+        fp8_matmul(backend, blas, s, y, x_q.q.data(), W.q(0), x_q.scales.data(), W.scales(0), rows.rows(), W.N, W.K,
+                   BScales::Block, accumulate);
 }
 
 // dx = dy W (+ dx), dW = dy^T x (FP32), from x^T saved by the forward pass; dy_q and dy_t are scratch. A group
@@ -804,20 +922,18 @@ void fp8_linear_backward(Fp8Backend backend, Blas& blas, cudaStream_t s, T* dx, 
                          const RowGroups& rows, int* nonfinite, bool accumulate_dx = false) {
     quantize_rows_and_transposed(dy_q.q.data(), dy_q.scales.data(), dy_t.q.data(), dy_t.scales.data(), nonfinite, dy,
                                  rows.rows(), W.N, s, rows.device_offsets, rows.groups());
-    for (int g = 0; g < rows.groups(); g++) {
-        const long first = rows.first(g), M = rows.size(g);
-        float* dW_g = dW + long(g) * W.N * W.K;
-        if (M == 0) {
-            CUDA_CHECK(cudaMemsetAsync(dW_g, 0, sizeof(float) * W.N * W.K, s));
-            continue;
-        }
-        fp8_matmul(backend, blas, s, dx + first * W.K, dy_q.q.data() + first * W.N, W.qT(g),
-                   dy_q.scales.data() + first * scale_tiles(W.N), W.scalesT(g), int(M), W.K, W.N, BScales::Block,
-                   accumulate_dx);
-        fp8_matmul(backend, blas, s, dW_g, dy_t.q.data() + first * W.N, x_saved.q.data() + first * W.K,
-                   dy_t.scales.data() + first / N_C * W.N, x_saved.scales.data() + first / N_C * W.K, W.N, W.K,
-                   int(M), BScales::Row, false);
+    if (rows.device_offsets) {
+        fp8_gemm_grouped_rows(dx, dy_q.q.data(), W.qT(0), dy_q.scales.data(), W.scalesT(0), rows.device_offsets,
+                              rows.groups(), rows.rows(), W.K, W.N, accumulate_dx, s);
+        fp8_gemm_grouped_reduction(dW, dy_t.q.data(), x_saved.q.data(), dy_t.scales.data(), x_saved.scales.data(),
+                                   rows.device_offsets, rows.groups(), W.N, W.K, s);
+        return;
     }
+    const int M = rows.rows();
+    fp8_matmul(backend, blas, s, dx, dy_q.q.data(), W.qT(0), dy_q.scales.data(), W.scalesT(0), M, W.K, W.N,
+               BScales::Block, accumulate_dx);
+    fp8_matmul(backend, blas, s, dW, dy_t.q.data(), x_saved.q.data(), dy_t.scales.data(), x_saved.scales.data(), W.N,
+               W.K, M, BScales::Row, false);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

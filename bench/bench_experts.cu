@@ -1,100 +1,78 @@
-// The routed experts' GEMMs: a loop of per-expert cuBLASLt calls (what Linear runs over row groups) against one
-// grouped launch for all experts (cuBLAS's cublasGemmGroupedBatchedEx), in BF16, at the default model's shapes.
+// The routed experts' FP8 GEMMs: a loop of per-expert cuBLASLt calls against our one grouped launch for all experts
+// (fp8_gemm_grouped_rows / fp8_gemm_grouped_reduction), at the default model's shapes.
 //   ./build/bench_experts [--tokens 32768] [--skew 0.3]
 // Each expert's rows are its load padded to a multiple of 128 (as moe.cuh groups them); the loads come from a skewed
-// random routing of tokens x top-4 pairs (expert e drawn with weight 1 + skew (e % 4 - 1.5) / 1.5). cuBLASLt 13.0
-// declares no grouped GEMM, and cublasGemmGroupedBatchedEx takes no FP8 block scales, so the FP8 experts can only
-// run as the loop; this table says what a grouped launch would be worth where one exists.
+// random routing of tokens x top-4 pairs (expert e drawn with weight 1 + skew (e % 4 - 1.5) / 1.5).
 // Rows: the forward GEMM and the two backward GEMMs of gate_up_proj [2I, d] and down_proj [d, I] over all experts,
-// ms per call (events around 20 calls on one stream; a loop's host launches are inside that time).
-#include <cublas_v2.h>
-
+// in the operand layouts fp8_linear_forward and fp8_linear_backward use; ms per call (events around 20 calls on one
+// stream: a loop's host launches are inside that time, as they are in a training step).
 #include <cstdio>
 #include <string>
 
+#include "../fp8.cuh"
 #include "../io/options.h"
-#include "../kernels/gemm.cuh"
 #include "../kernels/rng.h"
 #include "timing.h"
 
 namespace {
 
-void check(cublasStatus_t status, const char* what) {
-    if (status != CUBLAS_STATUS_SUCCESS)
-        throw std::runtime_error(std::string(what) + ": cuBLAS status " + std::to_string(int(status)));
-}
+enum class Gemm { Forward, DataGrad, WeightGrad };
 
-// One GEMM per expert in cuBLAS's column-major terms, C_e [m_e, n_e] = op(A_e) op(B_e), each expert a group of one
-// problem: the pointer arrays live on the device, the sizes and scalars on the host.
-struct Grouped {
-    std::vector<cublasOperation_t> ta, tb;
-    std::vector<int> m, n, k, lda, ldb, ldc, ones;
-    std::vector<float> alpha, beta;
-    DeviceBuffer<const void*> A, B;
-    DeviceBuffer<void*> C;
-    cudaDataType_t c_type;
-    explicit Grouped(int E, cudaDataType_t c)
-        : ones(E, 1), alpha(E, 1.0f), beta(E, 0.0f), A(E), B(E), C(E), c_type(c) {}
-    void run(cublasHandle_t handle) const {
-        check(cublasGemmGroupedBatchedEx(handle, ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(),
-                                         A.data(), CUDA_R_16BF, lda.data(), B.data(), CUDA_R_16BF, ldb.data(),
-                                         beta.data(), C.data(), c_type, ldc.data(), int(ones.size()), ones.data(),
-                                         CUBLAS_COMPUTE_32F),
-              "cublasGemmGroupedBatchedEx");
+// The operands of one projection's three GEMMs over all experts, zero codes and unit scales (the speed of an FP8
+// GEMM does not depend on the values).
+struct Operands {
+    int N, K;  // the weight [N, K]
+    DeviceBuffer<fp8> x, x_t, dy, dy_t, W, W_t;
+    DeviceBuffer<float> x_s, x_t_s, dy_s, dy_t_s, W_s, W_t_s, dW;
+    DeviceBuffer<bf16> out;
+    Operands(long rows, int E, int n, int k)
+        : N(n), K(k), x(rows * k), x_t(rows * k), dy(rows * n), dy_t(rows * n), W(long(E) * n * k),
+          W_t(long(E) * n * k), x_s(fp8_operand_scales(int(rows), k)), x_t_s(fp8_operand_scales(int(rows), k)),
+          dy_s(fp8_operand_scales(int(rows), n)), dy_t_s(fp8_operand_scales(int(rows), n)),
+          W_s(E * block_scale_count(n, k)), W_t_s(E * block_scale_count(k, n)), dW(long(E) * n * k),
+          out(rows * std::max(n, k)) {
+        for (DeviceBuffer<fp8>* b : {&x, &x_t, &dy, &dy_t, &W, &W_t}) CUDA_CHECK(cudaMemset(b->data(), 0, b->bytes()));
+        for (DeviceBuffer<float>* b : {&x_s, &x_t_s, &dy_s, &dy_t_s, &W_s, &W_t_s})
+            b->upload(std::vector<float>(b->count, 1.0f));
     }
 };
 
-// Row-major y = x W^T, dx = dy W, dW = dy^T x (FP32) per expert, W [N, K], x [rows_e, K]: as Grouped problems.
-enum class Gemm { Forward, DataGrad, WeightGrad };
-
-Grouped grouped(Gemm which, const std::vector<int>& rows, int N, int K, const bf16* x, const bf16* W, const bf16* dy,
-                void* out) {
-    const int E = int(rows.size());
-    Grouped g(E, which == Gemm::WeightGrad ? CUDA_R_32F : CUDA_R_16BF);
-    std::vector<const void*> A(E), B(E);
-    std::vector<void*> C(E);
-    long first = 0;
+// What fp8_linear ran over row groups before the grouped launch: one cuBLASLt call per expert.
+void loop(Gemm which, Blas& blas, const std::vector<int>& offsets, Operands& o) {
+    const int E = int(offsets.size()) - 1, N = o.N, K = o.K;
     for (int e = 0; e < E; e++) {
-        const bf16 *x_e = x + first * K, *dy_e = dy + first * N, *W_e = W + long(e) * N * K;
-        const int M = rows[e];
-        if (which == Gemm::Forward) {  // y^T [N, M] = W^T' x^T
-            g.ta.push_back(CUBLAS_OP_T), g.tb.push_back(CUBLAS_OP_N), g.m.push_back(N), g.n.push_back(M);
-            g.k.push_back(K), g.lda.push_back(K), g.ldb.push_back(K), g.ldc.push_back(N);
-            A[e] = W_e, B[e] = x_e, C[e] = static_cast<bf16*>(out) + first * N;
-        } else if (which == Gemm::DataGrad) {  // dx^T [K, M] = W^T dy^T
-            g.ta.push_back(CUBLAS_OP_N), g.tb.push_back(CUBLAS_OP_N), g.m.push_back(K), g.n.push_back(M);
-            g.k.push_back(N), g.lda.push_back(K), g.ldb.push_back(N), g.ldc.push_back(K);
-            A[e] = W_e, B[e] = dy_e, C[e] = static_cast<bf16*>(out) + first * K;
-        } else {  // dW^T [K, N] = x^T dy
-            g.ta.push_back(CUBLAS_OP_N), g.tb.push_back(CUBLAS_OP_T), g.m.push_back(K), g.n.push_back(N);
-            g.k.push_back(M), g.lda.push_back(K), g.ldb.push_back(N), g.ldc.push_back(K);
-            A[e] = x_e, B[e] = dy_e, C[e] = static_cast<float*>(out) + long(e) * N * K;
-        }
-        first += M;
-    }
-    g.A.upload(A), g.B.upload(B), g.C.upload(C);
-    return g;
-}
-
-// The loop: the project's linear_forward / linear_backward's two GEMMs, expert by expert.
-void loop(Gemm which, Blas& blas, const std::vector<int>& rows, int N, int K, const bf16* x, const bf16* W,
-          const bf16* dy, void* out) {
-    long first = 0;
-    for (size_t e = 0; e < rows.size(); e++) {
-        const bf16 *x_e = x + first * K, *dy_e = dy + first * N, *W_e = W + long(e) * N * K;
-        const int M = rows[e];
+        const long first = offsets[e];
+        const int M = offsets[e + 1] - offsets[e];
         if (which == Gemm::Forward)
-            matmul(blas, 0, static_cast<bf16*>(out) + first * N, x_e, W_e, Matmul{M, N, K, false, true});
+            fp8_matmul(Fp8Backend::CuBLASLt, blas, 0, o.out.data() + first * N, o.x.data() + first * K,
+                       o.W.data() + long(e) * N * K, o.x_s.data() + first * scale_tiles(K),
+                       o.W_s.data() + e * block_scale_count(N, K), M, N, K, BScales::Block, false);
         else if (which == Gemm::DataGrad)
-            matmul(blas, 0, static_cast<bf16*>(out) + first * K, dy_e, W_e, Matmul{M, K, N, false, false});
+            fp8_matmul(Fp8Backend::CuBLASLt, blas, 0, o.out.data() + first * K, o.dy.data() + first * N,
+                       o.W_t.data() + long(e) * N * K, o.dy_s.data() + first * scale_tiles(N),
+                       o.W_t_s.data() + e * block_scale_count(K, N), M, K, N, BScales::Block, false);
         else
-            matmul(blas, 0, static_cast<float*>(out) + long(e) * N * K, dy_e, x_e, Matmul{N, K, M, true, false});
-        first += M;
+            fp8_matmul(Fp8Backend::CuBLASLt, blas, 0, o.dW.data() + long(e) * N * K, o.dy_t.data() + first * N,
+                       o.x_t.data() + first * K, o.dy_t_s.data() + first / N_C * N, o.x_t_s.data() + first / N_C * K,
+                       N, K, M, BScales::Row, false);
     }
 }
 
-// Padded rows per expert for tokens x top_k pairs drawn with the skewed weights.
-std::vector<int> expert_rows(int tokens, int top_k, int E, double skew) {
+void grouped(Gemm which, const int* offsets, int E, int rows, Operands& o) {
+    const int N = o.N, K = o.K;
+    if (which == Gemm::Forward)
+        fp8_gemm_grouped_rows(o.out.data(), o.x.data(), o.W.data(), o.x_s.data(), o.W_s.data(), offsets, E, rows, N, K,
+                              false, 0);
+    else if (which == Gemm::DataGrad)
+        fp8_gemm_grouped_rows(o.out.data(), o.dy.data(), o.W_t.data(), o.dy_s.data(), o.W_t_s.data(), offsets, E,
+                              rows, K, N, false, 0);
+    else
+        fp8_gemm_grouped_reduction(o.dW.data(), o.dy_t.data(), o.x_t.data(), o.dy_t_s.data(), o.x_t_s.data(), offsets,
+                                   E, N, K, 0);
+}
+
+// Offsets of the experts' padded rows for tokens x top_k pairs drawn with the skewed weights.
+std::vector<int> expert_offsets(int tokens, int top_k, int E, double skew) {
     std::vector<double> cumulative(E);
     double total = 0.0;
     for (int e = 0; e < E; e++) cumulative[e] = total += 1.0 + skew * (e % 4 - 1.5) / 1.5;
@@ -106,8 +84,9 @@ std::vector<int> expert_rows(int tokens, int top_k, int E, double skew) {
         while (e + 1 < E && cumulative[e] <= u) e++;
         load[e]++;
     }
-    for (int& r : load) r = ceil_div(r, 128) * 128;
-    return load;
+    std::vector<int> offsets = {0};
+    for (int r : load) offsets.push_back(offsets.back() + ceil_div(r, 128) * 128);
+    return offsets;
 }
 
 }  // namespace
@@ -126,40 +105,29 @@ int main(int argc, char** argv) {
         return 2;
     }
     if (!require_gpu()) return 1;
-    const std::vector<int> rows = expert_rows(tokens, top_k, E, skew);
-    long total = 0;
+    const std::vector<int> offsets = expert_offsets(tokens, top_k, E, skew);
+    const int rows = offsets.back();
     std::printf("rows per expert (padded to 128):");
-    for (int r : rows) std::printf(" %d", r), total += r;
-    std::printf(
-        "\n\n| GEMM | N x K per expert | loop of cuBLASLt calls, ms | one grouped launch, ms |\n| --- | --- | --- | "
-        "--- |\n");
-
+    for (int e = 0; e < E; e++) std::printf(" %d", offsets[e + 1] - offsets[e]);
+    std::printf("\n\n| GEMM | N x K per expert | loop of cuBLASLt calls, ms | one grouped launch, ms |\n"
+                "| --- | --- | --- | --- |\n");
+    DeviceBuffer<int> device_offsets(offsets.size());
+    device_offsets.upload(offsets);
     Blas blas;
-    cublasHandle_t handle;
-    CUBLAS_CHECK(cublasCreate(&handle));
     struct Projection {
         const char* name;
         int N, K;
     };
     for (const Projection& p : {Projection{"gate_up_proj", 2 * I, d}, Projection{"down_proj", d, I}}) {
-        DeviceBuffer<bf16> x(total * p.K), W(long(E) * p.N * p.K), dy(total * p.N), y(total * std::max(p.N, p.K));
-        DeviceBuffer<float> dW(long(E) * p.N * p.K);
-        for (DeviceBuffer<bf16>* b : {&x, &W, &dy, &y}) CUDA_CHECK(cudaMemset(b->data(), 0, b->bytes()));
+        Operands o(rows, E, p.N, p.K);
         const std::pair<Gemm, const char*> gemms[] = {
             {Gemm::Forward, "y = x W^T"}, {Gemm::DataGrad, "dx = dy W"}, {Gemm::WeightGrad, "dW = dy^T x"}};
         for (const auto& gemm : gemms) {
             const Gemm which = gemm.first;
-            const char* what = gemm.second;
-            void* out = which == Gemm::WeightGrad ? static_cast<void*>(dW.data()) : static_cast<void*>(y.data());
-            const double loop_ms =
-                time_ms([&] { loop(which, blas, rows, p.N, p.K, x.data(), W.data(), dy.data(), out); });
-            const Grouped g = grouped(which, rows, p.N, p.K, x.data(), W.data(), dy.data(), out);
-            const double grouped_ms = time_ms([&] { g.run(handle); });
-            char grouped_text[32] = "not supported";
-            if (grouped_ms >= 0) std::snprintf(grouped_text, sizeof grouped_text, "%.3f", grouped_ms);
-            std::printf("| %s: %s | %d x %d | %.3f | %s |\n", p.name, what, p.N, p.K, loop_ms, grouped_text);
+            const double loop_ms = time_ms([&] { loop(which, blas, offsets, o); });
+            const double grouped_ms = time_ms([&] { grouped(which, device_offsets.data(), E, rows, o); });
+            std::printf("| %s: %s | %d x %d | %.3f | %.3f |\n", p.name, gemm.second, p.N, p.K, loop_ms, grouped_ms);
         }
     }
-    cublasDestroy(handle);
     return 0;
 }

@@ -229,6 +229,71 @@ TEST_SUITE("gpu") {
             }
     }
 
+    // One launch for a GEMM per group, as the routed experts run: every group's part of the result is the single
+    // GEMM of that group's operands, computed by the reference. Group 1 is empty, the launch covers rows past the
+    // last group (which it must leave alone), N and the groups' K end in partial tiles, and bf16 rows of 100 values
+    // take the scalar stores.
+    TEST_CASE_TEMPLATE("fp8_gemm_grouped_rows: each group's rows times its own weight, one launch", T, float, bf16) {
+        Rng rng(88);
+        const double tol = std::is_same<T, float>::value ? 2e-3 : 1e-2;
+        const std::vector<int> offsets = {0, 256, 256, 384};
+        const int groups = 3, R = offsets.back(), max_rows = 640, N = 100, K = 320;
+        DeviceBuffer<int> device_offsets(offsets.size());
+        device_offsets.upload(offsets);
+        std::vector<float> qA, sA, qB, sB;
+        std::vector<double> want(size_t(R) * N);
+        for (int g = 0; g < groups; g++) {
+            const int M = offsets[g + 1] - offsets[g];
+            Fp8Problem p = fp8_problem(M, N, K, true, rng);
+            qA.insert(qA.end(), p.qA.begin(), p.qA.end()), sA.insert(sA.end(), p.sA.begin(), p.sA.end());
+            qB.insert(qB.end(), p.qB.begin(), p.qB.end()), sB.insert(sB.end(), p.sB.begin(), p.sB.end());
+            std::copy(p.C.begin(), p.C.end(), want.begin() + size_t(offsets[g]) * N);
+        }
+        DeviceBuffer<fp8> A = upload_codes(qA), B = upload_codes(qB);
+        DeviceBuffer<float> sA_d = ref::upload<float>(sA), sB_d = ref::upload<float>(sB);
+        for (Fp8Mma mma : mma_kinds())
+            for (bool accumulate : {false, true}) {
+                CAPTURE(int(mma));
+                CAPTURE(accumulate);
+                ref::Tensor<T> C = ref::output<T>(rng, size_t(max_rows) * N, true);
+                std::vector<double> expect(C.host.begin(), C.host.end());
+                for (size_t i = 0; i < want.size(); i++) expect[i] = want[i] + (accumulate ? expect[i] : 0.0);
+                fp8_gemm_grouped_rows(C.device.data(), A.data(), B.data(), sA_d.data(), sB_d.data(),
+                                      device_offsets.data(), groups, max_rows, N, K, accumulate, stream, mma);
+                CHECK_CLOSE(ref::download(C.device), expect, tol);
+            }
+    }
+
+    // The weight gradient's form: per group, a product reduced over the group's own rows, whose transposed
+    // operands lie at the group's place; an empty group's product is zero.
+    TEST_CASE("fp8_gemm_grouped_reduction: each group's product over its own rows, one launch") {
+        Rng rng(89);
+        const std::vector<int> offsets = {0, 384, 384, 512};
+        const int groups = 3, M = 96, N = 200;
+        DeviceBuffer<int> device_offsets(offsets.size());
+        device_offsets.upload(offsets);
+        std::vector<float> qA, sA, qB, sB;
+        std::vector<double> want(size_t(groups) * M * N, 0.0);
+        for (int g = 0; g < groups; g++) {
+            const int rows = offsets[g + 1] - offsets[g];
+            if (rows == 0) continue;
+            Fp8Problem p = fp8_problem(M, N, rows, false, rng);
+            qA.insert(qA.end(), p.qA.begin(), p.qA.end()), sA.insert(sA.end(), p.sA.begin(), p.sA.end());
+            qB.insert(qB.end(), p.qB.begin(), p.qB.end()), sB.insert(sB.end(), p.sB.begin(), p.sB.end());
+            std::copy(p.C.begin(), p.C.end(), want.begin() + size_t(g) * M * N);
+        }
+        DeviceBuffer<fp8> A = upload_codes(qA), B = upload_codes(qB);
+        DeviceBuffer<float> sA_d = ref::upload<float>(sA), sB_d = ref::upload<float>(sB);
+        for (Fp8Mma mma : mma_kinds()) {
+            CAPTURE(int(mma));
+            DeviceBuffer<float> C(want.size());
+            ref::poison(C);
+            fp8_gemm_grouped_reduction(C.data(), A.data(), B.data(), sA_d.data(), sB_d.data(), device_offsets.data(),
+                                       groups, M, N, stream, mma);
+            CHECK_CLOSE(ref::download(C), want, 2e-3);
+        }
+    }
+
     // cuBLASLt's scale layouts are the ones fp8.cuh writes: the same reference checks both paths.
     TEST_CASE("fp8_gemm_cublaslt: the same products through cuBLASLt") {
         Rng rng(86);
