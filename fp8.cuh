@@ -209,6 +209,7 @@ __global__ void __launch_bounds__(TILE_THREADS)
     __shared__ uint32_t staged[N_C][STAGED_WORDS];
     int r0 = blockIdx.y * N_C;
     if (group_offsets) {
+        if (r0 >= group_offsets[groups]) return;  // past the last group, within the launch's bound
         int g = 0;
         while (g + 1 < groups && group_offsets[g + 1] <= r0) g++;
         const long first = group_offsets[g];
@@ -256,7 +257,8 @@ __global__ void __launch_bounds__(TILE_THREADS)
                           vector_columns);
 }
 
-// R rows in all; with group_offsets (on the device), `groups` groups of rows whose sizes are multiples of 128.
+// R rows in all; with group_offsets (on the device), `groups` groups of rows whose sizes are multiples of 128, R
+// rows at most.
 template <typename T>
 void quantize_rows_and_transposed(fp8* q, float* scales, fp8* qT, float* scalesT, int* nonfinite, const T* x, int R,
                                   int C, cudaStream_t s, const int* group_offsets = nullptr, int groups = 1) {
@@ -886,16 +888,25 @@ inline Fp8Tensor fp8_operand(int rows, int cols) {
 
 // The rows of a Linear's input, in groups: group g, rows [offsets[g], offsets[g + 1]), meets weight g (the routed
 // experts: group g is the tokens routed to expert g). With more than one group, every group's size is a multiple of
-// 128, so that no FP8 tile spans two groups, and the offsets are on the device too, for the quantizer and the
-// grouped GEMMs.
+// 128, so that no FP8 tile spans two groups, and the offsets are on the device: the quantizer and the grouped FP8
+// GEMMs read them there, launched for `bound` rows, so that the host need not wait for the routing. The GEMMs in the
+// model's precision run group by group, sized on the host: they need the offsets there too.
 struct RowGroups {
-    std::vector<int> offsets;
-    const int* device_offsets = nullptr;
-    static RowGroups all(int rows) { return {{0, rows}, nullptr}; }
-    int groups() const { return int(offsets.size()) - 1; }
-    int rows() const { return offsets.back(); }
-    int first(int g) const { return offsets[g]; }
-    int size(int g) const { return offsets[g + 1] - offsets[g]; }
+    std::vector<int> offsets;             // on the host, where it has them
+    const int* device_offsets = nullptr;  // on the device, with several groups
+    int count = 1;                        // groups
+    int bound = 0;                        // rows in all, or at most where only the device has the offsets
+
+    static RowGroups all(int rows) { return {{0, rows}, nullptr, 1, rows}; }
+    static RowGroups known(std::vector<int> host, const int* device) {
+        const int groups = int(host.size()) - 1, rows = host.back();
+        return {std::move(host), device, groups, rows};
+    }
+    static RowGroups on_device(const int* device, int groups, int max_rows) { return {{}, device, groups, max_rows}; }
+    int groups() const { return count; }
+    int rows() const { return bound; }
+    int first(int g) const { return offsets.at(g); }
+    int size(int g) const { return offsets.at(g + 1) - offsets.at(g); }
 };
 
 // y = x W^T (+ y); x_saved receives x^T in FP8 for the backward pass; x_q is scratch for the forward GEMM's A.

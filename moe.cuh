@@ -488,7 +488,7 @@ static __global__ void chunk_counts_kernel(int* chunk_counts, const int* expert,
 // One block, a thread per expert: the loads, offsets[0..E] (each group padded to whole tiles), chunk_first
 // [chunks, E], and source -1 for the padding rows.
 static __global__ void dispatch_offsets_kernel(int* counts, int* offsets, int* chunk_first, int* source,
-                                               const int* chunk_counts, int chunks, int E) {
+                                               const int* chunk_counts, int chunks, int E, int bound) {
     const int e = threadIdx.x;
     if (e < E) {
         int total = 0;
@@ -502,6 +502,7 @@ static __global__ void dispatch_offsets_kernel(int* counts, int* offsets, int* c
         offsets[E] = offset;
     }
     __syncthreads();
+    for (int row = offsets[E] + e; row < bound; row += blockDim.x) source[row] = -1;  // past the groups: padding too
     if (e >= E) return;
     int row = offsets[e];
     for (int c = 0; c < chunks; c++) chunk_first[long(c) * E + e] = row, row += chunk_counts[long(c) * E + e];
@@ -686,9 +687,8 @@ struct MoeActs {
     SwiGluActs<T> routed, shared;
     int* seq_counts;         // per sequence and expert: its tokens' top-K counts on s alone
     float *seq_P, *coef;     // per sequence and expert: the sum of s'; per segment and expert: dL/ds'
-    RowGroups rows;          // the groups of the last forward pass
-    std::vector<int> loads;  // its counts, on the host
-    int* host_counts;        // page-locked: where the counts arrive
+    RowGroups rows;    // the groups of the last forward pass
+    int* host_counts;  // page-locked: where its counts arrive
     cudaEvent_t counts_ready;
     int seq_len = 0;
 };
@@ -770,15 +770,16 @@ struct Moe {
         CUDA_CHECK_LAUNCH();
     }
 
-    // Each pair's row in the experts' buffer (dest, source, the groups' offsets); the loads start for the host,
-    // which needs them to size the experts' GEMMs, and the stream goes on meanwhile.
+    // Each pair's row in the experts' buffer (dest, source, the groups' offsets; source -1 for padding, up to the
+    // bound of grouped_rows); the loads start for the host, and the stream goes on meanwhile.
     template <typename T>
     void dispatch(const Ctx<T>& c, MoeActs<T>& A, int N) const {
         const int E = cfg.n_routed, pairs = N * cfg.top_k, chunks = ceil_div(pairs, DISPATCH_CHUNK);
         chunk_counts_kernel<<<chunks, DISPATCH_CHUNK, 0, c.stream>>>(A.chunk_counts, A.expert, pairs, E);
         CUDA_CHECK_LAUNCH();
         dispatch_offsets_kernel<<<1, MOE_MAX_EXPERTS, 0, c.stream>>>(A.counts, A.offsets, A.chunk_first, A.source,
-                                                                     A.chunk_counts, chunks, E);
+                                                                     A.chunk_counts, chunks, E,
+                                                                     int(grouped_rows(cfg, N)));
         CUDA_CHECK_LAUNCH();
         dispatch_kernel<<<chunks, DISPATCH_CHUNK, 0, c.stream>>>(A.dest, A.source, A.chunk_first, A.expert, pairs, E);
         CUDA_CHECK_LAUNCH();
@@ -786,15 +787,27 @@ struct Moe {
         CUDA_CHECK(cudaEventRecord(A.counts_ready, c.stream));
     }
 
-    // After dispatch: waits for the loads, sizes the groups, and gathers each pair's row of u.
+    // The loads of the last forward pass, on the host (waits for them).
     template <typename T>
-    void gather(const Ctx<T>& c, MoeActs<T>& A, const T* u) const {
-        const int E = cfg.n_routed;
+    std::vector<int> loads(const MoeActs<T>& A) const {
         CUDA_CHECK(cudaEventSynchronize(A.counts_ready));
-        A.loads.assign(A.host_counts, A.host_counts + E);
-        A.rows.offsets.assign(1, 0);
-        for (int e = 0; e < E; e++) A.rows.offsets.push_back(A.rows.offsets.back() + padded_rows(A.loads[e]));
-        A.rows.device_offsets = A.offsets;
+        return std::vector<int>(A.host_counts, A.host_counts + cfg.n_routed);
+    }
+
+    // After dispatch: the groups of rows, and each pair's row of u gathered into them. In FP8 the grouped GEMMs size
+    // themselves from the offsets on the device, so nothing waits for the routing; in the model's precision the
+    // experts' GEMMs run one by one, sized on the host, which waits for the loads.
+    template <typename T>
+    void gather(const Ctx<T>& c, MoeActs<T>& A, const T* u, int N) const {
+        const int E = cfg.n_routed;
+        if (c.fp8) {
+            A.rows = RowGroups::on_device(A.offsets, E, int(grouped_rows(cfg, N)));
+        } else {
+            const std::vector<int> counts = loads(A);
+            std::vector<int> offsets(E + 1, 0);
+            for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + padded_rows(counts[e]);
+            A.rows = RowGroups::known(offsets, A.offsets);
+        }
         gather_rows_kernel<<<pack_blocks(A.rows.rows(), d, PACK<T>), 256, 0, c.stream>>>(A.x_g, u, A.source,
                                                                                          A.rows.rows(), cfg.top_k, d);
         CUDA_CHECK_LAUNCH();
@@ -803,7 +816,7 @@ struct Moe {
     template <typename T>
     void group_by_expert(const Ctx<T>& c, MoeActs<T>& A, const T* u, int N) const {
         dispatch(c, A, N);
-        gather(c, A, u);
+        gather(c, A, u, N);
     }
 
     // y += MoE(u) for N tokens in sequences of seq_len; in training also the balance loss into *balance_loss.
@@ -820,7 +833,7 @@ struct Moe {
             CUDA_CHECK_LAUNCH();
             experts.forward_every_group(c, A.out_g, u, A.routed, N);
         } else {
-            gather(c, A, u);
+            gather(c, A, u, N);
             experts.forward(c, A.out_g, A.x_g, A.routed, A.rows, false);
         }
         combine(y, A.out_g, A.gate, A.dest, N, K, d, c.stream);

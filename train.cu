@@ -132,7 +132,7 @@ double record_expert_balance(Model<T>& model, const StepScalars& scalars, Json& 
     float bias_min = INFINITY, bias_max = -INFINITY;
     for (int l = 0; l < model.cfg.num_hidden_layers; l++) {
         if (!model.layers[l].moe) continue;
-        const std::vector<int>& load = model.acts[l].moe.loads;
+        const std::vector<int> load = model.layers[l].routed.loads(model.acts[l].moe);
         Json row = Json::array();
         for (int x : load) row.push_back(x);
         loads.push_back(row);

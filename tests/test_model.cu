@@ -206,7 +206,8 @@ TEST_SUITE("gpu") {
             std::vector<float> a = logits_of(*model, tokens), b = logits_of(loaded, tokens);
             CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
             if (c.has_moe()) {
-                std::vector<int> ra = loaded.acts[1].moe.loads, rb = model->acts[1].moe.loads;
+                std::vector<int> ra = loaded.layers[1].routed.loads(loaded.acts[1].moe),
+                                 rb = model->layers[1].routed.loads(model->acts[1].moe);
                 CHECK(ra == rb);
                 std::vector<int> ea(size_t(B) * T * c.num_experts_per_tok), eb(ea.size());
                 CUDA_CHECK(cudaMemcpy(ea.data(), model->acts[1].moe.expert, ea.size() * 4, cudaMemcpyDeviceToHost));

@@ -2,6 +2,7 @@
 // expert and its inverse, combine and its adjoints, a Linear of several weights (in the model's precision and in
 // FP8), the whole MoE layer's forward against the CPU reference and its backward against finite differences of it,
 // decoding's every-expert path, the bias update and the balance loss; host tests of the load statistics.
+#include <algorithm>
 #include <numeric>
 
 #include "../moe.cuh"
@@ -187,32 +188,47 @@ TEST_SUITE("gpu") {
         CHECK(share < 0.9);
     }
 
+    // In FP8 the grouped GEMMs size themselves on the device: the groups then run to the bound of grouped_rows,
+    // and the rows past the experts' must be padding (source -1, zero input). In the model's precision the host
+    // waits for the loads and the groups end with the last expert's.
     TEST_CASE("grouping by expert: pair order within an expert, groups padded to 128 rows, and the inverse") {
         Config c = model_ref::tiny_moe_config();
         const int N = 300, d = c.hidden_size, E = c.n_routed_experts, K = c.num_experts_per_tok;
-        MoeLayer<float> L(c, N, 3);
-        Rng rng(4);
-        std::vector<int> expert = random_choices(N, K, E, 3, rng);
-        upload(L.acts.expert, expert);
-        ref::Tensor<float> u = ref::input<float>(rng, size_t(N) * d);
-        L.moe.group_by_expert(L.ctx(), L.acts, u.data(), N);
-        Grouping want = group_on_cpu(expert, E);
-        REQUIRE(want.counts[0] > 128);  // expert 0 spans two tiles
-        CHECK(want.counts[3] == 0);
-        CHECK(L.acts.loads == want.counts);
-        CHECK(L.acts.rows.offsets == want.offsets);
-        CHECK(download(L.acts.offsets, E + 1) == want.offsets);
-        const int R = want.offsets.back();
-        CHECK(download(L.acts.dest, size_t(N) * K) == want.dest);
-        std::vector<int> source = download(L.acts.source, R);
-        CHECK(source == want.source);
-        for (size_t p = 0; p < expert.size(); p++) CHECK(source[want.dest[p]] == int(p));  // the inverse
-        std::vector<float> x_g = download(L.acts.x_g, size_t(R) * d);
-        int wrong = 0;
-        for (int r = 0; r < R; r++)
-            for (int j = 0; j < d; j++)
-                wrong += x_g[size_t(r) * d + j] != (source[r] < 0 ? 0.0f : u.host[size_t(source[r] / K) * d + j]);
-        CHECK(wrong == 0);
+        for (bool fp8 : {false, true}) {
+            CAPTURE(fp8);
+            MoeLayer<float> L(c, N, 3);
+            if (fp8) L.fp8 = std::make_unique<Fp8Scratch>(Fp8Backend::Own, 1, 1);
+            Rng rng(4);
+            std::vector<int> expert = random_choices(N, K, E, 3, rng);
+            upload(L.acts.expert, expert);
+            ref::Tensor<float> u = ref::input<float>(rng, size_t(N) * d);
+            L.moe.group_by_expert(L.ctx(), L.acts, u.data(), N);
+            Grouping want = group_on_cpu(expert, E);
+            REQUIRE(want.counts[0] > 128);  // expert 0 spans two tiles
+            CHECK(want.counts[3] == 0);
+            CHECK(L.moe.loads(L.acts) == want.counts);
+            CHECK(download(L.acts.offsets, E + 1) == want.offsets);
+            const int R = want.offsets.back(), rows = L.acts.rows.rows();
+            CHECK(L.acts.rows.groups() == E);
+            if (fp8) {
+                CHECK(L.acts.rows.offsets.empty());
+                CHECK(rows == Moe::grouped_rows(c.moe(), N));
+            } else {
+                CHECK(L.acts.rows.offsets == want.offsets);
+                CHECK(rows == R);
+            }
+            CHECK(download(L.acts.dest, size_t(N) * K) == want.dest);
+            std::vector<int> source = download(L.acts.source, rows);
+            CHECK(std::vector<int>(source.begin(), source.begin() + R) == want.source);
+            CHECK(std::count(source.begin() + R, source.end(), -1) == rows - R);
+            for (size_t p = 0; p < expert.size(); p++) CHECK(source[want.dest[p]] == int(p));  // the inverse
+            std::vector<float> x_g = download(L.acts.x_g, size_t(rows) * d);
+            int wrong = 0;
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < d; j++)
+                    wrong += x_g[size_t(r) * d + j] != (source[r] < 0 ? 0.0f : u.host[size_t(source[r] / K) * d + j]);
+            CHECK(wrong == 0);
+        }
     }
 
     TEST_CASE_TEMPLATE("combine, its adjoint and the gather's adjoint against the CPU", T, float, bf16) {
@@ -257,7 +273,7 @@ TEST_SUITE("gpu") {
 
     TEST_CASE_TEMPLATE("a Linear of several weights: each group of rows meets its own weight", T, float, bf16) {
         const int out = 96, in = 64, groups = 3;
-        const RowGroups rows{{0, 128, 128, 384}, nullptr};  // group 1 has no rows: its weight gradient is zero
+        const RowGroups rows = RowGroups::known({0, 128, 128, 384}, nullptr);  // group 1 has no rows: dW_1 = 0
         const int R = rows.rows();
         ParamLayout layout;
         Linear lin;
@@ -309,7 +325,7 @@ TEST_SUITE("gpu") {
         std::vector<int> offsets = {0, 256, 256, 384};  // group 0 spans two tiles, group 1 is empty
         DeviceBuffer<int> device_offsets(offsets.size());
         device_offsets.upload(offsets);
-        const RowGroups rows{offsets, device_offsets.data()};
+        const RowGroups rows = RowGroups::known(offsets, device_offsets.data());
         const int R = rows.rows();
         Rng rng(7);
         std::vector<float> W = ref::random_uniform(rng, size_t(groups) * out * in, -0.2, 0.2);
