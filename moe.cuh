@@ -121,6 +121,27 @@ struct SwiGlu {
     }
 };
 
+// Rows move 16 bytes at a time: PACK<T> values (rows of a MoE model are multiples of 8 values, Config::validate).
+template <typename T>
+constexpr int PACK = 16 / sizeof(T);
+
+template <typename T>
+__device__ __forceinline__ void load_pack(float (&v)[PACK<T>], const T* p) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* x = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < PACK<T>; i++) v[i] = to_float(x[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const float (&v)[PACK<T>]) {
+    uint4 raw;
+    T* x = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < PACK<T>; i++) x[i] = from_float<T>(v[i]);
+    *reinterpret_cast<uint4*>(p) = raw;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Router: scores, group-limited top-K on the biased scores, gates
 // ---------------------------------------------------------------------------------------------------------------
@@ -163,73 +184,48 @@ __device__ __forceinline__ void warp_top_k(int* chosen, const float (&value)[EXP
     }
 }
 
-// Tokens per warp in the router's logits: each W_g value a lane reads serves this many tokens.
-constexpr int ROUTER_TOKENS = 4, ROUTER_BLOCK_TOKENS = WARPS_PER_BLOCK * ROUTER_TOKENS;
-// The logits pass through shared memory ROUTER_CHUNK columns of u and W_g at a time (rows padded: conflict-free).
-constexpr int ROUTER_CHUNK = 32, ROUTER_W_STRIDE = ROUTER_CHUNK + 1, ROUTER_U_STRIDE = ROUTER_CHUNK + 4;
+// The router's logits, a thread per token and slice of ROUTER_SLICE experts: the thread reads its token's row of u
+// once, 16 bytes at a time, and sums each logit over the d columns in order, in FP32. The slice's columns of W_g pass
+// through shared memory ROUTER_CHUNK at a time, stored by column, so that a column's ROUTER_SLICE weights are four
+// 16-byte reads that all the block's threads share.
+constexpr int ROUTER_SLICE = 16, ROUTER_CHUNK = 128, ROUTER_THREADS = 64;
 
-inline size_t router_scores_smem(int E) {
-    return sizeof(float) * (size_t(E) * ROUTER_W_STRIDE + ROUTER_BLOCK_TOKENS * ROUTER_U_STRIDE);
-}
-
-// The logits u_t . e_i of the block's ROUTER_BLOCK_TOKENS tokens, ROUTER_TOKENS per warp: lane l sums those of
-// experts l, l + 32, ... (slot i: expert l + 32 i), each over the d columns in order, in FP32.
+// s = sigmoid(u W_g^T) [N, E]; blockIdx.y picks the slice of experts.
 template <typename T>
-__device__ __forceinline__ void router_logits(float (&logit)[ROUTER_TOKENS][EXPERT_SLOTS], float* W_chunk,
-                                              float* u_chunk, const T* u, const float* W_g, long n0, int N, int d,
-                                              int E) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+__global__ void __launch_bounds__(ROUTER_THREADS)
+    router_scores_kernel(float* scores, const T* u, const float* W_g, int N, int d, int E) {
+    __shared__ float4 W_chunk[ROUTER_CHUNK][ROUTER_SLICE / 4];
+    const long n = long(blockIdx.x) * ROUTER_THREADS + threadIdx.x;
+    const int e0 = blockIdx.y * ROUTER_SLICE;
+    float logit[ROUTER_SLICE] = {};
     for (int j0 = 0; j0 < d; j0 += ROUTER_CHUNK) {
         __syncthreads();  // the previous chunk is read
-        for (int i = threadIdx.x; i < E * ROUTER_CHUNK; i += blockDim.x) {
-            const int e = i / ROUTER_CHUNK, c = i % ROUTER_CHUNK;
-            W_chunk[e * ROUTER_W_STRIDE + c] = j0 + c < d ? W_g[long(e) * d + j0 + c] : 0.0f;
-        }
-        for (int i = threadIdx.x; i < ROUTER_BLOCK_TOKENS * ROUTER_CHUNK; i += blockDim.x) {
-            const long n = n0 + i / ROUTER_CHUNK;
-            const int c = i % ROUTER_CHUNK;
-            u_chunk[i / ROUTER_CHUNK * ROUTER_U_STRIDE + c] = n < N && j0 + c < d ? to_float(u[n * d + j0 + c]) : 0.0f;
+        float* column_major = reinterpret_cast<float*>(W_chunk);
+        for (int i = threadIdx.x; i < ROUTER_CHUNK * ROUTER_SLICE; i += ROUTER_THREADS) {
+            const int c = i / ROUTER_SLICE, e = e0 + i % ROUTER_SLICE;
+            column_major[i] = e < E && j0 + c < d ? W_g[long(e) * d + j0 + c] : 0.0f;
         }
         __syncthreads();
-        const float* u_rows = u_chunk + warp * ROUTER_TOKENS * ROUTER_U_STRIDE;
+        if (n >= N) continue;
+        for (int c = 0; c < min(ROUTER_CHUNK, d - j0); c += PACK<T>) {
+            float x[PACK<T>];
+            load_pack(x, u + n * d + j0 + c);
 #pragma unroll
-        for (int i = 0; i < EXPERT_SLOTS; i++) {
-            if (32 * i >= E) break;
-            const float* w = W_chunk + min(lane + 32 * i, E - 1) * ROUTER_W_STRIDE;
-#pragma unroll 2
-            for (int c = 0; c < ROUTER_CHUNK; c += 4) {
-                const float w4[4] = {w[c], w[c + 1], w[c + 2], w[c + 3]};
+            for (int v = 0; v < PACK<T>; v++)
 #pragma unroll
-                for (int t = 0; t < ROUTER_TOKENS; t++) {
-                    const float4 x = *reinterpret_cast<const float4*>(u_rows + t * ROUTER_U_STRIDE + c);
-                    logit[t][i] += x.x * w4[0];
-                    logit[t][i] += x.y * w4[1];
-                    logit[t][i] += x.z * w4[2];
-                    logit[t][i] += x.w * w4[3];
+                for (int q = 0; q < ROUTER_SLICE / 4; q++) {
+                    const float4 w = W_chunk[c + v][q];
+                    logit[4 * q] += x[v] * w.x;
+                    logit[4 * q + 1] += x[v] * w.y;
+                    logit[4 * q + 2] += x[v] * w.z;
+                    logit[4 * q + 3] += x[v] * w.w;
                 }
-            }
         }
     }
-}
-
-// s = sigmoid(u W_g^T) [N, E] for the block's ROUTER_BLOCK_TOKENS tokens.
-template <typename T>
-__global__ void router_scores_kernel(float* scores, const T* u, const float* W_g, int N, int d, int E) {
-    extern __shared__ float4 router_smem_v[];  // u's chunk (read as 4-float vectors), then W_g's chunk
-    float* router_smem = reinterpret_cast<float*>(router_smem_v);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const long n0 = long(blockIdx.x) * ROUTER_BLOCK_TOKENS;
-    float logit[ROUTER_TOKENS][EXPERT_SLOTS] = {};
-    router_logits(logit, router_smem + ROUTER_BLOCK_TOKENS * ROUTER_U_STRIDE, router_smem, u, W_g, n0, N, d, E);
+    if (n >= N) return;
 #pragma unroll
-    for (int t = 0; t < ROUTER_TOKENS; t++) {
-        const long n = n0 + warp * ROUTER_TOKENS + t;
-#pragma unroll
-        for (int i = 0; i < EXPERT_SLOTS; i++) {
-            const int e = lane + 32 * i;
-            if (n < N && e < E) scores[n * E + e] = 1.0f / (1.0f + expf(-logit[t][i]));
-        }
-    }
+    for (int k = 0; k < ROUTER_SLICE; k++)
+        if (e0 + k < E) scores[n * E + e0 + k] = 1.0f / (1.0f + expf(-logit[k]));
 }
 
 // One warp per token, lane l holding experts l, l + 32, ...: group scores (a lane per group), the topk_group best
@@ -325,21 +321,31 @@ __device__ __forceinline__ void router_token_grad(float* ds, float* d_logits, lo
     __syncwarp();
 }
 
-// One warp per token: its logits' gradients, then du += ds W_g.
+// One warp per ROUTER_WARP_TOKENS tokens: their logits' gradients, then du += ds W_g, each value of W_g read once for
+// all of them.
+constexpr int ROUTER_WARP_TOKENS = 4;
+
 template <typename T>
 __global__ void router_backward_kernel(float* d_logits, T* du, const float* d_gate, const float* scores,
                                        const float* score_sum, const int* expert, const float* coef, int seq_len,
                                        const float* W_g, int N, int d, MoeConfig m) {
-    extern __shared__ float router_smem[];  // per warp: ds [E]
+    extern __shared__ float router_smem[];  // per warp: ds [ROUTER_WARP_TOKENS, E]
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, E = m.n_routed;
-    const long n = long(blockIdx.x) * WARPS_PER_BLOCK + warp;
-    if (n >= N) return;
-    float* ds = router_smem + warp * E;
-    router_token_grad(ds, d_logits, n, d_gate, scores, score_sum, expert, coef, seq_len, m);
+    const long n0 = (long(blockIdx.x) * WARPS_PER_BLOCK + warp) * ROUTER_WARP_TOKENS;
+    if (n0 >= N) return;
+    const int tokens = int(min(long(ROUTER_WARP_TOKENS), N - n0));
+    float* ds = router_smem + warp * ROUTER_WARP_TOKENS * E;
+    for (int t = 0; t < tokens; t++)
+        router_token_grad(ds + t * E, d_logits, n0 + t, d_gate, scores, score_sum, expert, coef, seq_len, m);
     for (int j = lane; j < d; j += 32) {
-        float acc = 0.0f;
-        for (int e = 0; e < E; e++) acc += ds[e] * W_g[long(e) * d + j];
-        du[n * d + j] = from_float<T>(to_float(du[n * d + j]) + acc);
+        float acc[ROUTER_WARP_TOKENS] = {};
+        for (int e = 0; e < E; e++) {
+            const float w = W_g[long(e) * d + j];
+#pragma unroll
+            for (int t = 0; t < ROUTER_WARP_TOKENS; t++) acc[t] += ds[t * E + e] * w;
+        }
+        for (int t = 0; t < tokens; t++)
+            du[(n0 + t) * d + j] = from_float<T>(to_float(du[(n0 + t) * d + j]) + acc[t]);
     }
 }
 
@@ -434,31 +440,32 @@ static __global__ void balance_sums_kernel(int* seq_counts, float* seq_P, const 
     seq_P[long(seq) * E + e] = P_e, seq_counts[long(seq) * E + e] = count_e;
 }
 
-// Then one block, a thread per expert i: for each segment of seqs_per_segment sequences (one: V3's sequence-wise loss;
-// all: the batch-wise one), f_i and P_i from its sequences' sums in order, coef_i = dL/ds'_{i,t} for the backward
-// pass, and the loss, the mean over the segments.
+// Then one block, a thread per (segment, expert i) pair in turn: for each segment of seqs_per_segment sequences (one:
+// V3's sequence-wise loss; all: the batch-wise one), f_i and P_i from its sequences' sums in order, coef_i = dL/ds'_{i,t}
+// for the backward pass, and the loss, the mean over the segments: each thread's terms in order, then the threads'
+// sums in order (the same sum on every run).
 static __global__ void balance_loss_kernel(float* loss, float* coef, const int* seq_counts, const float* seq_P,
                                            int sequences, int seqs_per_segment, int seq_len, int E, int K,
                                            float alpha) {
     __shared__ float terms[MOE_MAX_EXPERTS];
-    const int e = threadIdx.x, segments = sequences / seqs_per_segment;
+    const int segments = sequences / seqs_per_segment;
     const float T = float(seq_len) * float(seqs_per_segment);
     float term = 0.0f;
-    if (e < E)
-        for (int seg = 0; seg < segments; seg++) {
-            float P = 0.0f;
-            int count = 0;
-            for (int q = seg * seqs_per_segment; q < (seg + 1) * seqs_per_segment; q++)
-                P += seq_P[long(q) * E + e], count += seq_counts[long(q) * E + e];
-            const float f = float(E) / (float(K) * T) * float(count);
-            coef[long(seg) * E + e] = alpha * f / (T * float(segments));
-            term += alpha * f * (P / T) / float(segments);
-        }
-    terms[e] = term;
+    for (int i = threadIdx.x; i < segments * E; i += blockDim.x) {
+        const int seg = i / E, e = i % E;
+        float P = 0.0f;
+        int count = 0;
+        for (int q = seg * seqs_per_segment; q < (seg + 1) * seqs_per_segment; q++)
+            P += seq_P[long(q) * E + e], count += seq_counts[long(q) * E + e];
+        const float f = float(E) / (float(K) * T) * float(count);
+        coef[long(seg) * E + e] = alpha * f / (T * float(segments));
+        term += alpha * f * (P / T) / float(segments);
+    }
+    terms[threadIdx.x] = term;
     __syncthreads();
-    if (e == 0) {
+    if (threadIdx.x == 0) {
         float sum = 0.0f;
-        for (int i = 0; i < E; i++) sum += terms[i];
+        for (int t = 0; t < blockDim.x; t++) sum += terms[t];
         *loss = sum;
     }
 }
@@ -525,27 +532,6 @@ static __global__ void dispatch_kernel(int* dest, int* source, const int* chunk_
     for (int w = 0; w < warp; w++) before += warp_counts[w][e];
     const int row = chunk_first[long(blockIdx.x) * E + e] + before + rank;
     dest[p] = row, source[row] = p;
-}
-
-// Rows move 16 bytes at a time: PACK<T> values (rows of a MoE model are multiples of 8 values, Config::validate).
-template <typename T>
-constexpr int PACK = 16 / sizeof(T);
-
-template <typename T>
-__device__ __forceinline__ void load_pack(float (&v)[PACK<T>], const T* p) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* x = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < PACK<T>; i++) v[i] = to_float(x[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store_pack(T* p, const float (&v)[PACK<T>]) {
-    uint4 raw;
-    T* x = reinterpret_cast<T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < PACK<T>; i++) x[i] = from_float<T>(v[i]);
-    *reinterpret_cast<uint4*>(p) = raw;
 }
 
 // A thread per 16 bytes of the output rows: which row, and which pack in it.
@@ -757,12 +743,8 @@ struct Moe {
     // s, the chosen experts and their gates for N tokens; with plain, also the top K of s alone.
     template <typename T>
     void route(const Ctx<T>& c, MoeActs<T>& A, const T* u, int N, bool plain) const {
-        const size_t smem = router_scores_smem(cfg.n_routed);
-        if (smem > 48 * 1024)  // many experts need more than the default dynamic shared memory
-            CUDA_CHECK(
-                cudaFuncSetAttribute(router_scores_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-        router_scores_kernel<<<ceil_div(N, ROUTER_BLOCK_TOKENS), WARPS_PER_BLOCK * 32, smem, c.stream>>>(
-            A.scores, u, c.w32(gate), N, d, cfg.n_routed);
+        router_scores_kernel<<<dim3(ceil_div(N, ROUTER_THREADS), ceil_div(cfg.n_routed, ROUTER_SLICE)), ROUTER_THREADS,
+                               0, c.stream>>>(A.scores, u, c.w32(gate), N, d, cfg.n_routed);
         CUDA_CHECK_LAUNCH();
         router_choose_kernel<<<ceil_div(N, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32,
                                sizeof(float) * WARPS_PER_BLOCK * cfg.n_routed, c.stream>>>(
@@ -863,8 +845,8 @@ struct Moe {
         experts.backward(c, G.d_x, G.d_out, A.x_g, A.routed, G.routed, A.rows, false);
         gather_backward(du, G.d_x, A.dest, N, K, d, c.stream);
         shared.backward(c, du, dy, u, A.shared, G.shared, RowGroups::all(N), true);
-        router_backward_kernel<<<ceil_div(N, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32,
-                                 sizeof(float) * WARPS_PER_BLOCK * E, c.stream>>>(
+        router_backward_kernel<<<ceil_div(N, WARPS_PER_BLOCK * ROUTER_WARP_TOKENS), WARPS_PER_BLOCK * 32,
+                                 sizeof(float) * WARPS_PER_BLOCK * ROUTER_WARP_TOKENS * E, c.stream>>>(
             G.d_logits, du, G.d_gate, A.scores, A.score_sum, A.expert, balancing.alpha > 0.0f ? A.coef : nullptr,
             A.seq_len, c.w32(gate), N, d, cfg);
         CUDA_CHECK_LAUNCH();

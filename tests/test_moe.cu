@@ -188,6 +188,27 @@ TEST_SUITE("gpu") {
         CHECK(share < 0.9);
     }
 
+    // The scores' kernel takes the experts in slices of 16 and the columns in chunks of 128: 40 experts end in a
+    // partial slice, 264 columns in a partial chunk.
+    TEST_CASE_TEMPLATE("router scores: slices of experts and chunks of columns", T, float, bf16) {
+        Config c = model_ref::tiny_moe_config();
+        c.hidden_size = 264, c.n_routed_experts = 40, c.n_group = 4;
+        const int N = 70, d = c.hidden_size, E = c.n_routed_experts;
+        MoeLayer<T> L(c, N, 11);
+        Rng rng(12);
+        ref::Tensor<T> u = ref::input<T>(rng, size_t(N) * d);
+        L.moe.route(L.ctx(), L.acts, u.data(), N, false);
+        const float* W_g = L.param(L.moe.gate);
+        std::vector<double> want(size_t(N) * E);
+        for (int t = 0; t < N; t++)
+            for (int e = 0; e < E; e++) {
+                double logit = 0.0;
+                for (int j = 0; j < d; j++) logit += double(u.host[size_t(t) * d + j]) * W_g[size_t(e) * d + j];
+                want[size_t(t) * E + e] = 1.0 / (1.0 + std::exp(-logit));
+            }
+        CHECK_CLOSE(download(L.acts.scores, want.size()), want, 1e-5);
+    }
+
     // In FP8 the grouped GEMMs size themselves on the device: the groups then run to the bound of grouped_rows,
     // and the rows past the experts' must be padding (source -1, zero input). In the model's precision the host
     // waits for the loads and the groups end with the last expert's.
