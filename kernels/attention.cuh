@@ -100,18 +100,28 @@ __device__ __forceinline__ void rope_chunk(float (&x)[P], const T* at, int r0, c
     }
 }
 
+// Calls chunk(it, token_cs) for every item of the block's tokens: a (token, head) and a chunk of P values of its
+// [Q row | K row | V row], with token_cs its token's row of rope_table. The pack kernel and its adjoint walk the
+// same items.
+template <int P, typename Chunk>
+__device__ __forceinline__ void for_each_qkv_chunk(const MlaDims& m, Chunk chunk) {
+    const int per_head = (2 * m.d_qk() + m.d_v) / P;
+    const float2* cs = rope_table(m);
+    for (int i = threadIdx.x; i < MLA_TOKENS * m.H * per_head; i += blockDim.x) {
+        const MlaItem it = mla_item(i, per_head, P, m);
+        if (it.n >= m.N()) return;
+        chunk(it, cs + it.slot * (m.d_rope / 2));
+    }
+}
+
 // Q, K and V in the head layout, a (token, head) at a time: its chunks of [Q row | K row | V row]. q_nope, k_nope
 // and v are copied; q_rope and k_rope (the latter from kva, shared by the heads) are rotated.
 template <typename T, int P>
 __global__ void __launch_bounds__(MLA_THREADS)
     mla_pack_kernel(T* __restrict__ Q, T* __restrict__ K, T* __restrict__ V, const T* __restrict__ q,
                     const T* __restrict__ kva, const T* __restrict__ kvb, MlaDims m) {
-    const int d_qk = m.d_qk(), per_head = (2 * d_qk + m.d_v) / P;
-    const float2* cs = rope_table(m);
-    for (int i = threadIdx.x; i < MLA_TOKENS * m.H * per_head; i += blockDim.x) {
-        const MlaItem it = mla_item(i, per_head, P, m);
-        if (it.n >= m.N()) return;
-        const float2* token_cs = cs + it.slot * (m.d_rope / 2);
+    const int d_qk = m.d_qk();
+    for_each_qkv_chunk<P>(m, [=](const MlaItem& it, const float2* token_cs) {
         const T* qh = q + it.token_head * d_qk;
         const T* kvh = kvb + it.token_head * (m.d_nope + m.d_v);
         int c = it.c;
@@ -130,7 +140,7 @@ __global__ void __launch_bounds__(MLA_THREADS)
             load_chunk(x, kvh + m.d_nope + c);
             store_chunk(V + it.row * m.d_v + c, x);
         }
-    }
+    });
 }
 
 // The adjoint of mla_pack_kernel for q and kvb: the gradients move back through the layout and the rotation. The
@@ -139,12 +149,8 @@ template <typename T, int P>
 __global__ void __launch_bounds__(MLA_THREADS)
     mla_unpack_qkv_kernel(T* __restrict__ dq, T* __restrict__ dkvb, const T* __restrict__ dQ, const T* __restrict__ dK,
                           const T* __restrict__ dV, MlaDims m) {
-    const int d_qk = m.d_qk(), per_head = (2 * d_qk + m.d_v) / P;
-    const float2* cs = rope_table(m);
-    for (int i = threadIdx.x; i < MLA_TOKENS * m.H * per_head; i += blockDim.x) {
-        const MlaItem it = mla_item(i, per_head, P, m);
-        if (it.n >= m.N()) return;
-        const float2* token_cs = cs + it.slot * (m.d_rope / 2);
+    const int d_qk = m.d_qk();
+    for_each_qkv_chunk<P>(m, [=](const MlaItem& it, const float2* token_cs) {
         T* dqh = dq + it.token_head * d_qk;
         T* dkvh = dkvb + it.token_head * (m.d_nope + m.d_v);
         int c = it.c;
@@ -155,7 +161,7 @@ __global__ void __launch_bounds__(MLA_THREADS)
             if (c >= m.d_nope) rope_chunk(x, from, c - m.d_nope, token_cs, true);
             store_chunk(dqh + c, x);
         } else if ((c -= d_qk) < d_qk) {
-            if (c >= m.d_nope) continue;
+            if (c >= m.d_nope) return;  // k_rope is left to mla_unpack_krope_kernel
             load_chunk(x, dK + it.row * d_qk + c);
             store_chunk(dkvh + c, x);
         } else {
@@ -163,7 +169,7 @@ __global__ void __launch_bounds__(MLA_THREADS)
             load_chunk(x, dV + it.row * m.d_v + c);
             store_chunk(dkvh + m.d_nope + c, x);
         }
-    }
+    });
 }
 
 // Moves per-head outputs [B*H, T, d_v] to token rows [N, H*d_v] (to_tokens) or back (the backward pass).
