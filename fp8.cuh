@@ -821,7 +821,8 @@ void fp8_gemm_cublaslt(Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const 
                                 blas.workspace.data(), blas.workspace.bytes(), s));
 }
 
-// Which implementation runs the FP8 GEMMs of a Linear.
+// Which implementation runs the FP8 GEMMs of a Linear of one weight; a Linear's groups of rows (the routed experts)
+// always run as our grouped launch, which cuBLASLt has no counterpart of.
 enum class Fp8Backend { Own, CuBLASLt };
 
 template <typename OutT>

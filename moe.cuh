@@ -24,9 +24,11 @@
 // [offset_e, offset_e + count_e) of one buffer, each group padded with zero rows to a multiple of 128 (so that no
 // FP8 tile spans two experts, and the GEMM shapes repeat from step to step), in token order within a group (a stable
 // order: runs repeat bit for bit). Each expert's GEMMs run over its rows; the outputs come back to their tokens in a
-// fixed order, each weighted by its gate. The counts come to the host once per layer, to size the GEMMs, while the
-// shared experts run. The sampler's decode step, which replays as a CUDA graph and must not wait for the host, runs
-// every expert on its few tokens instead, and combines the chosen ones the same way.
+// fixed order, each weighted by its gate. In FP8 one launch runs a GEMM for every expert, sized on the device from
+// the groups' offsets, so the host never waits for the routing; in the model's precision the experts' GEMMs run one
+// by one, and the counts come to the host once per layer, to size them, while the shared experts run. The sampler's
+// decode step, which replays as a CUDA graph and must not wait for the host, runs every expert on its few tokens
+// instead, and combines the chosen ones the same way.
 #pragma once
 
 #include <algorithm>
@@ -441,9 +443,9 @@ static __global__ void balance_sums_kernel(int* seq_counts, float* seq_P, const 
 }
 
 // Then one block, a thread per (segment, expert i) pair in turn: for each segment of seqs_per_segment sequences (one:
-// V3's sequence-wise loss; all: the batch-wise one), f_i and P_i from its sequences' sums in order, coef_i = dL/ds'_{i,t}
-// for the backward pass, and the loss, the mean over the segments: each thread's terms in order, then the threads'
-// sums in order (the same sum on every run).
+// V3's sequence-wise loss; all: the batch-wise one), f_i and P_i from its sequences' sums in order, coef_i =
+// dL/ds'_{i,t} for the backward pass, and the loss, the mean over the segments: each thread's terms in order, then the
+// threads' sums in order (the same sum on every run).
 static __global__ void balance_loss_kernel(float* loss, float* coef, const int* seq_counts, const float* seq_P,
                                            int sequences, int seqs_per_segment, int seq_len, int E, int K,
                                            float alpha) {
@@ -671,10 +673,10 @@ struct MoeActs {
     int *chunk_counts, *chunk_first;   // per chunk of pairs and expert: its pairs, and the row of its first
     T *x_g, *out_g;                    // the experts' input and output rows
     SwiGluActs<T> routed, shared;
-    int* seq_counts;         // per sequence and expert: its tokens' top-K counts on s alone
-    float *seq_P, *coef;     // per sequence and expert: the sum of s'; per segment and expert: dL/ds'
-    RowGroups rows;    // the groups of the last forward pass
-    int* host_counts;  // page-locked: where its counts arrive
+    int* seq_counts;      // per sequence and expert: its tokens' top-K counts on s alone
+    float *seq_P, *coef;  // per sequence and expert: the sum of s'; per segment and expert: dL/ds'
+    RowGroups rows;       // the groups of the last forward pass
+    int* host_counts;     // page-locked: where its counts arrive
     cudaEvent_t counts_ready;
     int seq_len = 0;
 };
@@ -759,9 +761,8 @@ struct Moe {
         const int E = cfg.n_routed, pairs = N * cfg.top_k, chunks = ceil_div(pairs, DISPATCH_CHUNK);
         chunk_counts_kernel<<<chunks, DISPATCH_CHUNK, 0, c.stream>>>(A.chunk_counts, A.expert, pairs, E);
         CUDA_CHECK_LAUNCH();
-        dispatch_offsets_kernel<<<1, MOE_MAX_EXPERTS, 0, c.stream>>>(A.counts, A.offsets, A.chunk_first, A.source,
-                                                                     A.chunk_counts, chunks, E,
-                                                                     int(grouped_rows(cfg, N)));
+        dispatch_offsets_kernel<<<1, MOE_MAX_EXPERTS, 0, c.stream>>>(
+            A.counts, A.offsets, A.chunk_first, A.source, A.chunk_counts, chunks, E, int(grouped_rows(cfg, N)));
         CUDA_CHECK_LAUNCH();
         dispatch_kernel<<<chunks, DISPATCH_CHUNK, 0, c.stream>>>(A.dest, A.source, A.chunk_first, A.expert, pairs, E);
         CUDA_CHECK_LAUNCH();
@@ -809,7 +810,7 @@ struct Moe {
         const bool balance_loss_on = !c.decoding && balancing.alpha > 0.0f;
         route(c, A, u, N, balance_loss_on);
         if (!c.decoding) dispatch(c, A, N);
-        shared.forward(c, y, u, A.shared, RowGroups::all(N), true);  // the GPU's work while the loads travel
+        shared.forward(c, y, u, A.shared, RowGroups::all(N), true);  // GPU work while a host waits for the loads
         if (c.decoding) {
             every_expert_dest_kernel<<<elementwise_blocks(long(N) * K), 256, 0, c.stream>>>(A.dest, A.expert, N, K);
             CUDA_CHECK_LAUNCH();

@@ -115,7 +115,8 @@ struct Options {
         f.add("init", &init, "checkpoint folder to start from (needed by every stage but pretrain)");
         f.add("config", &config_path, "config.json with the model shape (default: the demo model)");
         f.add("precision", &precision, "fp8 (bf16 with every projection's GEMMs in FP8) | bf16 | fp32");
-        f.add("fp8-gemm", &fp8_gemm, "the FP8 GEMMs of --precision fp8: cublaslt (the faster) | own (fp8.cuh's kernel)");
+        f.add("fp8-gemm", &fp8_gemm,
+              "the FP8 GEMMs of --precision fp8 outside the routed experts (ours, grouped): cublaslt (the faster) | own");
         f.add("steps", &steps, "optimizer steps");
         f.add("batch", &batch, "sequences per step");
         f.add("seq", &seq, "tokens per sequence");
