@@ -195,6 +195,13 @@ __device__ void store_tile_transposed(fp8* qT, uint32_t (*staged)[STAGED_WORDS],
 // A NaN or Inf anywhere sets *nonfinite (the step that made it must be skipped: V3 trains without loss scaling,
 // so a non-finite value is a diverging step, not an overflow to retry).
 //
+// The group that row r lies in, for groups + 1 ascending offsets on the device with r below the last.
+__device__ __forceinline__ int group_of_row(const int* offsets, int groups, int r) {
+    int g = 0;
+    while (g + 1 < groups && offsets[g + 1] <= r) g++;
+    return g;
+}
+
 // With row groups (group_offsets, groups + 1 ascending multiples of 128; the routed experts' rows), each group's rows
 // are a matrix of their own: quantized, scaled and transposed on their own, at the group's place in the outputs
 // (rows from offset g: q and x at offset_g * C, scales at offset_g * ceil(C/128), qT at offset_g * C as
@@ -210,8 +217,7 @@ __global__ void __launch_bounds__(TILE_THREADS)
     int r0 = blockIdx.y * N_C;
     if (group_offsets) {
         if (r0 >= group_offsets[groups]) return;  // past the last group, within the launch's bound
-        int g = 0;
-        while (g + 1 < groups && group_offsets[g + 1] <= r0) g++;
+        const int g = group_of_row(group_offsets, groups, r0);
         const long first = group_offsets[g];
         x += first * C, q += first * C, qT += first * C;
         scales += first * scale_tiles(C), scalesT += first / N_C * C;
@@ -608,7 +614,7 @@ __device__ void store_staged_tile(const Fp8GemmArgs<OutT>& p, const float* stage
 
 // The output tile (m0, n0): two warpgroups, each 64 rows of it, and a pipeline of WGMMA_STAGES K-blocks: while the
 // tensor cores multiply block kb, blocks kb+1 .. kb+STAGES-1 are being copied in. Per block: four wgmma of K = 32
-// into the tensor cores' partial sum, wait for them, and promote (V3 §3.3.2, as in fp8_gemm_kernel). Without
+// into the tensor cores' partial sum, wait for them, and promote (V3 §3.3.2, as in sync_mma_tile). Without
 // promotion the partial sum runs over all of K and the last block's scales serve for all of it.
 template <typename OutT, BScales b_scales, bool promote>
 __device__ void wgmma_tile(const Fp8GemmArgs<OutT>& p, int m0, int n0) {
@@ -653,7 +659,6 @@ __device__ void wgmma_tile(const Fp8GemmArgs<OutT>& p, int m0, int n0) {
             }
         }
     }
-
 
     __syncthreads();  // both warpgroups are done with the stages: they hold the output tile now
     float* staged = reinterpret_cast<float*>(wgmma_smem);
@@ -703,8 +708,7 @@ template <GemmGrouping grouping, typename OutT>
 __device__ bool select_group(Fp8GemmArgs<OutT>& p, int& m0, const int* offsets, int groups) {
     if constexpr (grouping == GemmGrouping::Rows) {
         if (m0 >= offsets[groups]) return false;
-        int g = 0;
-        while (offsets[g + 1] <= m0) g++;
+        const int g = group_of_row(offsets, groups, m0);
         const long first = offsets[g];
         p.M = offsets[g + 1] - int(first), m0 -= int(first);
         p.C += first * p.N, p.A += first * p.K, p.scale_a += first * scale_tiles(p.K);
