@@ -147,6 +147,7 @@ struct GrpoOptions {
     Normalization norm = Normalization::Sequence;
     bool skip_uniform_groups = false;  // DAPO's dynamic sampling, as a filter: equal-reward groups drop out
     bool r1zero_template = false;      // R1-Zero's instruction prompt instead of the chat prompt
+    bool speculative = true;           // rollouts drafted by the MTP module (the same distribution, fewer passes)
     rewards::RewardConfig reward;
 };
 
@@ -154,6 +155,7 @@ struct GrpoStats {
     double reward = 0, accuracy = 0, format = 0, language = 0, mixing = 0, response_tokens = 0;
     double objective = 0, kl = 0, clip_fraction = 0;  // of the last update, over the tokens that carry weight
     int samples = 0, uniform_groups = 0;
+    DraftCounts drafts;  // of the rollouts' speculative decoding
     // Tokens through the model in forward-pass units (a backward pass counts twice): sampling, the reference and
     // old-policy log-probabilities, and each update. The compute of a step is this times the forward FLOPs/token.
     double forward_tokens = 0;
@@ -232,9 +234,11 @@ struct GrpoTrainer {
         sampling.temperature = o.loss.temperature;
         sampling.seed = rng_hash(seed, 0x67727030ull, uint64_t(rl_step));
         sampling.stop_a = data::ANSWER_END, sampling.stop_b = data::EOS, sampling.max_new = o.max_new;
+        sampling.speculative = o.speculative;
         std::vector<std::vector<int>> responses = sampler.generate(prompts, sampling);
 
         GrpoStats stats;
+        for (const DraftCounts& d : sampler.draft_counts(int(prompts.size()))) stats.drafts += d;
         std::vector<float> totals(responses.size());
         for (size_t i = 0; i < responses.size(); i++) {
             const data::Problem& p = problems[i / o.group];

@@ -2,6 +2,7 @@
 //
 //   tokens -> embedding -> L x [ RMSNorm -> MLA -> +residual -> RMSNorm -> FFN -> +residual ]
 //          -> RMSNorm -> lm_head -> cross-entropy
+//   and D multi-token prediction modules on the last hidden state (V3 §2.2, mtp.cuh) -> the same lm_head
 //
 // MLA (V3 §2.1.1) per layer, with the names of the Hugging Face checkpoint:
 //   c_q  = RMSNorm(q_a_proj h)                       [N, q_lora_rank]            eq. 6
@@ -14,7 +15,7 @@
 // The decoder block is written once, in parts that training and the sampler's decode step (sampler.cuh) share:
 // attention_inputs (the projections that attention reads), attention_output (o_proj into the residual stream) and
 // ffn. Between the first two, training runs attention over whole sequences (kernels/attention.cuh), decoding over
-// the latent cache.
+// the latent cache. The MTP modules reuse the same block.
 #pragma once
 
 #include <algorithm>
@@ -30,6 +31,7 @@
 #include "kernels/layers.cuh"
 #include "kernels/params.h"
 #include "moe.cuh"
+#include "mtp.cuh"
 
 // transformers builds q_a_layernorm and kv_a_layernorm with its RMSNorm's default eps, whatever rms_norm_eps says.
 constexpr float LATENT_NORM_EPS = 1e-6f;
@@ -62,6 +64,8 @@ struct Config {
     int moe_intermediate_size = 256;
     float routed_scaling_factor = 2.5f;
     bool norm_topk_prob = true;
+    // D, the depth of multi-token prediction (V3 §2.2): MTP modules after the main model (0: none)
+    int num_nextn_predict_layers = 1;
 
     // The one list of the fields: config.json is read, written and checked through it.
     template <typename Self, typename Visit>
@@ -89,6 +93,7 @@ struct Config {
         visit("moe_intermediate_size", c.moe_intermediate_size, Bound::Positive);
         visit("routed_scaling_factor", c.routed_scaling_factor, Bound::Positive);
         visit("norm_topk_prob", c.norm_topk_prob, Bound::NonNegative);
+        visit("num_nextn_predict_layers", c.num_nextn_predict_layers, Bound::NonNegative);
     }
     template <typename Visit>
     void fields(Visit&& visit) {
@@ -102,6 +107,8 @@ struct Config {
     int qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
     bool is_moe(int layer) const { return layer >= first_k_dense_replace; }
     bool has_moe() const { return first_k_dense_replace < num_hidden_layers; }
+    // An MTP module's block has the FFN of the model's last layer (V3: MoE), so it needs no buffers of a new kind.
+    bool mtp_moe() const { return is_moe(num_hidden_layers - 1); }
     MoeConfig moe() const {
         return {n_routed_experts, n_shared_experts,    num_experts_per_tok,  n_group,
                 topk_group,       moe_intermediate_size, routed_scaling_factor, norm_topk_prob};
@@ -154,66 +161,108 @@ struct Layer {
     bool moe = false;
     SwiGlu mlp;  // the FFN of a dense layer
     Moe routed;  // the FFN of a MoE layer
+
+    // The tensors of the decoder block named p ("model.layers.3."), with a MoE or a dense FFN.
+    static Layer declare(ParamLayout& layout, const std::string& p, const Config& c, bool moe, int N) {
+        const int d = c.hidden_size, H = c.num_attention_heads;
+        Layer L;
+        Mla& a = L.attn;
+        a.input_norm = layout.norm(p + "input_layernorm.weight", d);
+        a.q_a = Linear::declare(layout, p + "self_attn.q_a_proj.weight", c.q_lora_rank, d, N);
+        a.q_a_norm = layout.norm(p + "self_attn.q_a_layernorm.weight", c.q_lora_rank);
+        a.q_b = Linear::declare(layout, p + "self_attn.q_b_proj.weight", H * c.qk_head_dim(), c.q_lora_rank, N);
+        a.kv_a = Linear::declare(layout, p + "self_attn.kv_a_proj_with_mqa.weight",
+                                 c.kv_lora_rank + c.qk_rope_head_dim, d, N);
+        a.kv_a_norm = layout.norm(p + "self_attn.kv_a_layernorm.weight", c.kv_lora_rank);
+        a.kv_b = Linear::declare(layout, p + "self_attn.kv_b_proj.weight", H * (c.qk_nope_head_dim + c.v_head_dim),
+                                 c.kv_lora_rank, N);
+        a.o = Linear::declare(layout, p + "self_attn.o_proj.weight", d, H * c.v_head_dim, N, Init::ResidualNormal);
+        L.post_norm = layout.norm(p + "post_attention_layernorm.weight", d);
+        L.moe = moe;
+        if (moe)
+            L.routed = Moe::declare(layout, p + "mlp.", c.moe(), d, N);
+        else
+            L.mlp = SwiGlu::declare(layout, {p + "mlp."}, d, c.intermediate_size, N);
+        return L;
+    }
+
+    std::vector<Linear*> linears() {
+        std::vector<Linear*> out = {&attn.q_a, &attn.q_b, &attn.kv_a, &attn.kv_b, &attn.o};
+        for (SwiGlu* f : moe ? std::vector<SwiGlu*>{&routed.shared, &routed.experts} : std::vector<SwiGlu*>{&mlp})
+            out.push_back(&f->gate_up), out.push_back(&f->down);
+        return out;
+    }
+};
+
+// One MTP module (V3 §2.2), stored as DeepSeek's release stores it: at layer index num_hidden_layers + k - 1, its
+// norms and projection beside a full decoder block, the embedding and the output head shared with the main model.
+struct MtpModule {
+    int enorm = -1, hnorm = -1, head_norm = -1;
+    Linear eh_proj;  // M_k [d, 2d]
+    Layer block;     // TRM_k
+
+    static MtpModule declare(ParamLayout& layout, const std::string& p, const Config& c, int N) {
+        const int d = c.hidden_size;
+        MtpModule m;
+        m.enorm = layout.norm(p + "enorm.weight", d);
+        m.hnorm = layout.norm(p + "hnorm.weight", d);
+        m.eh_proj = Linear::declare(layout, p + "eh_proj.weight", d, 2 * d, N);
+        m.block = Layer::declare(layout, p, c, c.mtp_moe(), N);
+        m.head_norm = layout.norm(p + "shared_head.norm.weight", d);
+        return m;
+    }
 };
 
 // Every module's tensors in one parameter layout, as the modules declare them; no device memory. The declaration
 // order puts a dense layer's matrices and norm weights where they have always been, so older checkpoints and runs
-// keep their meaning. max_tokens: the most tokens a forward pass takes (sizes the FP8 buffers).
+// keep their meaning; the MTP modules come last. max_tokens: the most tokens a forward pass takes (sizes the FP8
+// buffers).
 struct Architecture {
     ParamLayout layout;
     int embed = -1, lm_head = -1, final_norm = -1;
     std::vector<Layer> layers;
+    std::vector<MtpModule> mtp;
+    int first_mtp_tensor = 0;  // the MTP modules' tensors are this one and every one after it
 
     Architecture(const Config& c, int max_tokens) {
         c.validate();
-        const int d = c.hidden_size, H = c.num_attention_heads, N = max_tokens;
+        const int d = c.hidden_size;
         embed = layout.matrix("model.embed_tokens.weight", c.vocab_size, d);
-        layers.resize(c.num_hidden_layers);
-        for (int l = 0; l < c.num_hidden_layers; l++) {
-            const std::string p = "model.layers." + std::to_string(l) + ".";
-            Layer& L = layers[l];
-            Mla& a = L.attn;
-            a.input_norm = layout.norm(p + "input_layernorm.weight", d);
-            a.q_a = Linear::declare(layout, p + "self_attn.q_a_proj.weight", c.q_lora_rank, d, N);
-            a.q_a_norm = layout.norm(p + "self_attn.q_a_layernorm.weight", c.q_lora_rank);
-            a.q_b = Linear::declare(layout, p + "self_attn.q_b_proj.weight", H * c.qk_head_dim(), c.q_lora_rank, N);
-            a.kv_a = Linear::declare(layout, p + "self_attn.kv_a_proj_with_mqa.weight",
-                                     c.kv_lora_rank + c.qk_rope_head_dim, d, N);
-            a.kv_a_norm = layout.norm(p + "self_attn.kv_a_layernorm.weight", c.kv_lora_rank);
-            a.kv_b = Linear::declare(layout, p + "self_attn.kv_b_proj.weight", H * (c.qk_nope_head_dim + c.v_head_dim),
-                                     c.kv_lora_rank, N);
-            a.o = Linear::declare(layout, p + "self_attn.o_proj.weight", d, H * c.v_head_dim, N, Init::ResidualNormal);
-            L.post_norm = layout.norm(p + "post_attention_layernorm.weight", d);
-            L.moe = c.is_moe(l);
-            if (L.moe)
-                L.routed = Moe::declare(layout, p + "mlp.", c.moe(), d, N);
-            else
-                L.mlp = SwiGlu::declare(layout, {p + "mlp."}, d, c.intermediate_size, N);
-        }
+        for (int l = 0; l < c.num_hidden_layers; l++)
+            layers.push_back(Layer::declare(layout, "model.layers." + std::to_string(l) + ".", c, c.is_moe(l),
+                                            max_tokens));
         lm_head = layout.matrix("lm_head.weight", c.vocab_size, d);
         final_norm = layout.norm("model.norm.weight", d);
+        first_mtp_tensor = int(layout.tensors.size());
+        for (int k = 1; k <= c.num_nextn_predict_layers; k++)
+            mtp.push_back(MtpModule::declare(
+                layout, "model.layers." + std::to_string(c.num_hidden_layers + k - 1) + ".", c, max_tokens));
         layout.finalize();
     }
 
     // Every projection that runs through Linear (and so in FP8 in FP8 training).
     std::vector<Linear*> linears() {
         std::vector<Linear*> out;
-        for (Layer& L : layers) {
-            for (Linear* l : {&L.attn.q_a, &L.attn.q_b, &L.attn.kv_a, &L.attn.kv_b, &L.attn.o}) out.push_back(l);
-            for (SwiGlu* f : L.moe ? std::vector<SwiGlu*>{&L.routed.shared, &L.routed.experts}
-                                   : std::vector<SwiGlu*>{&L.mlp})
-                out.push_back(&f->gate_up), out.push_back(&f->down);
+        for (Layer& L : layers)
+            for (Linear* l : L.linears()) out.push_back(l);
+        for (MtpModule& m : mtp) {
+            out.push_back(&m.eh_proj);
+            for (Linear* l : m.block.linears()) out.push_back(l);
         }
         return out;
     }
 
-    // Parameters that take part in a GEMM (all but the embedding and the norms), and of those the ones an average
-    // token uses (a routed expert counts num_experts_per_tok / n_routed_experts of its size).
-    double matmul_params(bool active_only) const {
+    // Parameters that take part in a GEMM (all but the embedding and the norms) in the main model, or in the MTP
+    // modules (the shared output head counted once per module, which runs it again); with active_only, those that
+    // an average token uses (a routed expert counts num_experts_per_tok / n_routed_experts of its size).
+    double matmul_params(bool active_only, bool of_mtp = false) const {
         double n = 0;
         for (size_t t = 0; t < layout.tensors.size(); t++) {
             const ParamTensor& p = layout.tensors[t];
-            if (p.shape.size() == 2 && int(t) != embed) n += double(p.numel()) * (active_only ? p.active : 1.0);
+            const bool counted = of_mtp ? int(t) >= first_mtp_tensor || int(t) == lm_head : int(t) < first_mtp_tensor;
+            const double passes = of_mtp && int(t) == lm_head ? double(mtp.size()) : 1.0;
+            if (counted && p.shape.size() == 2 && int(t) != embed)
+                n += double(p.numel()) * (active_only ? p.active : 1.0) * passes;
         }
         return n;
     }
@@ -221,10 +270,13 @@ struct Architecture {
 
 // Model FLOPs per token of a training step (forward + backward = 3x forward, 2 FLOPs per multiply-add): every
 // projection a token passes through, plus attention scores and values over a full context of T (the usual
-// convention).
-inline double train_flops_per_token(const Config& c, int T) {
-    double attn = 2.0 * T * c.num_attention_heads * (c.qk_head_dim() + c.v_head_dim) * c.num_hidden_layers;
-    return 3.0 * (2.0 * Architecture(c, 0).matmul_params(true) + attn);
+// convention); with_mtp adds the MTP modules'.
+inline double train_flops_per_token(const Config& c, int T, bool with_mtp = false) {
+    const Architecture arch(c, 0);
+    const int blocks = c.num_hidden_layers + (with_mtp ? c.num_nextn_predict_layers : 0);
+    const double attn = 2.0 * T * c.num_attention_heads * (c.qk_head_dim() + c.v_head_dim) * blocks;
+    const double params = arch.matmul_params(true) + (with_mtp ? arch.matmul_params(true, true) : 0.0);
+    return 3.0 * (2.0 * params + attn);
 }
 
 static __global__ void init_normal_kernel(float* w, long n, float stddev, uint64_t seed, uint64_t stream) {
@@ -270,9 +322,24 @@ struct BlockActs {
     MoeActs<T> moe;
 };
 
-// What a training step reports: the sum of the token losses, the gradient norm, the balance loss (all MoE layers).
+// An MTP module's activations for N tokens in training: its inputs (mtp.cuh's shift), the block's activations, its
+// head's logits and their gradient.
+template <typename T>
+struct MtpActs {
+    int *tokens, *targets;  // t_{i+k} and t_{i+k+1} (-1: none)
+    T *e, *e_n, *h_n, *cat;  // Emb(t_{i+k}), RMSNorm of it and of h^{k-1}, and the two side by side [N, 2d]
+    T *h, *h_n_out;          // h^k (the block's output), and its RMSNorm under shared_head.norm
+    float *rstd_e, *rstd_h, *rstd_out, *logits, *losses, *hits;
+    T* d_logits;
+    BlockActs<T> block;
+    long counted = 0;  // targets that count in the last forward pass
+};
+
+// What a training step reports: the sum of the token losses, the gradient norm, the balance loss (all MoE layers);
+// with MTP, its loss (the mean of the modules' mean cross-entropies, before lambda) and the first module's top-1
+// accuracy on the token two ahead.
 struct StepScalars {
-    float loss_sum, grad_norm, balance_loss;
+    float loss_sum, grad_norm, balance_loss, mtp_loss = 0.0f, mtp_accuracy = 0.0f;
 };
 
 // T is the storage type of weights and activations: float (precision fp32) or bf16 (precision bf16). Master
@@ -291,13 +358,17 @@ struct Model : Architecture {
     DeviceBuffer<bf16> adam_m, adam_v;
 
     std::vector<BlockActs<T>> acts;
-    T *x_final, *xf;  // residual stream after the last layer, and its RMSNorm
-    // scalars: [0] loss sum, [1] squared gradient norm, [2] balance loss; balance_losses: one per layer
+    std::vector<MtpActs<T>> mtp_acts;
+    bool mtp_ran = false;  // whether the MTP modules ran in this step's forward pass (and so train in it)
+    T *x_final, *xf;       // residual stream after the last layer, and its RMSNorm
+    // scalars: [0] loss sum, [1] squared gradient norm, [2] balance loss, then per MTP module its loss sum and hit
+    // count; balance_losses: one per block, the MTP modules' after the layers'
     float *rstd_final, *logits, *losses, *scalars, *balance_losses;
     MlaScratch<T> mla_scratch;
     T *d_resid, *d_h, *d_o, *d_q, *d_cq, *d_cq_pre, *d_kva, *d_ckv, *d_kvb, *d_logits;
     SwiGluActs<T> d_mlp;
     MoeGrads<T> d_moe;
+    T *d_cat, *d_e_n, *d_h_n;  // the MTP modules' backward
     float* norm_scratch;
     float* reduce_scratch;
     int *tokens_buf, *targets_buf;
@@ -354,6 +425,22 @@ struct Model : Architecture {
         return A;
     }
 
+    int scalar_count() const { return 3 + 2 * cfg.num_nextn_predict_layers; }
+    int block_count() const { return cfg.num_hidden_layers + cfg.num_nextn_predict_layers; }
+
+    MtpActs<T> allocate_mtp(int N) {
+        const long n = N, d = cfg.hidden_size, V = cfg.vocab_size;
+        MtpActs<T> A;
+        A.tokens = arena.take<int>(n), A.targets = arena.take<int>(n);
+        A.e = arena.take<T>(n * d), A.e_n = arena.take<T>(n * d), A.h_n = arena.take<T>(n * d);
+        A.cat = arena.take<T>(n * 2 * d), A.h = arena.take<T>(n * d), A.h_n_out = arena.take<T>(n * d);
+        A.rstd_e = arena.take<float>(n), A.rstd_h = arena.take<float>(n), A.rstd_out = arena.take<float>(n);
+        A.logits = arena.take<float>(n * V), A.losses = arena.take<float>(n), A.hits = arena.take<float>(n);
+        A.d_logits = arena.take<T>(n * V);
+        A.block = allocate_block(arena, N, false, !cfg.mtp_moe(), cfg.mtp_moe());
+        return A;
+    }
+
     void allocate_activations() {
         const Config& c = cfg;
         const long N = long(max_B) * max_T, d = c.hidden_size, H = c.num_attention_heads;
@@ -361,11 +448,14 @@ struct Model : Architecture {
         const long kvb_w = H * (c.qk_nope_head_dim + c.v_head_dim), tt = long(max_B) * H * max_T * max_T;
         for (int l = 0; l < c.num_hidden_layers; l++)
             acts.push_back(allocate_block(arena, int(N), false, !c.is_moe(l), c.is_moe(l)));
+        for (int k = 0; k < c.num_nextn_predict_layers; k++) mtp_acts.push_back(allocate_mtp(int(N)));
+        if (!mtp.empty()) d_cat = arena.take<T>(N * 2 * d), d_e_n = arena.take<T>(N * d), d_h_n = arena.take<T>(N * d);
         x_final = arena.take<T>(N * d), xf = arena.take<T>(N * d), rstd_final = arena.take<float>(N);
-        logits = arena.take<float>(N * c.vocab_size), losses = arena.take<float>(N), scalars = arena.take<float>(3);
-        balance_losses = arena.take<float>(c.num_hidden_layers);
-        CUDA_CHECK(cudaMemset(balance_losses, 0, sizeof(float) * c.num_hidden_layers));
-        CUDA_CHECK(cudaMemset(scalars, 0, sizeof(float) * 3));
+        logits = arena.take<float>(N * c.vocab_size), losses = arena.take<float>(N);
+        scalars = arena.take<float>(scalar_count());
+        balance_losses = arena.take<float>(block_count());
+        CUDA_CHECK(cudaMemset(balance_losses, 0, sizeof(float) * block_count()));
+        CUDA_CHECK(cudaMemset(scalars, 0, sizeof(float) * scalar_count()));
         mla_scratch = {arena.take<float>(tt),  arena.take<T>(N * o_w), arena.take<T>(tt),
                        arena.take<T>(N * q_w), arena.take<T>(N * q_w), arena.take<T>(N * o_w)};
         long widest = std::max({d, long(c.q_lora_rank), long(c.kv_lora_rank)});
@@ -463,23 +553,23 @@ struct Model : Architecture {
         L.attn.o.forward(c, A.x_mid, A.o, RowGroups::all(N), true);
     }
 
-    // x_out = x_mid + FFN(RMSNorm(x_mid)) for N tokens in sequences of seq_len: the dense SwiGLU or DeepSeekMoE.
-    void ffn(int l, BlockActs<T>& A, T* x_out, int N, int seq_len, const Ctx<T>& c) {
-        Layer& L = layers[l];
+    // x_out = x_mid + FFN(RMSNorm(x_mid)) for N tokens in sequences of seq_len: the dense SwiGLU or DeepSeekMoE
+    // (in training with its balance loss into *balance_loss).
+    void ffn(Layer& L, BlockActs<T>& A, T* x_out, int N, int seq_len, const Ctx<T>& c, float* balance_loss) {
         const int d = cfg.hidden_size;
         rmsnorm_forward(A.h2, A.rstd2, A.x_mid, d, c.w(L.post_norm), N, d, cfg.rms_norm_eps, c.stream);
         if (x_out != A.x_mid)
             CUDA_CHECK(cudaMemcpyAsync(x_out, A.x_mid, sizeof(T) * N * d, cudaMemcpyDeviceToDevice, c.stream));
         if (L.moe)
-            L.routed.forward(c, A.moe, x_out, A.h2, N, seq_len, balancing, balance_losses + l);
+            L.routed.forward(c, A.moe, x_out, A.h2, N, seq_len, balancing, balance_loss);
         else
             L.mlp.forward(c, x_out, A.h2, A.mlp, RowGroups::all(N), true);
     }
 
-    // logits [N, V] (FP32) = lm_head RMSNorm(x).
-    void head(float* out, T* x_normed, float* rstd, const T* x, int N, const Ctx<T>& c) {
+    // logits [N, V] (FP32) = lm_head RMSNorm(x), under the norm weight `norm` (the final norm, or an MTP module's).
+    void head(float* out, T* x_normed, float* rstd, const T* x, int N, const Ctx<T>& c, int norm) {
         const int d = cfg.hidden_size;
-        rmsnorm_forward(x_normed, rstd, x, d, c.w(final_norm), N, d, cfg.rms_norm_eps, c.stream);
+        rmsnorm_forward(x_normed, rstd, x, d, c.w(norm), N, d, cfg.rms_norm_eps, c.stream);
         matmul(blas, c.stream, out, x_normed, c.w(lm_head), Matmul{N, cfg.vocab_size, d, false, true});
     }
 
@@ -509,28 +599,26 @@ struct Model : Architecture {
         if (long(tokens.size()) != long(B) * T_) throw std::invalid_argument("forward: tokens do not fill B x T");
         const Config& c = cfg;
         int N = B * T_, d = c.hidden_size;
-        last_tokens = N;
+        last_tokens = N, mtp_ran = false;
         Ctx<T> cx = ctx(stream, false);
         CUDA_CHECK(cudaMemcpyAsync(tokens_buf, tokens.data(), sizeof(int) * N, cudaMemcpyHostToDevice, stream));
         embedding_forward(acts[0].x_in, tokens_buf, cx.w(embed), N, d, stream);
         for (int l = 0; l < c.num_hidden_layers; l++) {
             T* x_out = l + 1 < c.num_hidden_layers ? acts[l + 1].x_in : x_final;
-            layer_forward(l, x_out, B, T_, cx);
+            layer_forward(layers[l], acts[l], x_out, B, T_, cx, balance_losses + l);
         }
-        head(logits, xf, rstd_final, x_final, N, cx);
+        head(logits, xf, rstd_final, x_final, N, cx, final_norm);
         final_sum_kernel<<<1, REDUCE_THREADS, 0, stream>>>(scalars + 2, balance_losses, c.num_hidden_layers);
         CUDA_CHECK_LAUNCH();
     }
 
-    void layer_forward(int l, T* x_out, int B, int T_, const Ctx<T>& c) {
-        Layer& L = layers[l];
-        BlockActs<T>& A = acts[l];
+    void layer_forward(Layer& L, BlockActs<T>& A, T* x_out, int B, int T_, const Ctx<T>& c, float* balance_loss) {
         const int N = B * T_;
         attention_inputs(L, A, N, c);
         L.attn.kv_b.forward(c, A.kvb, A.ckv, RowGroups::all(N));
         mla_attention_forward(blas, stream, mla_dims(B, T_), A.o, A.mla, mla_scratch, A.q, A.kva, A.kvb);
         attention_output(L, A, N, c);
-        ffn(l, A, x_out, N, T_, c);
+        ffn(L, A, x_out, N, T_, c, balance_loss);
     }
 
     // Per-token losses, their sum in scalars[0], and dlogits, for targets [B*T] on the host (negative: ignored).
@@ -551,18 +639,23 @@ struct Model : Architecture {
         const Config& c = cfg;
         int N = B * T_, d = c.hidden_size;
         Ctx<T> cx = ctx(stream, false);
-        linear_backward(blas, stream, d_h, cx.g(lm_head), d_logits, xf, cx.w(lm_head), N, c.vocab_size, d);
+        // The MTP modules run after the main model, so their gradients come first: into the shared head and
+        // embedding (which the main model's then add to) and into x_final (d_resid).
+        if (mtp_ran)
+            mtp_backward(B, T_, cx);
+        else
+            zero_mtp_grads();
+        linear_backward(blas, stream, d_h, cx.g(lm_head), d_logits, xf, cx.w(lm_head), N, c.vocab_size, d, false,
+                        mtp_ran);
         rmsnorm_backward(d_resid, cx.g(final_norm), norm_scratch, d_h, x_final, d, cx.w(final_norm), rstd_final, N, d,
-                         false, false, stream);
-        for (int l = c.num_hidden_layers - 1; l >= 0; l--) layer_backward(l, B, T_, cx);
-        embedding_backward(cx.g(embed), d_resid, tokens_buf, N, c.vocab_size, d, false, stream);
+                         mtp_ran, false, stream);
+        for (int l = c.num_hidden_layers - 1; l >= 0; l--) layer_backward(layers[l], acts[l], B, T_, cx);
+        embedding_backward(cx.g(embed), d_resid, tokens_buf, N, c.vocab_size, d, mtp_ran, stream);
     }
 
-    // d_resid holds the gradient of the layer's output; on return, that of its input.
-    void layer_backward(int l, int B, int T_, const Ctx<T>& c) {
+    // d_resid holds the gradient of the block's output; on return, that of its input.
+    void layer_backward(Layer& L, BlockActs<T>& A, int B, int T_, const Ctx<T>& c) {
         const Config& cf = cfg;
-        Layer& L = layers[l];
-        BlockActs<T>& A = acts[l];
         const int N = B * T_, d = cf.hidden_size, qr = cf.q_lora_rank, dc = cf.kv_lora_rank;
         const int kva_w = dc + cf.qk_rope_head_dim;
         const RowGroups rows = RowGroups::all(N);
@@ -590,6 +683,79 @@ struct Model : Architecture {
                          A.rstd1, N, d, true, false, stream);
     }
 
+    // ----- multi-token prediction (V3 §2.2, mtp.cuh) -------------------------------------------------------------
+
+    // After forward() and loss() on the same rows: the D MTP modules' forward passes and losses, each module's
+    // cross-entropy weighted lambda / D (eq. 25) in the gradient that backward() then takes, modules and model
+    // together (eq. 26: L_Main + lambda L_MTP).
+    void mtp_forward(const std::vector<int>& inputs, const std::vector<int>& targets, int B, int T_, float lambda) {
+        const Config& c = cfg;
+        const int N = B * T_, d = c.hidden_size, V = c.vocab_size, D = int(mtp.size());
+        Ctx<T> cx = ctx(stream, false);
+        std::vector<int> tokens_k, targets_k;
+        const T* h_prev = x_final;  // h^0: the main model's last hidden state, before its final norm
+        for (int k = 1; k <= D; k++) {
+            MtpModule& M = mtp[k - 1];
+            MtpActs<T>& A = mtp_acts[k - 1];
+            mtp_shift(inputs, targets, B, T_, k, tokens_k, targets_k);
+            A.counted = count_targets(targets_k);
+            CUDA_CHECK(cudaMemcpyAsync(A.tokens, tokens_k.data(), sizeof(int) * N, cudaMemcpyHostToDevice, stream));
+            CUDA_CHECK(cudaMemcpyAsync(A.targets, targets_k.data(), sizeof(int) * N, cudaMemcpyHostToDevice, stream));
+            embedding_forward(A.e, A.tokens, cx.w(embed), N, d, stream);
+            rmsnorm_forward(A.e_n, A.rstd_e, A.e, d, cx.w(M.enorm), N, d, c.rms_norm_eps, stream);
+            rmsnorm_forward(A.h_n, A.rstd_h, h_prev, d, cx.w(M.hnorm), N, d, c.rms_norm_eps, stream);
+            // [embedding; hidden] as DeepSeek's released weights have it; eq. 21 writes the two the other way round
+            copy_columns(A.cat, 2 * d, A.e_n, d, d, N, stream);
+            copy_columns(A.cat + d, 2 * d, A.h_n, d, d, N, stream);
+            M.eh_proj.forward(cx, A.block.x_in, A.cat, RowGroups::all(N));
+            layer_forward(M.block, A.block, A.h, B, T_, cx, balance_losses + c.num_hidden_layers + k - 1);
+            head(A.logits, A.h_n_out, A.rstd_out, A.h, N, cx, M.head_norm);
+            cross_entropy(A.losses, A.d_logits, A.logits, A.targets, N, V,
+                          A.counted ? lambda / (float(D) * float(A.counted)) : 0.0f, stream);
+            sum_reduce(scalars + 1 + 2 * k, reduce_scratch, A.losses, N, false, stream);
+            argmax_hits(A.hits, A.logits, A.targets, N, V, stream);
+            sum_reduce(scalars + 2 + 2 * k, reduce_scratch, A.hits, N, false, stream);
+            h_prev = A.h;
+        }
+        final_sum_kernel<<<1, REDUCE_THREADS, 0, stream>>>(scalars + 2, balance_losses, block_count());
+        CUDA_CHECK_LAUNCH();
+        mtp_ran = true;
+    }
+
+    // The modules' backward, deepest first: each leaves the gradient of its input h^{k-1} in d_resid, which the
+    // module before it (or the main model, for h^0 = x_final) adds its own to. The first writer of the shared
+    // head's and embedding's gradients overwrites them, the others add.
+    void mtp_backward(int B, int T_, const Ctx<T>& c) {
+        const int N = B * T_, d = cfg.hidden_size, V = cfg.vocab_size, D = int(mtp.size());
+        for (int k = D; k >= 1; k--) {
+            MtpModule& M = mtp[k - 1];
+            MtpActs<T>& A = mtp_acts[k - 1];
+            const bool deeper = k < D;  // a deeper module has run: add to what it wrote
+            linear_backward(blas, stream, d_h, c.g(lm_head), A.d_logits, A.h_n_out, c.w(lm_head), N, V, d, false,
+                            deeper);
+            rmsnorm_backward(d_resid, c.g(M.head_norm), norm_scratch, d_h, A.h, d, c.w(M.head_norm), A.rstd_out, N, d,
+                             deeper, false, stream);
+            layer_backward(M.block, A.block, B, T_, c);
+            M.eh_proj.backward(c, d_cat, d_resid, A.cat, RowGroups::all(N));
+            copy_columns(d_e_n, d, d_cat, 2 * d, d, N, stream);
+            copy_columns(d_h_n, d, d_cat + d, 2 * d, d, N, stream);
+            rmsnorm_backward(d_h, c.g(M.enorm), norm_scratch, d_e_n, A.e, d, c.w(M.enorm), A.rstd_e, N, d, false, false,
+                             stream);
+            embedding_backward(c.g(embed), d_h, A.tokens, N, V, d, deeper, stream);
+            const T* h_prev = k > 1 ? mtp_acts[k - 2].h : x_final;
+            rmsnorm_backward(d_resid, c.g(M.hnorm), norm_scratch, d_h_n, h_prev, d, c.w(M.hnorm), A.rstd_h, N, d, false,
+                             false, stream);
+        }
+    }
+
+    // In a step without the MTP loss (GRPO trains the policy alone) the modules' gradients are zero.
+    void zero_mtp_grads() {
+        for (int t = first_mtp_tensor; t < int(layout.tensors.size()); t++)
+            if (layout[t].region != Region::Buffer)
+                CUDA_CHECK(cudaMemsetAsync(grads.data() + layout.offset(t), 0, sizeof(float) * layout[t].numel(),
+                                           stream));
+    }
+
     // ----- optimizer --------------------------------------------------------------------------------------------
 
     // Squared global gradient norm into scalars[1], then AdamW with clipping on the trained parameters (step counts
@@ -599,30 +765,39 @@ struct Model : Architecture {
         const int* skip = fp8 ? fp8->nonfinite.data() : nullptr;
         adamw_update(master.data(), weights, adam_m.data(), adam_v.data(), grads.data(), scalars + 1, layout.trained,
                      layout.decayed, opt, max_grad_norm, step, seed, stream, skip);
-        if (balancing.bias_rate > 0.0f)
-            for (int l = 0; l < cfg.num_hidden_layers; l++)
-                if (layers[l].moe)
-                    layers[l].routed.update_bias(master.data() + layout.offset(layers[l].routed.bias),
-                                                 acts[l].moe.counts, last_tokens, balancing.bias_rate, skip,
-                                                 scalars + 1, stream);
+        auto update_bias = [&](const Layer& L, const BlockActs<T>& A) {
+            if (L.moe && balancing.bias_rate > 0.0f)
+                L.routed.update_bias(master.data() + layout.offset(L.routed.bias), A.moe.counts, last_tokens,
+                                     balancing.bias_rate, skip, scalars + 1, stream);
+        };
+        for (int l = 0; l < cfg.num_hidden_layers; l++) update_bias(layers[l], acts[l]);
+        if (mtp_ran)
+            for (size_t k = 0; k < mtp.size(); k++) update_bias(mtp[k].block, mtp_acts[k].block);
         refresh_fp8_weights();
     }
 
-    // One optimizer step on inputs [B, T] and targets [B*T] (negative: no loss). The loss and gradient norm are
-    // read afterwards with read_scalars(), so the host can prepare the next batch meanwhile.
+    // One optimizer step on inputs [B, T] and targets [B*T] (negative: no loss), with the MTP modules' loss
+    // weighted mtp_lambda (0: they do not run). The loss and gradient norm are read afterwards with
+    // read_scalars(), so the host can prepare the next batch meanwhile.
     void train_step(const std::vector<int>& inputs, const std::vector<int>& targets, int B, int T_, const AdamW& opt,
-                    float max_grad_norm, int step, uint64_t seed) {
+                    float max_grad_norm, int step, uint64_t seed, float mtp_lambda) {
         forward(inputs, B, T_);
         loss(targets);
+        if (mtp_lambda > 0.0f && !mtp.empty()) mtp_forward(inputs, targets, B, T_, mtp_lambda);
         backward(B, T_);
         optimizer_step(opt, max_grad_norm, step, seed);
     }
 
     // The last step's scalars: one small copy, which waits for the step to finish.
     StepScalars read_scalars() {
-        float h[3];
-        CUDA_CHECK(cudaMemcpyAsync(h, scalars, sizeof(h), cudaMemcpyDeviceToHost, stream));
+        std::vector<float> h(scalar_count());
+        CUDA_CHECK(cudaMemcpyAsync(h.data(), scalars, sizeof(float) * h.size(), cudaMemcpyDeviceToHost, stream));
         CUDA_CHECK(cudaStreamSynchronize(stream));
-        return {h[0], sqrtf(h[1]), h[2]};
+        StepScalars out{h[0], sqrtf(h[1]), h[2]};
+        if (!mtp_ran) return out;
+        for (size_t k = 0; k < mtp.size(); k++)
+            out.mtp_loss += h[3 + 2 * k] / float(std::max(mtp_acts[k].counted, 1L)) / float(mtp.size());
+        out.mtp_accuracy = h[4] / float(std::max(mtp_acts[0].counted, 1L));
+        return out;
     }
 };

@@ -1,4 +1,5 @@
-// sampler.cuh: batched autoregressive sampling with MLA's latent KV cache (V2 §2.1.1-2.1.2, V3 §2.1.1).
+// sampler.cuh: batched autoregressive sampling with MLA's latent KV cache (V2 §2.1.1-2.1.2, V3 §2.1.1), and
+// speculative decoding with the MTP module's draft (V3 §5.4.3).
 //
 // Only c_kv (after its RMSNorm) and the rotated k_rope are cached: (d_c + d_rope) values per token and layer,
 // shared by all heads, instead of H (d_nope + d_rope + d_v) for standard attention. At decode time the
@@ -8,51 +9,77 @@
 //   o_i      = W_uv_i (sum_j p_ij c_kv_j)                             (attention runs in the latent space)
 // so no per-head key or value is ever materialized.
 //
-// All sequences advance one position per step in lockstep. A prompt is fed through the same decode step, its
-// tokens forced one by one, so prefill and decode share one code path (prompts are short next to the answers).
-// Each layer is the training model's decoder block (model.cuh), with this attention over the cache between its
-// parts; its MoE layers run every expert on the step's few tokens (moe.cuh says why).
+// A decode step feeds R rows per sequence through the model: sequence s's row r sits at position pos[s] + r. A
+// prompt goes through the same step, its tokens forced, so prefill and decode share one code path (prompts are
+// short next to the answers). Each layer is the training model's decoder block (model.cuh), with this attention
+// over the cache between its parts; its MoE layers run every expert on the step's few tokens (moe.cuh says why).
+//
+// Plain decoding: R = 1, one new token per step. Speculative decoding (R = 2): the MTP module has drafted the token
+// after the current one, and one pass of the main model scores both positions (verification). The draft is kept if
+// the main model agrees (greedy: it is the argmax; sampling: speculative sampling's rule, arXiv 2211.17192, so the
+// tokens are distributed exactly as the main model's), and the second row then yields a bonus token: two tokens for
+// one pass. Otherwise the first row's token replaces the draft and the second row's cache entry is written over in
+// the next step. The MTP module then runs on the new hidden states and drafts the next token.
 #pragma once
 
 #include "model.cuh"
 
-// Writes c_kv and the rotated k_rope of position pos into the caches [S, max_len, *].
+// The position of the step's row n (R rows a sequence), kept inside the cache for a finished sequence.
+__device__ __forceinline__ int row_position(const int* pos, int n, int R, int max_len) {
+    return min(pos[n / R] + n % R, max_len - 1);
+}
+
+// The step's input tokens: row 0 of a sequence is its token at pos; row 1 (speculative) the next prompt token, or the
+// draft (-1: none yet, any token serves: its row is not used).
+static __global__ void step_tokens_kernel(int* row_tokens, const int* seqs, const int* pos, const int* draft,
+                                          const int* prompt_len, int S, int R, int max_len) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= S * R) return;
+    const int s = n / R, p = pos[s] + n % R;
+    if (n % R == 0 || p < prompt_len[s])
+        row_tokens[n] = seqs[long(s) * max_len + min(p, max_len - 1)];
+    else
+        row_tokens[n] = max(draft[s], 0);
+}
+
+// Writes c_kv and the rotated k_rope of each row into the caches [S, max_len, *] at the row's position.
 template <typename T>
-__global__ void latent_cache_append_kernel(T* cache_ckv, T* cache_kr, const T* ckv, const T* kva, int S,
-                                           const int* position, int max_len, int d_c, int d_rope, float theta) {
-    int idx = blockIdx.x * blockDim.x + threadIdx.x, width = d_c + d_rope / 2, pos = *position;
-    if (idx >= S * width) return;
-    int s = idx / width, c = idx % width;
-    long row = long(s) * max_len + pos;
+__global__ void latent_cache_append_kernel(T* cache_ckv, T* cache_kr, const T* ckv, const T* kva, int rows,
+                                           const int* pos, int R, int max_len, int d_c, int d_rope, float theta) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x, width = d_c + d_rope / 2;
+    if (idx >= rows * width) return;
+    int n = idx / width, c = idx % width, p = row_position(pos, n, R, max_len);
+    long slot = long(n / R) * max_len + p;
     if (c < d_c) {
-        cache_ckv[row * d_c + c] = ckv[long(s) * d_c + c];
+        cache_ckv[slot * d_c + c] = ckv[long(n) * d_c + c];
     } else {
         int i = c - d_c;
-        const T* kr = kva + long(s) * (d_c + d_rope) + d_c;
+        const T* kr = kva + long(n) * (d_c + d_rope) + d_c;
         float x0 = to_float(kr[2 * i]), x1 = to_float(kr[2 * i + 1]);
-        rope_rotate(x0, x1, pos, i, d_rope, theta, false);
-        cache_kr[row * d_rope + 2 * i] = from_float<T>(x0);
-        cache_kr[row * d_rope + 2 * i + 1] = from_float<T>(x1);
+        rope_rotate(x0, x1, p, i, d_rope, theta, false);
+        cache_kr[slot * d_rope + 2 * i] = from_float<T>(x0);
+        cache_kr[slot * d_rope + 2 * i + 1] = from_float<T>(x1);
     }
 }
 
-// Absorbed attention of one new query per sequence over positions 0..pos, one block per sequence (the cache of
-// a sequence is read by all its heads). ctx [S, H, d_c] = sum_j p_ij c_kv_j. q_rope is rotated here.
+// Absorbed attention of each row's query over its sequence's positions 0..(the row's), one block per row.
+// ctx [rows, H, d_c] = sum_j p_ij c_kv_j. q_rope is rotated here.
 template <typename T>
 __global__ void latent_attention_decode_kernel(T* ctx, const T* q_abs, const T* q, const T* cache_ckv,
-                                               const T* cache_kr, const int* position, int max_len, MlaDims m) {
+                                               const T* cache_kr, const int* pos, int R, int max_len, MlaDims m) {
     extern __shared__ float smem[];
-    int pos = *position, H = m.H, dc = m.d_c, dr = m.d_rope, L = pos + 1;
+    const int n = blockIdx.x, s = n / R, p = row_position(pos, n, R, max_len);
+    int H = m.H, dc = m.d_c, dr = m.d_rope, L = p + 1;
     float* qa = smem;         // [H, d_c]
     float* qr = qa + H * dc;  // [H, d_rope], rotated
-    float* p = qr + H * dr;   // [H, L] scores, then probabilities
-    int s = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    for (int i = threadIdx.x; i < H * dc; i += blockDim.x) qa[i] = to_float(q_abs[long(s) * H * dc + i]);
+    float* pr = qr + H * dr;  // [H, L] scores, then probabilities
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int i = threadIdx.x; i < H * dc; i += blockDim.x) qa[i] = to_float(q_abs[long(n) * H * dc + i]);
     for (int i = threadIdx.x; i < H * dr / 2; i += blockDim.x) {
         int h = i / (dr / 2), k = i % (dr / 2);
-        const T* qh = q + long(s) * H * m.d_qk() + h * m.d_qk() + m.d_nope;
+        const T* qh = q + long(n) * H * m.d_qk() + h * m.d_qk() + m.d_nope;
         float x0 = to_float(qh[2 * k]), x1 = to_float(qh[2 * k + 1]);
-        rope_rotate(x0, x1, pos, k, dr, m.rope_theta, false);
+        rope_rotate(x0, x1, p, k, dr, m.rope_theta, false);
         qr[h * dr + 2 * k] = x0, qr[h * dr + 2 * k + 1] = x1;
     }
     __syncthreads();
@@ -66,27 +93,31 @@ __global__ void latent_attention_decode_kernel(T* ctx, const T* q_abs, const T* 
             for (int e = lane; e < dc; e += 32) dot += qa[h * dc + e] * to_float(ckv[long(j) * dc + e]);
             for (int e = lane; e < dr; e += 32) dot += qr[h * dr + e] * to_float(kr[long(j) * dr + e]);
             dot = warp_sum(dot);
-            if (lane == 0) p[h * L + j] = dot * scale;
+            if (lane == 0) pr[h * L + j] = dot * scale;
         }
     __syncthreads();
 
     for (int h = warp; h < H; h += warps) {
         float mx = -INFINITY, sum = 0.0f;
-        for (int j = lane; j < L; j += 32) mx = fmaxf(mx, p[h * L + j]);
+        for (int j = lane; j < L; j += 32) mx = fmaxf(mx, pr[h * L + j]);
         mx = warp_max(mx);
-        for (int j = lane; j < L; j += 32) sum += (p[h * L + j] = expf(p[h * L + j] - mx));
+        for (int j = lane; j < L; j += 32) sum += (pr[h * L + j] = expf(pr[h * L + j] - mx));
         float inv = 1.0f / warp_sum(sum);
-        for (int j = lane; j < L; j += 32) p[h * L + j] *= inv;
+        for (int j = lane; j < L; j += 32) pr[h * L + j] *= inv;
     }
     __syncthreads();
 
     for (int i = threadIdx.x; i < H * dc; i += blockDim.x) {
         int h = i / dc, e = i % dc;
         float acc = 0.0f;
-        for (int j = 0; j < L; j++) acc += p[h * L + j] * to_float(ckv[long(j) * dc + e]);
-        ctx[long(s) * H * dc + i] = from_float<T>(acc);
+        for (int j = 0; j < L; j++) acc += pr[h * L + j] * to_float(ckv[long(j) * dc + e]);
+        ctx[long(n) * H * dc + i] = from_float<T>(acc);
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Drawing tokens: a warp per row of logits, every lane ending with the same token
+// ---------------------------------------------------------------------------------------------------------------
 
 // The smallest logit among the top_k largest of a row: an element is in the top k when fewer than k elements are
 // larger than it (ties at the boundary are all kept). O(V^2 / 32) per warp, nothing for a small vocabulary.
@@ -102,51 +133,160 @@ __device__ __forceinline__ float top_k_threshold(const float* row, int V, int to
     return threshold;
 }
 
-// One token per sequence from logits [S, V]: greedy when temperature is 0, else a sample of
-// softmax(logits / temperature) restricted to the top_k logits (0: all), drawn by the Gumbel-max trick with the
-// counter RNG, so a (seed, step, sequence) always draws the same token. One warp per sequence.
-static __global__ void sample_kernel(int* sampled, const float* logits, int S, int V, float temperature, int top_k,
-                                     const uint64_t* seed, const int* step) {
-    int s = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (s >= S) return;
-    const float* row = logits + long(s) * V;
-    bool greedy = temperature <= 0.0f;
-    float threshold = !greedy && top_k > 0 && top_k < V ? top_k_threshold(row, V, top_k, lane) : -INFINITY;
+// The token with the largest score(v) + Gumbel noise (none when greedy), the noise drawn from the counter RNG at
+// (seed, stream, counter0 + v): the Gumbel-max trick, so the token is a sample of softmax(score). A score of -inf
+// is never drawn (unless every one is: then token 0).
+template <typename Score>
+__device__ int gumbel_argmax(Score score, int V, bool greedy, uint64_t seed, uint64_t stream, uint64_t counter0,
+                             int lane) {
     float best = -INFINITY;
-    int best_v = 0;  // a valid token even for a row of NaN or -inf logits
+    int best_v = 0;
     for (int v = lane; v < V; v += 32) {
-        if (row[v] < threshold) continue;
-        float score = row[v];
-        if (!greedy) {
-            float u = rng_uniform(*seed, uint64_t(*step), uint64_t(s) * V + v);
-            score = score / temperature - logf(-logf(fmaxf(u, 1e-20f)));
-        }
-        if (score > best || (score == best && v < best_v)) best = score, best_v = v;
+        float x = score(v);
+        if (x == -INFINITY) continue;
+        if (!greedy) x -= logf(-logf(fmaxf(rng_uniform(seed, stream, counter0 + v), 1e-20f)));
+        if (x > best || (x == best && v < best_v)) best = x, best_v = v;
     }
     warp_argmax(best, best_v);
-    if (lane == 0) sampled[s] = best_v;
+    return best_v;
 }
 
-// After the step at position pos: the token at pos + 1 is the prompt's while the prompt lasts, else the sample
-// (padding, id 0, once a sequence has finished). A sampled stop token, or the max_new-th token, finishes it.
-static __global__ void advance_kernel(int* seqs, int* current, int* done, const int* sampled, const int* prompt_len,
-                                      int S, const int* position, int max_len, int max_new, int stop_a, int stop_b) {
-    int s = blockIdx.x * blockDim.x + threadIdx.x;
-    if (s >= S) return;
-    int next = *position + 1;
-    int token;
-    if (next < prompt_len[s]) {
-        token = seqs[long(s) * max_len + next];
-    } else {
-        token = done[s] ? 0 : sampled[s];
-        seqs[long(s) * max_len + next] = token;
-        bool full = next + 1 - prompt_len[s] >= max_new;
-        if (!done[s] && (token == stop_a || token == stop_b || full)) done[s] = 1;
+// softmax(logits / temperature) over the top_k logits of a row (0: all), as the sampler draws from it.
+struct RowDistribution {
+    const float* row;
+    float threshold, inv_temperature, max, sum;
+
+    __device__ RowDistribution(const float* r, int V, float temperature, int top_k, int lane)
+        : row(r), threshold(top_k > 0 && top_k < V ? top_k_threshold(r, V, top_k, lane) : -INFINITY),
+          inv_temperature(1.0f / temperature), max(-INFINITY), sum(0.0f) {
+        for (int v = lane; v < V; v += 32)
+            if (kept(v)) max = fmaxf(max, row[v] * inv_temperature);
+        max = warp_max(max);
+        for (int v = lane; v < V; v += 32)
+            if (kept(v)) sum += expf(row[v] * inv_temperature - max);
+        sum = warp_sum(sum);
     }
-    current[s] = token;
+    __device__ bool kept(int v) const { return row[v] >= threshold; }
+    __device__ float logit(int v) const { return kept(v) ? row[v] * inv_temperature : -INFINITY; }
+    __device__ float prob(int v) const { return kept(v) ? expf(row[v] * inv_temperature - max) / sum : 0.0f; }
+};
+
+// A token of a row: greedy (temperature 0) or a sample of softmax(logits / temperature) over the top k.
+__device__ __forceinline__ int draw_token(const float* row, int V, float temperature, int top_k, uint64_t seed,
+                                          uint64_t stream, uint64_t counter0, int lane) {
+    if (temperature <= 0.0f)
+        return gumbel_argmax([&](int v) { return row[v]; }, V, true, seed, stream, counter0, lane);
+    const float threshold = top_k > 0 && top_k < V ? top_k_threshold(row, V, top_k, lane) : -INFINITY;
+    return gumbel_argmax([&](int v) { return row[v] < threshold ? -INFINITY : row[v] / temperature; }, V, false,
+                         seed, stream, counter0, lane);
 }
 
-static __global__ void next_position_kernel(int* position) { ++*position; }
+// One token per sequence from logits [S, V], drawn with the counter RNG's stream pos[s], so that a (seed,
+// position, sequence) always draws the same token.
+static __global__ void sample_kernel(int* sampled, const float* logits, int S, int V, float temperature, int top_k,
+                                     const uint64_t* seed, const int* pos) {
+    int s = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (s >= S) return;
+    int token = draw_token(logits + long(s) * V, V, temperature, top_k, *seed, uint64_t(pos[s]), uint64_t(s) * V, lane);
+    if (lane == 0) sampled[s] = token;
+}
+
+// What ends a sequence, and how long its rows are.
+struct StopRule {
+    int stop_a, stop_b, max_new, max_len;
+};
+
+// Puts token at index i of sequence row seq (unless the prompt holds it there); returns whether it ends the sequence:
+// a stop token, the max_new-th new token, or the last index of the row.
+__device__ __forceinline__ bool emit_token(int* seq, int i, int token, int prompt_len, const StopRule& r) {
+    if (i < prompt_len) return false;
+    seq[i] = token;
+    return token == r.stop_a || token == r.stop_b || i + 1 - prompt_len >= r.max_new || i + 1 >= r.max_len;
+}
+
+// Plain decoding: each unfinished sequence moves one position, to the prompt's next token or the sample.
+static __global__ void advance_kernel(int* seqs, int* pos, int* done, const int* sampled, const int* prompt_len,
+                                      int S, StopRule rule) {
+    int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= S || done[s]) return;
+    if (emit_token(seqs + long(s) * rule.max_len, pos[s] + 1, sampled[s], prompt_len[s], rule)) done[s] = 1;
+    pos[s]++;
+}
+
+// Streams of the counter RNG in a speculative step at position p: a token's draws never share numbers.
+enum SpeculativeDraw { DRAW_DRAFT, DRAW_FIRST, DRAW_ACCEPT, DRAW_RESIDUAL, DRAW_BONUS, DRAWS };
+__device__ __forceinline__ uint64_t draw_stream(int p, SpeculativeDraw d) { return uint64_t(p) * DRAWS + d; }
+
+// Speculative decoding's verification, a warp per sequence, after the main model's pass over rows [S, 2]: the
+// first new token (the prompt's, the kept draft, or its replacement), then, if row 1 saw the right token, the
+// second (bonus). Leaves the tokens for the MTP pass (mtp_tokens [S, 2]: t_{p+1}, t_{p+2}) and which of its rows
+// drafts next (draft_row). counts [S, 2]: each sequence's drafts verified and drafts kept.
+static __global__ void verify_kernel(int* seqs, int* pos, int* done, int* mtp_tokens, int* draft_row, int* counts,
+                                     const float* logits, const float* q_logits, const int* draft,
+                                     const int* prompt_len, int S, int V, float temperature, int top_k,
+                                     const uint64_t* seed, StopRule rule) {
+    const int s = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (s >= S || done[s]) return;
+    const int p = pos[s], plen = prompt_len[s], d = draft[s];
+    const bool greedy = temperature <= 0.0f;
+    int* seq = seqs + long(s) * rule.max_len;
+    const float* row0 = logits + 2L * s * V;
+    auto draw = [&](const float* row, SpeculativeDraw what) {
+        return draw_token(row, V, temperature, top_k, *seed, draw_stream(p, what), uint64_t(s) * V, lane);
+    };
+    int first;
+    bool row1_saw_it;  // row 1 was fed the token that now stands at p + 1
+    if (p + 1 < plen) {
+        first = seq[p + 1], row1_saw_it = true;
+    } else if (d < 0) {
+        first = draw(row0, DRAW_FIRST), row1_saw_it = false;
+    } else if (greedy) {
+        first = draw(row0, DRAW_FIRST), row1_saw_it = first == d;
+    } else {
+        // keep the draft with probability min(1, p(d) / q(d)); else draw from max(0, p - q), normalized
+        const RowDistribution P(row0, V, temperature, top_k, lane);
+        const RowDistribution Q(q_logits + long(s) * V, V, temperature, top_k, lane);
+        row1_saw_it = rng_uniform(*seed, draw_stream(p, DRAW_ACCEPT), uint64_t(s)) * Q.prob(d) < P.prob(d);
+        if (row1_saw_it) {
+            first = d;
+        } else {
+            first = gumbel_argmax([&](int v) { return logf(fmaxf(P.prob(v) - Q.prob(v), 0.0f)); }, V, false, *seed,
+                                  draw_stream(p, DRAW_RESIDUAL), uint64_t(s) * V, lane);
+            if (!(P.prob(first) > Q.prob(first))) first = draw(row0, DRAW_RESIDUAL);  // p <= q everywhere: p itself
+        }
+    }
+    if (p + 1 >= plen && d >= 0 && lane == 0) counts[2 * s]++, counts[2 * s + 1] += row1_saw_it;
+    bool finished = emit_token(seq, p + 1, first, plen, rule);
+    int second = 0, next = p + 1;
+    if (row1_saw_it && !finished && p + 2 < rule.max_len) {
+        second = p + 2 < plen ? seq[p + 2] : draw(row0 + V, DRAW_BONUS);
+        finished = emit_token(seq, p + 2, second, plen, rule), next = p + 2;
+    }
+    if (lane != 0) return;
+    pos[s] = next, done[s] = finished;
+    mtp_tokens[2 * s] = first, mtp_tokens[2 * s + 1] = second;
+    draft_row[s] = next - p - 1;
+}
+
+// After the MTP pass over rows [S, 2]: each sequence's draft of the token after its new position, from the row at
+// the position before it (the MTP module at position j predicts t_{j+2}), and the draft's logits for the next
+// verification. No draft (-1) where the next token is the prompt's or the sequence is done.
+static __global__ void draft_kernel(int* draft, float* q_logits, const float* mtp_logits, const int* draft_row,
+                                    const int* pos, const int* done, const int* prompt_len, int S, int V,
+                                    float temperature, int top_k, const uint64_t* seed) {
+    const int s = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (s >= S) return;
+    const int p = pos[s];
+    if (done[s] || p + 1 < prompt_len[s]) {
+        if (lane == 0) draft[s] = -1;
+        return;
+    }
+    const float* row = mtp_logits + (2L * s + draft_row[s]) * V;
+    for (int v = lane; v < V; v += 32) q_logits[long(s) * V + v] = row[v];
+    const int token =
+        draw_token(row, V, temperature, top_k, *seed, draw_stream(p, DRAW_DRAFT), uint64_t(s) * V, lane);
+    if (lane == 0) draft[s] = token;
+}
 
 struct SamplingOptions {
     float temperature = 1.0f;
@@ -154,21 +294,38 @@ struct SamplingOptions {
     uint64_t seed = 0;
     int stop_a = -1, stop_b = -1;  // token ids that end a sequence (e.g. </answer> and <|eos|>)
     int max_new = 1 << 30;         // tokens generated per sequence at most
+    bool speculative = true;       // draft with the model's MTP module, where it has one
+
+    bool operator==(const SamplingOptions& o) const {
+        return temperature == o.temperature && top_k == o.top_k && stop_a == o.stop_a && stop_b == o.stop_b &&
+               max_new == o.max_new && speculative == o.speculative;  // the seed lives on the device
+    }
+};
+
+// Drafts verified and drafts kept: the acceptance rate of speculative decoding.
+struct DraftCounts {
+    long drafted = 0, accepted = 0;
+    double rate() const { return drafted ? double(accepted) / double(drafted) : 0.0; }
+    DraftCounts& operator+=(const DraftCounts& o) { return drafted += o.drafted, accepted += o.accepted, *this; }
 };
 
 template <typename T>
 struct Sampler {
     Model<T>& model;
-    int max_S, max_len;
-    std::vector<T*> cache_ckv, cache_kr;  // per layer: [max_S, max_len, d_c], [max_S, max_len, d_rope]
-    BlockActs<T> block;                   // the decoder block's buffers for S tokens; block.x_in is the residual
+    int max_S, max_len, max_rows;  // rows per sequence at most: 2 where the model can draft
+    std::vector<T*> cache_ckv, cache_kr;  // per layer, then the MTP block: [max_S, max_len, d_c], [.., d_rope]
+    BlockActs<T> block;                   // the decoder block's buffers for the step's rows; x_in is the residual
     T *q_abs, *ctx, *xf;
-    float* logits;
-    int *seqs, *current, *done, *sampled, *prompt_len, *position;
-    uint64_t* seed;  // in device memory like the position, so that a new seed needs no new graph
+    float* logits;  // [S * R, V]
+    int *seqs, *pos, *done, *sampled, *prompt_len, *row_tokens;
+    // speculative decoding: the MTP pass's inputs and logits, the drafts and their logits, the counts
+    T *mtp_e, *mtp_e_n, *mtp_h_n, *mtp_cat;
+    float *mtp_logits, *q_logits;
+    int *mtp_tokens, *draft, *draft_row, *counts;  // counts [S, 2]: DraftCounts since start()
+    uint64_t* seed;  // in device memory like the positions, so that a new seed needs no new graph
     DeviceArena arena;
     // A decode step is ~15 launches per layer: replaying them as one CUDA graph removes the launch overhead that
-    // otherwise dominates a small model's decoding. The position lives in device memory so that one graph
+    // otherwise dominates a small model's decoding. The positions live in device memory so that one graph
     // serves every step.
     cudaStream_t stream;
     cudaGraphExec_t graph = nullptr;
@@ -176,21 +333,28 @@ struct Sampler {
     int graph_S = 0;
     SamplingOptions graph_opt;
 
-    Sampler(Model<T>& m, int S, int len) : model(m), max_S(S), max_len(len) {
+    Sampler(Model<T>& m, int S, int len)
+        : model(m), max_S(S), max_len(len), max_rows(m.mtp.empty() ? 1 : 2) {
         const Config& c = m.cfg;
         if (len > c.max_position_embeddings)
             throw std::invalid_argument("sampler length " + std::to_string(len) + " exceeds max_position_embeddings");
-        long H = c.num_attention_heads, dc = c.kv_lora_rank;
-        for (int l = 0; l < c.num_hidden_layers; l++) {
+        const long H = c.num_attention_heads, dc = c.kv_lora_rank, d = c.hidden_size, rows = long(S) * max_rows;
+        for (int l = 0; l < c.num_hidden_layers + (max_rows > 1 ? 1 : 0); l++) {
             cache_ckv.push_back(arena.take<T>(long(S) * len * dc));
             cache_kr.push_back(arena.take<T>(long(S) * len * c.qk_rope_head_dim));
         }
-        block = m.allocate_block(arena, S, true, c.first_k_dense_replace > 0, c.has_moe());
-        q_abs = arena.take<T>(S * H * dc), ctx = arena.take<T>(S * H * dc), xf = arena.take<T>(S * c.hidden_size);
-        logits = arena.take<float>(long(S) * c.vocab_size);
-        seqs = arena.take<int>(long(S) * len), current = arena.take<int>(S), done = arena.take<int>(S),
-        sampled = arena.take<int>(S);
-        prompt_len = arena.take<int>(S), position = arena.take<int>(1), seed = arena.take<uint64_t>(1);
+        block = m.allocate_block(arena, int(rows), true, c.first_k_dense_replace > 0, c.has_moe());
+        q_abs = arena.take<T>(rows * H * dc), ctx = arena.take<T>(rows * H * dc), xf = arena.take<T>(rows * d);
+        logits = arena.take<float>(rows * c.vocab_size);
+        seqs = arena.take<int>(long(S) * len), pos = arena.take<int>(S), done = arena.take<int>(S);
+        sampled = arena.take<int>(S), prompt_len = arena.take<int>(S), row_tokens = arena.take<int>(rows);
+        seed = arena.take<uint64_t>(1), counts = arena.take<int>(2L * S);
+        if (max_rows > 1) {
+            mtp_e = arena.take<T>(rows * d), mtp_e_n = arena.take<T>(rows * d), mtp_h_n = arena.take<T>(rows * d);
+            mtp_cat = arena.take<T>(rows * 2 * d);
+            mtp_logits = arena.take<float>(rows * c.vocab_size), q_logits = arena.take<float>(long(S) * c.vocab_size);
+            mtp_tokens = arena.take<int>(rows), draft = arena.take<int>(S), draft_row = arena.take<int>(S);
+        }
         CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
         size_t smem = attention_smem(len);
         if (smem > 48 * 1024)
@@ -210,38 +374,62 @@ struct Sampler {
         return sizeof(float) * c.num_attention_heads * (c.kv_lora_rank + c.qk_rope_head_dim + L);
     }
 
-    // One decode step for S sequences at the position in device memory: their tokens in `current` -> logits [S, V].
-    // Each layer is the training forward's block, with attention over the latent cache between its parts.
-    void step(int S) {
+    // Rows per sequence in a step with these options: 2 when speculating.
+    int rows_per_sequence(const SamplingOptions& opt) const { return opt.speculative && max_rows > 1 ? 2 : 1; }
+
+    // One block over the step's rows (R per sequence), with attention over this block's latent cache.
+    void decode_block(Layer& L, T* ckv_cache, T* kr_cache, int rows, int R, const Ctx<T>& cx) {
         const Config& c = model.cfg;
-        const Ctx<T> cx = model.ctx(stream, true);
-        cudaStream_t st = stream;
         const int H = c.num_attention_heads, dc = c.kv_lora_rank, dn = c.qk_nope_head_dim, dqk = c.qk_head_dim();
         const int dv = c.v_head_dim;
         BlockActs<T>& A = block;
-        embedding_forward(A.x_in, current, cx.w(model.embed), S, c.hidden_size, st);
-        for (int l = 0; l < c.num_hidden_layers; l++) {
-            Layer& L = model.layers[l];
-            model.attention_inputs(L, A, S, cx);
-            int append_n = S * (dc + c.qk_rope_head_dim / 2);
-            latent_cache_append_kernel<<<elementwise_blocks(append_n), 256, 0, st>>>(
-                cache_ckv[l], cache_kr[l], A.ckv, A.kva, S, position, max_len, dc, c.qk_rope_head_dim, c.rope_theta);
-            CUDA_CHECK_LAUNCH();
-            // q_abs_i = q_nope_i W_uk_i for every head i: one GEMM batched over heads
-            const T* W_kvb = cx.w(L.attn.kv_b.weight);
-            long w_head = long(dn + dv) * dc;
-            matmul(model.blas, st, q_abs, A.q, W_kvb,
-                   Matmul{S, dc, dn, false, false, 1.0f, 0.0f, H, dqk, w_head, dc, H * dqk, dc, H * dc});
-            latent_attention_decode_kernel<<<S, 128, attention_smem(max_len), st>>>(
-                ctx, q_abs, A.q, cache_ckv[l], cache_kr[l], position, max_len, model.mla_dims(S, 1));
-            CUDA_CHECK_LAUNCH();
-            // o_i = ctx_i W_uv_i^T for every head i
-            matmul(model.blas, st, A.o, ctx, W_kvb + long(dn) * dc,
-                   Matmul{S, dv, dc, false, true, 1.0f, 0.0f, H, dc, w_head, dv, H * dc, dc, H * dv});
-            model.attention_output(L, A, S, cx);
-            model.ffn(l, A, A.x_in, S, 1, cx);
-        }
-        model.head(logits, xf, A.rstd1, A.x_in, S, cx);
+        model.attention_inputs(L, A, rows, cx);
+        int append_n = rows * (dc + c.qk_rope_head_dim / 2);
+        latent_cache_append_kernel<<<elementwise_blocks(append_n), 256, 0, stream>>>(
+            ckv_cache, kr_cache, A.ckv, A.kva, rows, pos, R, max_len, dc, c.qk_rope_head_dim, c.rope_theta);
+        CUDA_CHECK_LAUNCH();
+        // q_abs_i = q_nope_i W_uk_i for every head i: one GEMM batched over heads
+        const T* W_kvb = cx.w(L.attn.kv_b.weight);
+        long w_head = long(dn + dv) * dc;
+        matmul(model.blas, stream, q_abs, A.q, W_kvb,
+               Matmul{rows, dc, dn, false, false, 1.0f, 0.0f, H, dqk, w_head, dc, H * dqk, dc, H * dc});
+        latent_attention_decode_kernel<<<rows, 128, attention_smem(max_len), stream>>>(
+            ctx, q_abs, A.q, ckv_cache, kr_cache, pos, R, max_len, model.mla_dims(rows, 1));
+        CUDA_CHECK_LAUNCH();
+        // o_i = ctx_i W_uv_i^T for every head i
+        matmul(model.blas, stream, A.o, ctx, W_kvb + long(dn) * dc,
+               Matmul{rows, dv, dc, false, true, 1.0f, 0.0f, H, dc, w_head, dv, H * dc, dc, H * dv});
+        model.attention_output(L, A, rows, cx);
+        model.ffn(L, A, A.x_in, rows, 1, cx, nullptr);
+    }
+
+    // The main model over the step's rows: their tokens in row_tokens -> logits [rows, V]; block.x_in keeps the last
+    // hidden states.
+    void step(int rows, int R) {
+        const Config& c = model.cfg;
+        const Ctx<T> cx = model.ctx(stream, true);
+        embedding_forward(block.x_in, row_tokens, cx.w(model.embed), rows, c.hidden_size, stream);
+        for (int l = 0; l < c.num_hidden_layers; l++)
+            decode_block(model.layers[l], cache_ckv[l], cache_kr[l], rows, R, cx);
+        model.head(logits, xf, block.rstd1, block.x_in, rows, cx, model.final_norm);
+    }
+
+    // The MTP module (the first) over rows [S, 2]: the main model's hidden states at positions p and p + 1 (in
+    // block.x_in) with the embeddings of the tokens after them -> mtp_logits, as in training (model.cuh).
+    void mtp_step(int S) {
+        const Config& c = model.cfg;
+        const Ctx<T> cx = model.ctx(stream, true);
+        const int rows = 2 * S, d = c.hidden_size;
+        MtpModule& M = model.mtp[0];
+        float* rstd = block.rstd1;  // no backward pass reads it
+        rmsnorm_forward(mtp_h_n, rstd, block.x_in, d, cx.w(M.hnorm), rows, d, c.rms_norm_eps, stream);
+        embedding_forward(mtp_e, mtp_tokens, cx.w(model.embed), rows, d, stream);
+        rmsnorm_forward(mtp_e_n, rstd, mtp_e, d, cx.w(M.enorm), rows, d, c.rms_norm_eps, stream);
+        copy_columns(mtp_cat, 2 * d, mtp_e_n, d, d, rows, stream);
+        copy_columns(mtp_cat + d, 2 * d, mtp_h_n, d, d, rows, stream);
+        M.eh_proj.forward(cx, block.x_in, mtp_cat, RowGroups::all(rows));
+        decode_block(M.block, cache_ckv.back(), cache_kr.back(), rows, 2, cx);
+        model.head(mtp_logits, xf, rstd, block.x_in, rows, cx, M.head_norm);
     }
 
     // Loads prompts (each at least one token, shorter than max_len), resets the sequences, sets the sampling seed.
@@ -249,45 +437,58 @@ struct Sampler {
         int S = int(prompts.size());
         if (S < 1 || S > max_S)
             throw std::invalid_argument("sampler: between 1 and " + std::to_string(max_S) + " prompts");
-        std::vector<int> host(size_t(S) * max_len, 0), lens(S), first(S);
+        std::vector<int> host(size_t(S) * max_len, 0), lens(S);
         for (int s = 0; s < S; s++) {
             if (prompts[s].empty() || int(prompts[s].size()) >= max_len)
                 throw std::invalid_argument("sampler: a prompt must hold 1 to " + std::to_string(max_len - 1) +
                                             " tokens");
             std::copy(prompts[s].begin(), prompts[s].end(), host.begin() + long(s) * max_len);
-            lens[s] = int(prompts[s].size()), first[s] = prompts[s][0];
+            lens[s] = int(prompts[s].size());
         }
         CUDA_CHECK(cudaStreamSynchronize(model.stream));  // the weights' last update, on the model's stream
         cudaStream_t st = stream;
         seed_host = sampling_seed;
         CUDA_CHECK(cudaMemcpyAsync(seqs, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice, st));
         CUDA_CHECK(cudaMemcpyAsync(prompt_len, lens.data(), S * sizeof(int), cudaMemcpyHostToDevice, st));
-        CUDA_CHECK(cudaMemcpyAsync(current, first.data(), S * sizeof(int), cudaMemcpyHostToDevice, st));
         CUDA_CHECK(cudaMemcpyAsync(seed, &seed_host, sizeof(uint64_t), cudaMemcpyHostToDevice, st));
         CUDA_CHECK(cudaMemsetAsync(done, 0, S * sizeof(int), st));
-        CUDA_CHECK(cudaMemsetAsync(position, 0, sizeof(int), st));
+        CUDA_CHECK(cudaMemsetAsync(pos, 0, S * sizeof(int), st));
+        CUDA_CHECK(cudaMemsetAsync(counts, 0, 2 * S * sizeof(int), st));
+        if (max_rows > 1) CUDA_CHECK(cudaMemsetAsync(draft, 0xFF, S * sizeof(int), st));  // -1: no draft yet
         CUDA_CHECK(cudaStreamSynchronize(st));  // the host vectors above are pageable and local
     }
 
-    // A full decode step: forward, sample, choose each next token, move to the next position.
+    // A full decode step: the main model's pass, the new tokens of every unfinished sequence, and (speculative) the
+    // MTP module's pass and its drafts.
     void decode(int S, const SamplingOptions& opt) {
-        step(S);
-        sample_kernel<<<ceil_div(S, WARPS_PER_BLOCK), WARPS_PER_BLOCK * 32, 0, stream>>>(
-            sampled, logits, S, model.cfg.vocab_size, opt.temperature, opt.top_k, seed, position);
+        const int R = rows_per_sequence(opt), V = model.cfg.vocab_size, warp_blocks = ceil_div(S, WARPS_PER_BLOCK);
+        const StopRule rule{opt.stop_a, opt.stop_b, opt.max_new, max_len};
+        step_tokens_kernel<<<ceil_div(S * R, 128), 128, 0, stream>>>(row_tokens, seqs, pos, R > 1 ? draft : nullptr,
+                                                                    prompt_len, S, R, max_len);
         CUDA_CHECK_LAUNCH();
-        advance_kernel<<<ceil_div(S, 128), 128, 0, stream>>>(seqs, current, done, sampled, prompt_len, S, position,
-                                                             max_len, opt.max_new, opt.stop_a, opt.stop_b);
+        step(S * R, R);
+        if (R == 1) {
+            sample_kernel<<<warp_blocks, WARPS_PER_BLOCK * 32, 0, stream>>>(sampled, logits, S, V, opt.temperature,
+                                                                          opt.top_k, seed, pos);
+            CUDA_CHECK_LAUNCH();
+            advance_kernel<<<ceil_div(S, 128), 128, 0, stream>>>(seqs, pos, done, sampled, prompt_len, S, rule);
+            CUDA_CHECK_LAUNCH();
+            return;
+        }
+        verify_kernel<<<warp_blocks, WARPS_PER_BLOCK * 32, 0, stream>>>(
+            seqs, pos, done, mtp_tokens, draft_row, counts, logits, q_logits, draft, prompt_len, S, V,
+            opt.temperature, opt.top_k, seed, rule);
         CUDA_CHECK_LAUNCH();
-        next_position_kernel<<<1, 1, 0, stream>>>(position);
+        mtp_step(S);
+        draft_kernel<<<warp_blocks, WARPS_PER_BLOCK * 32, 0, stream>>>(draft, q_logits, mtp_logits, draft_row, pos,
+                                                                      done, prompt_len, S, V, opt.temperature,
+                                                                      opt.top_k, seed);
         CUDA_CHECK_LAUNCH();
     }
 
     // The decode step as a graph for S sequences and these options, captured on first use.
     void decode_graph(int S, const SamplingOptions& opt) {
-        bool same = graph && graph_S == S && graph_opt.temperature == opt.temperature && graph_opt.top_k == opt.top_k &&
-                    graph_opt.stop_a == opt.stop_a && graph_opt.stop_b == opt.stop_b &&
-                    graph_opt.max_new == opt.max_new;
-        if (!same) {
+        if (!graph || graph_S != S || !(graph_opt == opt)) {
             if (graph) CUDA_CHECK(cudaGraphExecDestroy(graph));
             cudaGraph_t captured;
             CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
@@ -300,19 +501,43 @@ struct Sampler {
         CUDA_CHECK(cudaGraphLaunch(graph, stream));
     }
 
-    // Samples every prompt until a stop token or max_len tokens in all; returns the generated tokens of each
-    // (stop token included).
+    // Sequence s as far as it is known (prompt and new tokens, up to its position), and whether it has finished.
+    std::vector<int> sequence(int s, bool* finished) {
+        int p = 0, is_done = 0;
+        CUDA_CHECK(cudaMemcpyAsync(&p, pos + s, sizeof(int), cudaMemcpyDeviceToHost, stream));
+        CUDA_CHECK(cudaMemcpyAsync(&is_done, done + s, sizeof(int), cudaMemcpyDeviceToHost, stream));
+        CUDA_CHECK(cudaStreamSynchronize(stream));
+        std::vector<int> tokens(size_t(p) + 1);
+        CUDA_CHECK(cudaMemcpyAsync(tokens.data(), seqs + long(s) * max_len, tokens.size() * sizeof(int),
+                                   cudaMemcpyDeviceToHost, stream));
+        CUDA_CHECK(cudaStreamSynchronize(stream));
+        *finished = is_done != 0;
+        return tokens;
+    }
+
+    // Each of the S sequences' drafts since start().
+    std::vector<DraftCounts> draft_counts(int S) {
+        std::vector<int> h(2 * size_t(S));
+        CUDA_CHECK(cudaMemcpyAsync(h.data(), counts, h.size() * sizeof(int), cudaMemcpyDeviceToHost, stream));
+        CUDA_CHECK(cudaStreamSynchronize(stream));
+        std::vector<DraftCounts> out(S);
+        for (int s = 0; s < S; s++) out[s] = {h[2 * s], h[2 * s + 1]};
+        return out;
+    }
+
+    // Samples every prompt until a stop token, max_new tokens or max_len tokens in all; returns the generated tokens
+    // of each (stop token included).
     std::vector<std::vector<int>> generate(const std::vector<std::vector<int>>& prompts, const SamplingOptions& opt) {
         int S = int(prompts.size());
         start(prompts, opt.seed);
         cudaStream_t st = stream;
         std::vector<int> done_host(S);
-        for (int pos = 0; pos + 1 < max_len; pos++) {
-            if (pos == 0)
+        for (int step = 0; step + 1 < max_len; step++) {  // a step moves every unfinished sequence on
+            if (step == 0)
                 decode(S, opt);  // the first step plans the GEMMs outside the capture
             else
                 decode_graph(S, opt);
-            if (pos % 16 == 15) {  // a host check now and then, not a sync per token
+            if (step % 16 == 15) {  // a host check now and then, not a sync per step
                 CUDA_CHECK(cudaMemcpyAsync(done_host.data(), done, S * sizeof(int), cudaMemcpyDeviceToHost, st));
                 CUDA_CHECK(cudaStreamSynchronize(st));
                 if (std::all_of(done_host.begin(), done_host.end(), [](int x) { return x != 0; })) break;

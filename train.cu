@@ -108,13 +108,31 @@ inline AdamW adamw_at(const Options& o, int step) {
     return AdamW{learning_rate(o, step), 0.9f, o.beta2, 1e-8f, o.weight_decay};
 }
 
+// lambda of the MTP loss at a step of pretrain or sft (0 for a model without MTP modules: nothing trains them).
+inline float mtp_lambda_at(const Options& o, const Config& cfg, int step) {
+    if (cfg.num_nextn_predict_layers == 0) return 0.0f;
+    return MtpWeight{o.mtp_lambda, o.mtp_lambda_late, o.mtp_late_from}.at(step, o.steps);
+}
+
+// The main loss and, where the MTP modules trained in the step, theirs, into a log record and the progress line.
+inline std::string record_losses(float loss, float mtp_lambda, const StepScalars& scalars, Json& record) {
+    record["loss"] = double(loss);
+    if (mtp_lambda <= 0.0f) return "";
+    record["mtp_loss"] = double(scalars.mtp_loss), record["mtp_accuracy"] = double(scalars.mtp_accuracy);
+    record["mtp_lambda"] = double(mtp_lambda);
+    char line[64];
+    std::snprintf(line, sizeof line, " | mtp %.4f (top-1 %.1f%%)", scalars.mtp_loss, 100.0 * scalars.mtp_accuracy);
+    return line;
+}
+
 // The flags that shape a run's data and schedule: a resumed run must be given the same ones.
 inline std::string schedule_flags(const Options& o) {
     std::ostringstream s;
     s << "batch=" << o.batch << " seq=" << o.seq << " steps=" << o.steps << " warmup=" << o.warmup << " lr=" << o.lr
       << " min_lr_frac=" << o.min_lr_frac << " weight_decay=" << o.weight_decay << " beta2=" << o.beta2
       << " grad_clip=" << o.grad_clip << " balancing=" << o.balancing << " bias_rate=" << o.bias_rate
-      << " balance_alpha=" << o.balance_alpha << " aux_alpha=" << o.aux_alpha;
+      << " balance_alpha=" << o.balance_alpha << " aux_alpha=" << o.aux_alpha << " mtp_lambda=" << o.mtp_lambda
+      << " mtp_lambda_late=" << o.mtp_lambda_late << " mtp_late_from=" << o.mtp_late_from;
     return s.str();
 }
 
@@ -163,6 +181,7 @@ inline EvalSettings eval_settings(const Options& o, bool r1zero_template, bool d
     EvalSettings e;
     e.problems = o.samples, e.k = o.eval_temperature > 0 ? o.eval_k : 1, e.temperature = o.eval_temperature;
     e.r1zero_template = r1zero_template, e.direct = direct, e.seed = uint64_t(o.seed);
+    e.speculative = !o.no_speculative;
     return e;
 }
 
@@ -205,12 +224,14 @@ int pretrain(const Options& o) {
     JsonlLog log(o.out + "/log.jsonl", o.resume);
 
     long tokens_per_step = long(o.batch) * o.seq;
-    double flops_per_step = train_flops_per_token(cfg, o.seq) * double(tokens_per_step);
+    const bool with_mtp = mtp_lambda_at(o, cfg, 1) > 0.0f || mtp_lambda_at(o, cfg, o.steps) > 0.0f;
+    double flops_per_step = train_flops_per_token(cfg, o.seq, with_mtp) * double(tokens_per_step);
     std::printf(
-        "model: %.2fM parameters (%.2fM in GEMMs, %.2fM of them active per token), precision %s, %d x %d tokens per "
-        "step, %.2f TFLOP per step\n",
+        "model: %.2fM parameters (%.2fM in GEMMs, %.2fM of them active per token; MTP modules %d, %.2fM in GEMMs), "
+        "precision %s, %d x %d tokens per step, %.2f TFLOP per step\n",
         model.num_params() / 1e6, model.matmul_params(false) / 1e6, model.matmul_params(true) / 1e6,
-        o.precision.c_str(), o.batch, o.seq, flops_per_step / 1e12);
+        cfg.num_nextn_predict_layers, model.matmul_params(false, true) / 1e6, o.precision.c_str(), o.batch, o.seq,
+        flops_per_step / 1e12);
 
     std::vector<int> rows, next_rows, inputs, targets;
     data::pretrain_batch(tok, corpus, start + 1, o.batch, o.seq, rows);
@@ -220,9 +241,9 @@ int pretrain(const Options& o) {
     for (int step = start + 1; step <= o.steps; step++) {
         WallTimer step_clock;
         AdamW opt = adamw_at(o, step);
-        float lr = opt.lr;
+        float lr = opt.lr, mtp_lambda = mtp_lambda_at(o, cfg, step);
         split_rows(rows, o.batch, o.seq, inputs, targets);
-        model.train_step(inputs, targets, o.batch, o.seq, opt, o.grad_clip, step, uint64_t(o.seed));
+        model.train_step(inputs, targets, o.batch, o.seq, opt, o.grad_clip, step, uint64_t(o.seed), mtp_lambda);
         if (step < o.steps) data::pretrain_batch(tok, corpus, step + 1, o.batch, o.seq, next_rows);  // overlaps the GPU
         const StepScalars scalars = model.read_scalars();
         const float loss = scalars.loss_sum / float(tokens_per_step), grad_norm = scalars.grad_norm;
@@ -239,15 +260,17 @@ int pretrain(const Options& o) {
         double mfu = flops_per_step / seconds / BF16_PEAK_FLOPS;
 
         Json record = Json::object();
-        record["step"] = step, record["loss"] = double(loss), record["lr"] = double(lr);
+        record["step"] = step;
+        const std::string mtp_line = record_losses(loss, mtp_lambda, scalars, record);
+        record["lr"] = double(lr);
         record["grad_norm"] = double(grad_norm), record["tokens_per_s"] = tokens_per_s, record["mfu"] = mfu;
         record["ms"] = seconds * 1e3, record["skipped"] = skipped;
         const double violation = record_expert_balance(model, scalars, record);
         log.write(record);
         if (step % o.log_every == 0 || step == start + 1 || step == o.steps) {
             double per_step = step > start + 1 ? timed_seconds / (step - start - 1) : seconds;
-            std::printf("step %5d/%d | loss %.4f | lr %.2e | grad norm %.3f | %7.0fk tok/s | MFU %4.1f%% | ", step,
-                        o.steps, loss, lr, grad_norm, tokens_per_s / 1e3, 100.0 * mfu);
+            std::printf("step %5d/%d | loss %.4f%s | lr %.2e | grad norm %.3f | %7.0fk tok/s | MFU %4.1f%% | ", step,
+                        o.steps, loss, mtp_line.c_str(), lr, grad_norm, tokens_per_s / 1e3, 100.0 * mfu);
             if (cfg.has_moe()) std::printf("max violation %.2f | ", violation);
             std::printf("ETA %s\n", format_duration(per_step * (o.steps - step)).c_str());
             std::fflush(stdout);
@@ -341,7 +364,8 @@ int cold_start(const Options& given) {
     Model<T>& model = *loaded;
     model.reset_optimizer();
     configure(given, model);
-    const double flops_per_step = train_flops_per_token(model.cfg, given.seq) * given.batch * given.seq;
+    const bool with_mtp = mtp_lambda_at(given, model.cfg, 1) > 0.0f;
+    const double flops_per_step = train_flops_per_token(model.cfg, given.seq, with_mtp) * given.batch * given.seq;
     Options o = given;
     if (!o.same_flops_as.empty()) {
         double flops = run_flops(o.same_flops_as);
@@ -365,8 +389,9 @@ int cold_start(const Options& given) {
             targets.insert(targets.end(), e.targets.begin(), e.targets.end());
         }
         long counted = count_targets(targets);
-        float lr = learning_rate(o, step);
-        model.train_step(inputs, targets, o.batch, o.seq, adamw_at(o, step), o.grad_clip, step, uint64_t(o.seed));
+        float lr = learning_rate(o, step), mtp_lambda = mtp_lambda_at(o, model.cfg, step);
+        model.train_step(inputs, targets, o.batch, o.seq, adamw_at(o, step), o.grad_clip, step, uint64_t(o.seed),
+                         mtp_lambda);
         const StepScalars scalars = model.read_scalars();
         const float loss = scalars.loss_sum / float(std::max(counted, 1L)), grad_norm = scalars.grad_norm;
         const bool skipped = skipped_steps.check(model, step);
@@ -376,13 +401,15 @@ int cold_start(const Options& given) {
             return 1;
         }
         Json record = Json::object();
-        record["step"] = step, record["loss"] = double(loss), record["lr"] = double(lr);
+        record["step"] = step;
+        const std::string mtp_line = record_losses(loss, mtp_lambda, scalars, record);
+        record["lr"] = double(lr);
         record["grad_norm"] = double(grad_norm), record["train_flops"] = flops_per_step * step;
         record["skipped"] = skipped;
         record_expert_balance(model, scalars, record);
         log.write(record);
         if (step % o.log_every == 0 || step == 1 || step == o.steps)
-            std::printf("sft step %5d/%d | loss %.4f | lr %.2e | %s\n", step, o.steps, loss, lr,
+            std::printf("sft step %5d/%d | loss %.4f%s | lr %.2e | %s\n", step, o.steps, loss, mtp_line.c_str(), lr,
                         format_duration(clock.seconds()).c_str());
     }
     save_checkpoint(o.out + "/checkpoint", model, {o.steps, uint64_t(o.seed), o.precision, schedule_flags(o), "chat"},
@@ -410,6 +437,7 @@ int reinforce(const Options& o) {
     g.scale_by_std = !o.dr_grpo;
     g.norm = o.dr_grpo ? Normalization::Constant : o.token_norm ? Normalization::Token : Normalization::Sequence;
     g.skip_uniform_groups = o.skip_uniform, g.r1zero_template = o.stage == "r1zero";
+    g.speculative = !o.no_speculative;
     g.reward.w_format = o.w_format, g.reward.w_language = o.w_language;
     const data::ProblemMix mix = problem_mix(o);
     const double flops_per_forward_token = forward_flops_per_token(policy.cfg, o.seq);
@@ -443,14 +471,15 @@ int reinforce(const Options& o) {
         record["clip_fraction"] = st.clip_fraction, record["grad_norm"] = double(grad_norm);
         record["uniform_groups"] = st.uniform_groups, record["lr"] = double(lr), record["seconds"] = clock.seconds();
         record["train_flops"] = train_flops, record["skipped"] = skipped;
+        if (st.drafts.drafted > 0) record["draft_acceptance"] = st.drafts.rate();
         record_expert_balance(policy, scalars, record);
         log.write(record);
         if (step % o.log_every == 0 || step == 1 || step == o.steps)
             std::printf(
                 "%s step %4d/%d | reward %.3f | accuracy %.3f | format %.3f | mixed %.3f | length %5.1f | "
-                "kl %.4f | clipped %.3f | uniform groups %d | %s\n",
+                "kl %.4f | clipped %.3f | uniform groups %d | drafts kept %.2f | %s\n",
                 o.stage.c_str(), step, o.steps, st.reward, st.accuracy, st.format, st.mixing, st.response_tokens, st.kl,
-                st.clip_fraction, st.uniform_groups, format_duration(clock.seconds()).c_str());
+                st.clip_fraction, st.uniform_groups, st.drafts.rate(), format_duration(clock.seconds()).c_str());
         if (step % o.ckpt_every == 0 || step == o.steps)
             save_checkpoint(
                 o.out + "/checkpoint", policy,
@@ -474,6 +503,7 @@ int chat(const Options& o) {
     Sampler<T> sampler(*model, 1, o.seq);
     SamplingOptions greedy;
     greedy.temperature = 0.0f, greedy.stop_a = data::ANSWER_END, greedy.stop_b = data::EOS;
+    greedy.speculative = !o.no_speculative;
     auto answer = [&](const std::string& typed) {
         data::Problem p;
         std::string why;
@@ -490,16 +520,14 @@ int chat(const Options& o) {
             return;
         }
         std::vector<int> response;
-        for (int pos = 0; pos + 1 < o.seq; pos++) {
+        for (bool finished = false; !finished;) {  // a step writes one token, or two when the draft is kept
             sampler.decode(1, greedy);
-            if (pos + 1 < int(prompt.size())) continue;  // still reading the prompt
-            int token = 0;
-            CUDA_CHECK(cudaMemcpyAsync(&token, sampler.current, sizeof(int), cudaMemcpyDeviceToHost, sampler.stream));
-            CUDA_CHECK(cudaStreamSynchronize(sampler.stream));
-            response.push_back(token);
-            std::printf("%s", tok.decode({token}).c_str());
+            const std::vector<int> known = sampler.sequence(0, &finished);
+            for (size_t t = prompt.size() + response.size(); t < known.size(); t++) {
+                response.push_back(known[t]);
+                std::printf("%s", tok.decode({known[t]}).c_str());
+            }
             std::fflush(stdout);
-            if (token == data::ANSWER_END || token == data::EOS) break;
         }
         rewards::Reward r = rewards::score(p, tok.decode(response), {});
         if (!r.has_answer)

@@ -5,7 +5,8 @@
 // --profile, one more step runs between cudaProfilerStart and cudaProfilerStop, for
 //   ncu --profile-from-start off --metrics gpu__time_duration.sum --csv ./build/bench_step --profile
 //   ./build/bench_step [--config FILE.json] [--precision fp8|bf16|fp32] [--batch 64] [--seq 512] [--steps 20]
-//                      [--warmup 3]
+//                      [--warmup 3] [--mtp-lambda 0.3]
+// The MTP modules train as in `make train` (--mtp-lambda 0: the main model alone, as the PyTorch twin has it).
 // The routed experts' GEMMs change shape with the expert loads, and each new shape costs a cuBLASLt heuristic query
 // on the host; a long run has met its shapes, so many warm-up steps time the steady state of training.
 #include <cuda_profiler_api.h>
@@ -21,6 +22,7 @@
 struct BenchOptions {
     std::string config, precision = "fp8";
     int batch = 64, seq = 512, steps = 20, warmup = 3;
+    float mtp_lambda = 0.3f;
     bool profile = false;
 };
 
@@ -37,7 +39,7 @@ void run(const Config& c, const BenchOptions& o) {
     size_t warm_plans = 0;
     for (int step = 1; step <= o.warmup + o.steps; step++) {  // warm-up steps: cuBLASLt plans, allocations
         WallTimer clock;
-        model.train_step(inputs, targets, o.batch, o.seq, AdamW{1e-3f}, 1.0f, step, 1);
+        model.train_step(inputs, targets, o.batch, o.seq, AdamW{1e-3f}, 1.0f, step, 1, o.mtp_lambda);
         const double host = clock.seconds() * 1e3;
         model.read_scalars();
         if (step > o.warmup) ms.push_back(clock.seconds() * 1e3), host_ms.push_back(host);
@@ -46,16 +48,17 @@ void run(const Config& c, const BenchOptions& o) {
     std::sort(ms.begin(), ms.end());
     std::sort(host_ms.begin(), host_ms.end());
     const double median = ms[ms.size() / 2];
-    std::printf("%-8s %-10s %8.2f %12.0f   (%d x %d tokens, %.2fM parameters, %.2fM in GEMMs per token)\n",
+    std::printf("%-8s %-10s %8.2f %12.0f   (%d x %d tokens, %.2fM parameters, %.2fM in GEMMs per token, MTP %s)\n",
                 c.has_moe() ? "moe" : "dense", o.precision.c_str(), median, o.batch * o.seq / median * 1e3, o.batch,
-                o.seq, model.num_params() / 1e6, model.matmul_params(true) / 1e6);
+                o.seq, model.num_params() / 1e6, model.matmul_params(true) / 1e6,
+                o.mtp_lambda > 0 && c.num_nextn_predict_layers > 0 ? "trained" : "off");
     std::printf(
         "         %d warm-up steps, %d timed; cuBLASLt plans: %zu after the warm-up, %zu new in the timed steps\n",
         o.warmup, o.steps, warm_plans, model.blas.plans.size() - warm_plans);
     std::printf("         the host's train_step call returned after %.2f ms of the step\n", host_ms[host_ms.size() / 2]);
     if (!o.profile) return;
     CUDA_CHECK(cudaProfilerStart());
-    model.train_step(inputs, targets, o.batch, o.seq, AdamW{1e-3f}, 1.0f, o.warmup + o.steps + 1, 1);
+    model.train_step(inputs, targets, o.batch, o.seq, AdamW{1e-3f}, 1.0f, o.warmup + o.steps + 1, 1, o.mtp_lambda);
     model.read_scalars();
     CUDA_CHECK(cudaProfilerStop());
 }
@@ -69,6 +72,7 @@ int main(int argc, char** argv) {
     flags.add("seq", &o.seq, "tokens per sequence");
     flags.add("steps", &o.steps, "timed steps");
     flags.add("warmup", &o.warmup, "steps before the timed ones");
+    flags.add("mtp-lambda", &o.mtp_lambda, "weight of the MTP loss (0: the MTP modules do not run)");
     flags.add_switch("profile", &o.profile, "one more step between cudaProfilerStart and cudaProfilerStop");
     try {
         flags.parse(std::vector<std::string>(argv + 1, argv + argc));

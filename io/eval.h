@@ -36,6 +36,7 @@ struct EvalSettings {
     float temperature = 0.6f;
     bool r1zero_template = false;
     bool direct = false;  // the think block is given, empty: the model must answer at once
+    bool speculative = true;  // drafted by the model's MTP module, where it has one
     uint64_t seed = 0;
 };
 
@@ -43,6 +44,7 @@ struct EvalRow {
     std::string task, language;
     int difficulty, n = 0;
     double accuracy = 0, format = 0, mixing = 0, response_tokens = 0;
+    DraftCounts drafts;  // speculative decoding's drafts, verified and kept
 };
 
 // The held-out problems, one row per task, difficulty (1 to one past the trained maximum) and language.
@@ -78,10 +80,13 @@ std::vector<EvalRow> evaluate_tasks(Model<T>& model, const data::Tokenizer& tok,
     SamplingOptions sampling;
     sampling.temperature = e.temperature, sampling.seed = rng_hash(e.seed, 0x6576616cull, 0);
     sampling.stop_a = data::ANSWER_END, sampling.stop_b = data::EOS, sampling.max_new = data::kMaxExampleTokens;
+    sampling.speculative = e.speculative;
     std::vector<std::vector<int>> responses = sampler.generate(prompts, sampling);
+    const std::vector<DraftCounts> drafts = sampler.draft_counts(int(prompts.size()));
     for (size_t i = 0; i < responses.size(); i++) {
         size_t problem = i / e.k;
         EvalRow& row = rows[problem / e.problems];
+        row.drafts += drafts[i];
         std::string text = given + tok.decode(responses[i]);
         rewards::Reward r = rewards::score(problems[problem], text, {});
         row.n++, row.accuracy += r.accuracy, row.format += r.format;
@@ -98,16 +103,18 @@ std::vector<EvalRow> evaluate_tasks(Model<T>& model, const data::Tokenizer& tok,
 inline void report_eval(const std::vector<EvalRow>& rows, const EvalSettings& e, JsonlLog* log) {
     std::printf("held-out pass@1 (%d responses per problem at temperature %.2g, %d problems per row)\n", e.k,
                 e.temperature, e.problems);
-    std::printf("%-10s %4s %10s %9s %8s %8s %12s\n", "task", "lang", "difficulty", "accuracy", "format", "mixed",
-                "mean tokens");
+    std::printf("%-10s %4s %10s %9s %8s %8s %12s %15s\n", "task", "lang", "difficulty", "accuracy", "format", "mixed",
+                "mean tokens", "drafts accepted");
     for (const EvalRow& r : rows) {
-        std::printf("%-10s %4s %10d %8.1f%% %7.1f%% %7.1f%% %12.1f\n", r.task.c_str(), r.language.c_str(), r.difficulty,
-                    100 * r.accuracy, 100 * r.format, 100 * r.mixing, r.response_tokens);
+        std::printf("%-10s %4s %10d %8.1f%% %7.1f%% %7.1f%% %12.1f %14.1f%%\n", r.task.c_str(), r.language.c_str(),
+                    r.difficulty, 100 * r.accuracy, 100 * r.format, 100 * r.mixing, r.response_tokens,
+                    100 * r.drafts.rate());
         if (!log) continue;
         Json record = Json::object();
         record["eval"] = r.task, record["language"] = r.language, record["difficulty"] = r.difficulty;
         record["accuracy"] = r.accuracy, record["format"] = r.format, record["mixing"] = r.mixing;
         record["response_tokens"] = r.response_tokens;
+        if (r.drafts.drafted > 0) record["draft_acceptance"] = r.drafts.rate();
         log->write(record);
     }
 }
@@ -148,6 +155,12 @@ inline std::string comparison_tables(const std::vector<ModelEval>& models, const
         "accuracy", [](const EvalRow& r) { return 100 * r.accuracy; }, "%.1f%%");
     pooled(
         "response tokens", [](const EvalRow& r) { return r.response_tokens; }, "%.0f");
+    bool drafted = false;
+    for (const ModelEval& m : models)
+        for (const EvalRow& r : m.rows) drafted |= r.drafts.drafted > 0;
+    if (drafted)  // speculative decoding: the share of the MTP module's drafts that the model kept
+        pooled(
+            "drafts accepted", [](const EvalRow& r) { return 100 * r.drafts.rate(); }, "%.1f%%");
     header("over all rows", "");
     auto overall = [&](const char* what, auto value) {
         out << "| " << what << " | |";

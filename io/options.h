@@ -97,6 +97,10 @@ struct Options {
     // DeepSeekMoE's load balancing (V3 §2.1.2)
     std::string balancing = "aux-free";
     float bias_rate = 0.001f, balance_alpha = 1e-4f, aux_alpha = 0.01f;
+    // Multi-token prediction (V3 §2.2): the weight of its loss, and speculative decoding with its draft
+    // (V3: 0.3 for the first 10T tokens, 0.1 for the last 4.8T)
+    float mtp_lambda = 0.3f, mtp_lambda_late = 0.1f, mtp_late_from = 10.0f / 14.8f;
+    bool no_speculative = false;
     // Cold start and reinforcement learning
     int sft_examples = 4000, prompts = 32, group = 8, updates = 2, max_new = 320, difficulty = 2;
     std::string task = "mix", template_name = "auto";
@@ -133,6 +137,13 @@ struct Options {
         f.add("bias-rate", &bias_rate, "aux-free: gamma, the router bias update per step (V3: 0.001)");
         f.add("balance-alpha", &balance_alpha, "aux-free: alpha of the sequence-wise balance loss (V3: 0.0001)");
         f.add("aux-alpha", &aux_alpha, "aux-loss: alpha of the batch-wise auxiliary loss");
+        f.add("mtp-lambda", &mtp_lambda, "pretrain/sft: weight of the MTP modules' loss (V3: 0.3; 0: not trained)");
+        f.add("mtp-lambda-late", &mtp_lambda_late, "pretrain/sft: the MTP loss weight late in training (V3: 0.1)");
+        f.add("mtp-late-from", &mtp_late_from,
+              "pretrain/sft: the share of the steps after which --mtp-lambda-late holds (V3: 10T of 14.8T tokens)");
+        f.add_switch("no-speculative", &no_speculative,
+                     "sample one token a step, without the MTP module's draft (speculative decoding is on for models "
+                     "with an MTP module)");
         f.add("eval-every", &eval_every, "steps between held-out loss evaluations");
         f.add("eval-batches", &eval_batches, "batches in a held-out loss evaluation");
         f.add("ckpt-every", &ckpt_every, "steps between checkpoints (and one at the end)");
@@ -233,9 +244,12 @@ struct Options {
         if (balancing != "aux-free" && balancing != "aux-loss" && balancing != "none")
             throw std::invalid_argument("--balancing must be aux-free, aux-loss or none, got '" + balancing + "'");
         for (auto [value, name] : {std::pair{bias_rate, "bias-rate"}, std::pair{balance_alpha, "balance-alpha"},
-                                   std::pair{aux_alpha, "aux-alpha"}})
+                                   std::pair{aux_alpha, "aux-alpha"}, std::pair{mtp_lambda, "mtp-lambda"},
+                                   std::pair{mtp_lambda_late, "mtp-lambda-late"}})
             if (!(value >= 0.0f && std::isfinite(value)))
                 throw std::invalid_argument(std::string("--") + name + " must be a finite number >= 0");
+        if (!(mtp_late_from >= 0.0f && mtp_late_from <= 1.0f))
+            throw std::invalid_argument("--mtp-late-from must be in [0, 1]");
     }
 
     static std::string usage() {

@@ -153,6 +153,14 @@ struct DeviceArena {
 // Blocks of 256 threads for one thread per element.
 inline int elementwise_blocks(long n) { return ceil_div(n, 256); }
 
+// `width` columns of `rows` rows from src (row stride src_stride) to dst (row stride dst_stride), strides in elements:
+// a slice of a wider matrix to a dense one, or back.
+template <typename T>
+void copy_columns(T* dst, int dst_stride, const T* src, int src_stride, int width, int rows, cudaStream_t s) {
+    CUDA_CHECK(cudaMemcpy2DAsync(dst, sizeof(T) * dst_stride, src, sizeof(T) * src_stride, sizeof(T) * width, rows,
+                                 cudaMemcpyDeviceToDevice, s));
+}
+
 // Elementwise kernels over a [rows, cols] matrix: a row per blockIdx.x, its columns across blockIdx.y, and
 // ROW_ITEMS columns per thread, ROW_THREADS apart. A kernel finds its elements without dividing a 64-bit index
 // (which costs more than an element's own work), and a thread's loads are in flight together (its pointers are

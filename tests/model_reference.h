@@ -216,10 +216,29 @@ inline Vec moe(const Config& c, const Params& W, const std::string& p, const Vec
     return y;
 }
 
+// One decoder block on the residual stream x [B*T, d], in place: MLA, then the dense FFN or MoE (its routing taken
+// from or recorded into opt, as the block's turn among the MoE blocks says).
+inline void block(const Config& c, const Params& W, const std::string& p, bool is_moe, Vec& x, int B, int T,
+                  const MoeOptions& opt, int& moe_block, double* balance_loss) {
+    const int N = B * T, d = c.hidden_size;
+    Vec attn = mla(c, W, p, rmsnorm(x, N, d, 0, d, W(p + "input_layernorm.weight"), c.rms_norm_eps), B, T);
+    for (size_t i = 0; i < x.size(); i++) x[i] += attn[i];
+    Vec h = rmsnorm(x, N, d, 0, d, W(p + "post_attention_layernorm.weight"), c.rms_norm_eps), ffn;
+    if (is_moe) {
+        Routing r = opt.fixed ? (*opt.fixed)[moe_block] : Routing{};
+        ffn = moe(c, W, p + "mlp.", h, B, T, r, !opt.fixed, opt, balance_loss);
+        if (opt.record) opt.record->push_back(r);
+        moe_block++;
+    } else {
+        ffn = swiglu_ffn(W, p + "mlp.", h, N, d, c.intermediate_size);
+    }
+    for (size_t i = 0; i < x.size(); i++) x[i] += ffn[i];
+}
+
 // Logits [B*T, V] of the whole model for tokens [B, T], parameters in the flat layout; the MoE layers' balance
-// loss added to *balance_loss.
+// loss added to *balance_loss, the last hidden state (before the final norm) into *hidden if given.
 inline Vec forward(const Config& c, const Vec& params, const std::vector<int>& tokens, int B, int T,
-                   const MoeOptions& opt = {}, double* balance_loss = nullptr) {
+                   const MoeOptions& opt = {}, double* balance_loss = nullptr, Vec* hidden = nullptr) {
     Architecture arch(c, 0);
     Params W{arch.layout, params};
     int N = B * T, d = c.hidden_size;
@@ -227,43 +246,86 @@ inline Vec forward(const Config& c, const Vec& params, const std::vector<int>& t
     for (int n = 0; n < N; n++)
         for (int e = 0; e < d; e++) x[size_t(n) * d + e] = W("model.embed_tokens.weight")[size_t(tokens[n]) * d + e];
     if (opt.record) opt.record->clear();
-    int moe_layer = 0;
-    for (int l = 0; l < c.num_hidden_layers; l++) {
-        const std::string p = "model.layers." + std::to_string(l) + ".";
-        Vec attn = mla(c, W, p, rmsnorm(x, N, d, 0, d, W(p + "input_layernorm.weight"), c.rms_norm_eps), B, T);
-        for (size_t i = 0; i < x.size(); i++) x[i] += attn[i];
-        Vec h = rmsnorm(x, N, d, 0, d, W(p + "post_attention_layernorm.weight"), c.rms_norm_eps), ffn;
-        if (c.is_moe(l)) {
-            Routing r = opt.fixed ? (*opt.fixed)[moe_layer] : Routing{};
-            ffn = moe(c, W, p + "mlp.", h, B, T, r, !opt.fixed, opt, balance_loss);
-            if (opt.record) opt.record->push_back(r);
-            moe_layer++;
-        } else {
-            ffn = swiglu_ffn(W, p + "mlp.", h, N, d, c.intermediate_size);
-        }
-        for (size_t i = 0; i < x.size(); i++) x[i] += ffn[i];
-    }
+    int moe_block = 0;
+    for (int l = 0; l < c.num_hidden_layers; l++)
+        block(c, W, "model.layers." + std::to_string(l) + ".", c.is_moe(l), x, B, T, opt, moe_block, balance_loss);
+    if (hidden) *hidden = x;
     return linear(rmsnorm(x, N, d, 0, d, W("model.norm.weight"), c.rms_norm_eps), N, d, W("lm_head.weight"),
                   c.vocab_size);
 }
 
-// Mean cross-entropy over the targets that are not negative, plus the balance loss.
-inline double loss(const Config& c, const Vec& params, const std::vector<int>& tokens, const std::vector<int>& targets,
-                   int B, int T, const MoeOptions& opt = {}) {
-    double balance = 0.0;
-    Vec logits = forward(c, params, tokens, B, T, opt, &balance);
-    int V = c.vocab_size;
+// Mean cross-entropy of logits [N, V] over the targets that are not negative; the argmax hits into *hits if given.
+inline double mean_cross_entropy(const Vec& logits, const std::vector<int>& targets, int V, double* hits = nullptr) {
     double total = 0.0;
     int counted = 0;
-    for (int n = 0; n < B * T; n++) {
+    if (hits) *hits = 0.0;
+    for (size_t n = 0; n < targets.size(); n++) {
         if (targets[n] < 0) continue;
-        double mx = -1e300, sum = 0.0;
-        for (int v = 0; v < V; v++) mx = std::max(mx, logits[size_t(n) * V + v]);
-        for (int v = 0; v < V; v++) sum += std::exp(logits[size_t(n) * V + v] - mx);
-        total += std::log(sum) + mx - logits[size_t(n) * V + targets[n]];
+        const double* row = &logits[n * V];
+        double mx = *std::max_element(row, row + V), sum = 0.0;
+        for (int v = 0; v < V; v++) sum += std::exp(row[v] - mx);
+        total += std::log(sum) + mx - row[targets[n]];
+        if (hits) *hits += int(std::max_element(row, row + V) - row) == targets[n];
         counted++;
     }
-    return total / counted + balance;
+    return total / counted;
+}
+
+// The MTP modules (V3 eqs. 21-25) after a forward pass whose last hidden state is h [B*T, d]: module k at layer
+// index num_hidden_layers + k - 1 reads Emb(t_{i+k}) and h^{k-1}_i and predicts t_{i+k+1}, where the rows have one.
+// Returns each module's mean cross-entropy (the first module's argmax hits into *hits); the MoE blocks' balance
+// loss is added to *balance_loss, their routing taken from or recorded into opt after the main model's.
+inline std::vector<double> mtp_losses(const Config& c, const Vec& params, Vec h, const std::vector<int>& inputs,
+                                      const std::vector<int>& targets, int B, int T, const MoeOptions& opt = {},
+                                      double* balance_loss = nullptr, double* hits = nullptr) {
+    Architecture arch(c, 0);
+    Params W{arch.layout, params};
+    const int N = B * T, d = c.hidden_size;
+    int moe_block = 0;
+    for (int l = 0; l < c.num_hidden_layers; l++) moe_block += c.is_moe(l);
+    std::vector<double> losses;
+    for (int k = 1; k <= c.num_nextn_predict_layers; k++) {
+        const std::string p = "model.layers." + std::to_string(c.num_hidden_layers + k - 1) + ".";
+        const double* E = W("model.embed_tokens.weight");
+        Vec e(size_t(N) * d, 0.0);
+        std::vector<int> ahead(N, -1);
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < T; i++) {
+                const int n = b * T + i, token = i + k < T ? inputs[n + k] : 0;
+                ahead[n] = i + k < T ? targets[n + k] : -1;
+                std::copy(E + size_t(token) * d, E + size_t(token + 1) * d, e.begin() + size_t(n) * d);
+            }
+        Vec e_n = rmsnorm(e, N, d, 0, d, W(p + "enorm.weight"), c.rms_norm_eps);
+        Vec h_n = rmsnorm(h, N, d, 0, d, W(p + "hnorm.weight"), c.rms_norm_eps);
+        Vec cat(size_t(N) * 2 * d);
+        for (int n = 0; n < N; n++) {
+            auto row = cat.begin() + size_t(n) * 2 * d;
+            std::copy(e_n.begin() + size_t(n) * d, e_n.begin() + size_t(n + 1) * d, row);
+            std::copy(h_n.begin() + size_t(n) * d, h_n.begin() + size_t(n + 1) * d, row + d);
+        }
+        h = linear(cat, N, 2 * d, W(p + "eh_proj.weight"), d);
+        block(c, W, p, c.mtp_moe(), h, B, T, opt, moe_block, balance_loss);
+        Vec logits = linear(rmsnorm(h, N, d, 0, d, W(p + "shared_head.norm.weight"), c.rms_norm_eps), N, d,
+                            W("lm_head.weight"), c.vocab_size);
+        losses.push_back(mean_cross_entropy(logits, ahead, c.vocab_size, k == 1 ? hits : nullptr));
+    }
+    return losses;
+}
+
+// Mean cross-entropy over the targets that are not negative, plus the balance loss; with mtp_lambda > 0, plus
+// lambda times the MTP modules' mean loss (eq. 25), their balance losses included.
+inline double loss(const Config& c, const Vec& params, const std::vector<int>& tokens, const std::vector<int>& targets,
+                   int B, int T, const MoeOptions& opt = {}, double mtp_lambda = 0.0) {
+    double balance = 0.0;
+    Vec hidden;
+    Vec logits = forward(c, params, tokens, B, T, opt, &balance, &hidden);
+    double total = mean_cross_entropy(logits, targets, c.vocab_size) + balance;
+    if (mtp_lambda > 0.0) {
+        double mtp_balance = 0.0;
+        std::vector<double> ce = mtp_losses(c, params, hidden, tokens, targets, B, T, opt, &mtp_balance);
+        total += mtp_balance + mtp_lambda * std::accumulate(ce.begin(), ce.end(), 0.0) / double(ce.size());
+    }
+    return total;
 }
 
 }  // namespace model_ref

@@ -56,21 +56,49 @@ double relative_error(const std::vector<float>& got, const model_ref::Vec& want)
     return std::sqrt(num / den);
 }
 
-// The experts a model chose in its last forward pass, per MoE layer, as the reference takes them.
+// The experts a model chose in its last forward pass, per MoE block (the layers', then the MTP modules' where they
+// ran), as the reference takes them.
 template <typename T_>
 std::vector<model_ref::Routing> routing_of(Model<T_>& model) {
     std::vector<model_ref::Routing> routing;
     const int K = model.cfg.num_experts_per_tok, N = model.last_tokens;
-    for (int l = 0; l < model.cfg.num_hidden_layers; l++) {
-        if (!model.layers[l].moe) continue;
+    auto add = [&](const Layer& L, const BlockActs<T_>& A) {
+        if (!L.moe) return;
         std::vector<int> chosen(size_t(N) * K);
-        CUDA_CHECK(cudaMemcpy(chosen.data(), model.acts[l].moe.expert, chosen.size() * sizeof(int),
-                              cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(chosen.data(), A.moe.expert, chosen.size() * sizeof(int), cudaMemcpyDeviceToHost));
         model_ref::Routing r;
         for (int t = 0; t < N; t++) r.chosen.emplace_back(chosen.begin() + t * K, chosen.begin() + (t + 1) * K);
         routing.push_back(r);
-    }
+    };
+    for (int l = 0; l < model.cfg.num_hidden_layers; l++) add(model.layers[l], model.acts[l]);
+    if (model.mtp_ran)
+        for (size_t k = 0; k < model.mtp.size(); k++) add(model.mtp[k].block, model.mtp_acts[k].block);
     return routing;
+}
+
+// The gradient of every trained tensor against central differences of the reference loss at a few random
+// elements: the relative error per tensor must stay below 1e-3.
+template <typename LossOf>
+void check_gradients(const Model<float>& model, const std::vector<float>& grads, model_ref::Vec params,
+                     LossOf loss_of, uint64_t seed) {
+    Rng rng(seed);
+    for (const ParamTensor& t : model.layout.tensors) {
+        if (t.region == Region::Buffer) continue;  // the router bias: no gradient
+        double num = 0.0, den = 0.0;
+        for (int k = 0; k < 6; k++) {
+            long i = t.offset + long(rng.range(0, t.numel() - 1));
+            double h = 1e-5, saved = params[i];
+            params[i] = saved + h;
+            double up = loss_of(params);
+            params[i] = saved - h;
+            double down = loss_of(params);
+            params[i] = saved;
+            double fd = (up - down) / (2 * h);
+            num += (grads[i] - fd) * (grads[i] - fd), den += fd * fd;
+        }
+        INFO("tensor ", t.name);
+        CHECK(std::sqrt(num / std::max(den, 1e-20)) < 1e-3);
+    }
 }
 
 std::string temp_dir(const char* name) {
@@ -130,26 +158,76 @@ TEST_SUITE("gpu") {
                 CHECK(routing_of(*model)[0].chosen == routing[0].chosen);
             }
             model_ref::MoeOptions fixed{0.05, true, &routing};
-
-            Rng rng(3);
-            for (const ParamTensor& t : model->layout.tensors) {
-                if (t.region == Region::Buffer) continue;  // the router bias: no gradient
-                double num = 0.0, den = 0.0;
-                for (int k = 0; k < 6; k++) {
-                    long i = t.offset + long(rng.range(0, t.numel() - 1));
-                    double h = 1e-5, saved = params[i];
-                    params[i] = saved + h;
-                    double up = model_ref::loss(c, params, inputs, targets, B, T, fixed);
-                    params[i] = saved - h;
-                    double down = model_ref::loss(c, params, inputs, targets, B, T, fixed);
-                    params[i] = saved;
-                    double fd = (up - down) / (2 * h);
-                    num += (grads[i] - fd) * (grads[i] - fd), den += fd * fd;
-                }
-                INFO("tensor ", t.name);
-                CHECK(std::sqrt(num / std::max(den, 1e-20)) < 1e-3);
-            }
+            // the MTP modules did not run: their gradients are zero, as the reference's are
+            auto loss_of = [&](const model_ref::Vec& p) { return model_ref::loss(c, p, inputs, targets, B, T, fixed); };
+            check_gradients(*model, grads, params, loss_of, 3);
         }
+    }
+
+    TEST_CASE("MTP modules: losses and accuracy match the CPU reference, gradients its finite differences") {
+        const float lambda = 0.3f;
+        Config moe2 = tiny_moe_config();
+        moe2.num_nextn_predict_layers = 2;  // module 2 reads module 1's output
+        for (const Config& c : {tiny_config(), moe2}) {
+            CAPTURE(c.first_k_dense_replace);
+            std::vector<int> rows = random_tokens(B * (T + 1), c.vocab_size, 7), inputs, targets;
+            split_rows(rows, B, T, inputs, targets);
+            targets[4] = -1, targets[T + 2] = -1;  // masked targets: module 1 predicts nothing at 3 and T + 1
+            auto model = make_model<float>(c, 17);
+            model->balancing = Balancing{0.0f, 0.05f, true};
+            model->forward(inputs, B, T);
+            model->loss(targets);
+            model->mtp_forward(inputs, targets, B, T, lambda);
+            model->backward(B, T);
+            const StepScalars got = model->read_scalars();
+            std::vector<float> grads = model->grads.download(), w = model->master.download();
+            model_ref::Vec params(w.begin(), w.end());
+
+            std::vector<model_ref::Routing> routing;
+            model_ref::MoeOptions record{0.05, true, nullptr, &routing};
+            double balance = 0.0, hits = 0.0;
+            model_ref::Vec hidden;
+            model_ref::forward(c, params, inputs, B, T, record, &balance, &hidden);
+            std::vector<double> ce = model_ref::mtp_losses(c, params, hidden, inputs, targets, B, T, record, &balance,
+                                                           &hits);
+            REQUIRE(ce.size() == size_t(c.num_nextn_predict_layers));
+            // FP32 storage and GEMMs: the losses to summation order
+            const double mean_ce = std::accumulate(ce.begin(), ce.end(), 0.0) / double(ce.size());
+            CHECK(got.mtp_loss == doctest::Approx(mean_ce).epsilon(1e-5));
+            CHECK(got.mtp_accuracy == doctest::Approx(hits / double(model->mtp_acts[0].counted)));
+            CHECK(model->mtp_acts[0].counted == B * (T - 1) - 2);
+            CHECK(got.balance_loss == doctest::Approx(balance).epsilon(1e-5));
+            if (c.has_moe()) CHECK(routing_of(*model).size() == routing.size());
+
+            model_ref::MoeOptions fixed{0.05, true, &routing};
+            auto loss_of = [&](const model_ref::Vec& p) {
+                return model_ref::loss(c, p, inputs, targets, B, T, fixed, lambda);
+            };
+            check_gradients(*model, grads, params, loss_of, 8);
+        }
+    }
+
+    TEST_CASE("a step without the MTP loss zeroes the modules' gradients and leaves their router biases") {
+        Config c = tiny_moe_config();
+        std::vector<int> rows = random_tokens(B * (T + 1), c.vocab_size, 9), inputs, targets;
+        split_rows(rows, B, T, inputs, targets);
+        auto model = make_model<float>(c, 18);
+        model->train_step(inputs, targets, B, T, AdamW{1e-3f}, 1.0f, 1, 1, 0.3f);  // leaves MTP gradients behind
+        const ParamTensor& bias = model->layout[model->mtp[0].block.routed.bias];
+        std::vector<float> before = model->master.download();
+        model->train_step(inputs, targets, B, T, AdamW{1e-3f}, 1.0f, 2, 1, 0.0f);
+        std::vector<float> grads = model->grads.download(), after = model->master.download();
+        long nonzero = 0;
+        for (int t = model->first_mtp_tensor; t < int(model->layout.tensors.size()); t++) {
+            const ParamTensor& p = model->layout[t];
+            if (p.region != Region::Buffer)
+                nonzero += std::count_if(grads.begin() + p.offset, grads.begin() + p.offset + p.numel(),
+                                         [](float g) { return g != 0.0f; });
+        }
+        CHECK(nonzero == 0);
+        CHECK(std::equal(before.begin() + bias.offset, before.begin() + bias.offset + bias.numel(),
+                         after.begin() + bias.offset));
+        CHECK(model->read_scalars().mtp_loss == 0.0f);
     }
 
     TEST_CASE("bf16 gradients follow the fp32 ones") {
@@ -177,7 +255,7 @@ TEST_SUITE("gpu") {
             std::vector<float> before = model->master.download();
             float first = 0.0f, last = 0.0f;
             for (int step = 1; step <= 50; step++) {
-                model->train_step(inputs, targets, B, T, AdamW{1e-2f}, 1.0f, step, 1);
+                model->train_step(inputs, targets, B, T, AdamW{1e-2f}, 1.0f, step, 1, 0.3f);
                 float loss = model->read_scalars().loss_sum / float(B * T);
                 if (step == 1) first = loss;
                 last = loss;
@@ -205,6 +283,10 @@ TEST_SUITE("gpu") {
             CHECK(state.seed == 99);
             std::vector<float> a = logits_of(*model, tokens), b = logits_of(loaded, tokens);
             CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+            CHECK(load_config(dir + "/config.json").num_nextn_predict_layers == c.num_nextn_predict_layers);
+            std::vector<int> targets = random_tokens(B * T, c.vocab_size, 8);
+            for (Model<bf16>* m : {model.get(), &loaded}) m->mtp_forward(tokens, targets, B, T, 0.3f);
+            CHECK(model->read_scalars().mtp_loss == loaded.read_scalars().mtp_loss);  // the MTP module came back
             if (c.has_moe()) {
                 std::vector<int> ra = loaded.layers[1].routed.loads(loaded.acts[1].moe),
                                  rb = model->layers[1].routed.loads(model->acts[1].moe);
@@ -241,9 +323,9 @@ TEST_SUITE("gpu") {
                 for (int step = from; step <= to; step++) {
                     std::vector<int> inputs, targets;
                     split_rows(batch(step), B, T, inputs, targets);
-                    m.train_step(inputs, targets, B, T, AdamW{1e-3f}, 1.0f, step, 5);
+                    m.train_step(inputs, targets, B, T, AdamW{1e-3f}, 1.0f, step, 5, 0.3f);
                     StepScalars s = m.read_scalars();
-                    losses.push_back(s.loss_sum), losses.push_back(s.balance_loss);
+                    losses.push_back(s.loss_sum), losses.push_back(s.balance_loss), losses.push_back(s.mtp_loss);
                 }
                 return losses;
             };

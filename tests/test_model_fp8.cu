@@ -58,7 +58,7 @@ TEST_SUITE("gpu") {
     // layers. A wrong scale, tile or transpose gives errors of order 1. With more experts than a token takes, a token
     // whose router scores are close can choose differently in FP8 and in BF16, and move the logits by far more than
     // rounding: the MoE model here gives every token every expert.
-    TEST_CASE("fp8 logits and gradients follow the bf16 ones") {
+    TEST_CASE("fp8 logits and gradients follow the bf16 ones, MTP module included") {
         for (Ffn ffn : {Ffn::Dense, Ffn::EveryExpert}) {
             CAPTURE(int(ffn));
             std::vector<int> rows = random_tokens(B * (T + 1), 21), inputs, targets;
@@ -67,7 +67,8 @@ TEST_SUITE("gpu") {
             std::vector<float> logits[2], grads[2];
             int i = 0;
             for (Model<bf16>* m : {reference.get(), fp8.get()}) {
-                m->forward(inputs, B, T), m->loss(targets), m->backward(B, T);
+                m->forward(inputs, B, T), m->loss(targets), m->mtp_forward(inputs, targets, B, T, 0.3f);
+                m->backward(B, T);
                 logits[i].resize(size_t(B) * T * m->cfg.vocab_size);
                 CUDA_CHECK(
                     cudaMemcpy(logits[i].data(), m->logits, logits[i].size() * sizeof(float), cudaMemcpyDeviceToHost));
@@ -99,7 +100,7 @@ TEST_SUITE("gpu") {
             auto model = make_model(true, 32, ffn);
             float first = 0.0f, last = 0.0f;
             for (int step = 1; step <= 50; step++) {
-                model->train_step(inputs, targets, B, T, AdamW{1e-2f}, 1.0f, step, 1);
+                model->train_step(inputs, targets, B, T, AdamW{1e-2f}, 1.0f, step, 1, 0.3f);
                 float loss = model->read_scalars().loss_sum / float(B * T);
                 if (step == 1) first = loss;
                 last = loss;
@@ -117,7 +118,7 @@ TEST_SUITE("gpu") {
         w[model->layout.offset(model->embed) + size_t(inputs[0]) * model->cfg.hidden_size] = NAN;  // one token's
         model->master.upload(w);
         model->refresh_weights();
-        model->train_step(inputs, targets, B, T, AdamW{1e-2f}, 1.0f, 1, 1);
+        model->train_step(inputs, targets, B, T, AdamW{1e-2f}, 1.0f, 1, 1, 0.3f);
         CHECK(model->step_skipped());
         CHECK_FALSE(model->step_skipped());  // the flag clears once read
         std::vector<float> after = model->master.download();

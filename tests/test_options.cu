@@ -97,7 +97,7 @@ TEST_SUITE("checkpoint") {
                     }
             });
         });
-        CHECK(fields == 23);
+        CHECK(fields == 24);
     }
 
     TEST_CASE("a config.json that does not fit is an error naming the file and the field") {
@@ -155,8 +155,12 @@ TEST_SUITE("checkpoint") {
             previous_end = t->offset + t->numel(), previous = t->region;
         }
         CHECK(layout.total == previous_end);
-        // V3-shaped default: 40.8M parameters, 16.1M of them used by a token
-        CHECK(layout.total == 40848880);
+        // V3-shaped default: 40.8M parameters in the main model, 16.1M of them used by a token; 46.7M with its MTP
+        // module (tests/test_mtp.cu checks the module's share)
+        CHECK(layout.total == 46718720);
+        Config main_only = c;
+        main_only.num_nextn_predict_layers = 0;
+        CHECK(Architecture(main_only, 0).layout.total == 40848880);
         CHECK(arch.matmul_params(true) == doctest::Approx(16017408.0));  // in GEMMs: all but embedding and norms
         CHECK(layout.tensors.front().name == "model.embed_tokens.weight");
         auto find = [&](const std::string& name) {
@@ -183,7 +187,7 @@ TEST_SUITE("checkpoint") {
 
     TEST_CASE("a dense config keeps the layout of the dense model's checkpoints") {
         Config c;
-        c.first_k_dense_replace = c.num_hidden_layers;
+        c.first_k_dense_replace = c.num_hidden_layers, c.num_nextn_predict_layers = 0;  // as they were, without MTP
         Architecture arch(c, 0);
         // embed, then per layer q_a, q_b, kv_a, kv_b, o_proj, gate, up, down, then lm_head; then the norms
         std::vector<std::string> order;

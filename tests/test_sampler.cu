@@ -1,5 +1,6 @@
-// The sampler: absorbed latent-cache decoding against the full forward pass, determinism, and the sampling
-// kernel's distribution against a CPU reference.
+// The sampler: absorbed latent-cache decoding against the full forward pass, determinism, the sampling kernel's
+// distribution against a CPU reference, and speculative decoding with the MTP draft: greedy it writes plain
+// decoding's tokens, sampling it draws from the main model's distribution.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -41,7 +42,7 @@ double decode_vs_forward_error(uint64_t seed, const Config& c) {
     sampler.start(prompts);
     std::vector<std::vector<float>> step_logits;
     SamplingOptions greedy;
-    greedy.temperature = 0.0f;
+    greedy.temperature = 0.0f, greedy.speculative = false;  // a row of logits per sequence and step
     for (int pos = 0; pos + 1 < L; pos++) {
         sampler.decode(S, greedy);
         CUDA_CHECK(cudaStreamSynchronize(sampler.stream));
@@ -72,6 +73,86 @@ double decode_vs_forward_error(uint64_t seed, const Config& c) {
         }
     }
     return std::sqrt(num / den);
+}
+
+// A tiny model whose MTP module has learned with it, for a few hundred steps, that every row counts up by one
+// (mod V) from its own start: the module's drafts are then mostly right. With untrained_mtp, the MTP modules'
+// weights are put back to a random initialization: their drafts are then mostly wrong.
+std::vector<float> counting_model_weights(Config c, bool untrained_mtp) {
+    const int B = 16, T = 24;
+    c.initializer_range = 0.02f;
+    Model<float> model(c, B, T);
+    model.init_weights(3);
+    Rng rng(4);
+    std::vector<int> rows(size_t(B) * (T + 1)), inputs, targets;
+    for (int step = 1; step <= 300; step++) {
+        for (int b = 0; b < B; b++) {
+            const int start = int(rng.range(0, c.vocab_size - 1));
+            for (int t = 0; t <= T; t++) rows[size_t(b) * (T + 1) + t] = (start + t) % c.vocab_size;
+        }
+        split_rows(rows, B, T, inputs, targets);
+        model.train_step(inputs, targets, B, T, AdamW{1e-2f}, 1.0f, step, 1, 0.3f);
+    }
+    std::vector<float> trained = model.master.download();
+    if (!untrained_mtp) return trained;
+    model.init_weights(5);
+    const std::vector<float> random = model.master.download();
+    for (int t = model.first_mtp_tensor; t < int(model.layout.tensors.size()); t++) {
+        const ParamTensor& p = model.layout[t];
+        std::copy(random.begin() + p.offset, random.begin() + p.offset + p.numel(), trained.begin() + p.offset);
+    }
+    return trained;
+}
+
+// Greedy decoding of the prompts, plain and speculative; the drafts kept and verified.
+template <typename T_>
+void greedy_both_ways(const Config& c, const std::vector<float>& weights, const std::vector<std::vector<int>>& prompts,
+                      int L, std::vector<std::vector<int>> out[2], DraftCounts& drafts) {
+    Model<T_> model(c, 1, L);
+    model.master.upload(weights);
+    model.refresh_weights();
+    Sampler<T_> sampler(model, int(prompts.size()), L);
+    SamplingOptions greedy;
+    greedy.temperature = 0.0f;
+    for (int speculative : {0, 1}) {
+        greedy.speculative = speculative;
+        out[speculative] = sampler.generate(prompts, greedy);
+    }
+    for (const DraftCounts& d : sampler.draft_counts(int(prompts.size()))) drafts += d;
+}
+
+// softmax(logits / temperature) over the top_k logits (0: all; ties at the boundary kept), in double: what the
+// sampler draws from.
+std::vector<double> sampling_distribution(const float* row, int V, float temperature, int top_k) {
+    std::vector<float> sorted(row, row + V);
+    std::sort(sorted.rbegin(), sorted.rend());
+    const float threshold = top_k > 0 && top_k < V ? sorted[top_k - 1] : -INFINITY;
+    std::vector<double> p(V, 0.0);
+    double z = 0.0;
+    for (int v = 0; v < V; v++)
+        if (row[v] >= threshold) z += p[v] = std::exp((double(row[v]) - sorted[0]) / temperature);
+    for (double& x : p) x /= z;
+    return p;
+}
+
+// Pearson's statistic of counts against probabilities p over n draws, cells expecting fewer than 5 pooled into one;
+// its degrees of freedom into *dof. A count in a cell of probability 0 makes it infinite.
+double chi_square(const std::vector<long>& counts, const std::vector<double>& p, long n, int* dof) {
+    double stat = 0.0, pooled_expected = 0.0, pooled_count = 0.0;
+    int cells = 0;
+    for (size_t i = 0; i < p.size(); i++) {
+        if (p[i] == 0.0 && counts[i] > 0) return INFINITY;
+        double expected = p[i] * double(n);
+        if (expected < 5.0) {
+            pooled_expected += expected, pooled_count += double(counts[i]);
+            continue;
+        }
+        stat += (counts[i] - expected) * (counts[i] - expected) / expected, cells++;
+    }
+    if (pooled_expected > 0.0)
+        stat += (pooled_count - pooled_expected) * (pooled_count - pooled_expected) / pooled_expected, cells++;
+    *dof = cells - 1;
+    return stat;
 }
 
 }  // namespace
@@ -162,6 +243,89 @@ TEST_SUITE("gpu") {
             double sigma = std::sqrt(draws * p * (1 - p));
             INFO("token ", order[i], " p ", p);
             CHECK(std::fabs(counts[order[i]] - expected) < 5 * sigma + 1);  // 5 standard deviations
+        }
+    }
+
+    TEST_CASE("speculative greedy decoding writes plain greedy decoding's tokens, with good drafts and with bad ones") {
+        for (const Config& c : {tiny_config(), model_ref::tiny_moe_config()})
+            for (bool untrained_mtp : {false, true}) {
+                CAPTURE(c.first_k_dense_replace);
+                CAPTURE(untrained_mtp);
+                const std::vector<float> weights = counting_model_weights(c, untrained_mtp);
+                const int L = 40;
+                std::vector<std::vector<int>> prompts = random_prompts({1, 2, 3, 4, 5, 1, 2, 3}, c.vocab_size, 7);
+                Rng rng(8);
+                for (int i = 0; i < 40; i++) {  // counting prompts of 1 to 8 tokens
+                    const int start = int(rng.range(0, c.vocab_size - 1)), n = 1 + i % 8;
+                    prompts.emplace_back();
+                    for (int t = 0; t < n; t++) prompts.back().push_back((start + t) % c.vocab_size);
+                }
+                std::vector<std::vector<int>> f32[2], b16[2];
+                DraftCounts d32, d16;
+                greedy_both_ways<float>(c, weights, prompts, L, f32, d32);
+                greedy_both_ways<bf16>(c, weights, prompts, L, b16, d16);
+                CHECK(f32[1] == f32[0]);
+                CHECK(b16[1] == b16[0]);
+                for (const DraftCounts& d : {d32, d16}) {  // a trained module's drafts are mostly kept, others not
+                    INFO("drafts ", d.drafted, " kept ", d.accepted);
+                    CHECK(d.drafted > 500);
+                    CHECK((untrained_mtp ? d.rate() < 0.2 : d.rate() > 0.8));
+                }
+            }
+    }
+
+    TEST_CASE("speculative sampling draws every token from the main model's distribution") {
+        Config c = tiny_config();
+        c.vocab_size = 8;  // every sequence of three new tokens is a cell of the test: 512
+        const int V = c.vocab_size, S = 4096, seeds = 8;
+        Model<float> model(c, V * V, 3);
+        model.init_weights(31);
+        // the exact distribution of (t1, t2, t3) after the prompt token 5, from the training forward pass over
+        // every [5, t1, t2]
+        std::vector<int> tokens;
+        for (int t1 = 0; t1 < V; t1++)
+            for (int t2 = 0; t2 < V; t2++) tokens.insert(tokens.end(), {5, t1, t2});
+        model.forward(tokens, V * V, 3);
+        const std::vector<float> logits = download(model.logits, size_t(V) * V * 3 * V);
+        Sampler<float> sampler(model, S, 4);
+        for (const std::pair<float, int>& setting : {std::pair{1.0f, 0}, std::pair{0.6f, 3}}) {
+            const float temperature = setting.first;
+            const int top_k = setting.second;
+            CAPTURE(temperature);
+            std::vector<double> p(V * V * V);
+            for (int t1 = 0; t1 < V; t1++)
+                for (int t2 = 0; t2 < V; t2++) {
+                    const float* rows = &logits[size_t(t1 * V + t2) * 3 * V];
+                    std::vector<double> p1 = sampling_distribution(rows, V, temperature, top_k),
+                                        p2 = sampling_distribution(rows + V, V, temperature, top_k),
+                                        p3 = sampling_distribution(rows + 2 * V, V, temperature, top_k);
+                    for (int t3 = 0; t3 < V; t3++) p[(t1 * V + t2) * V + t3] = p1[t1] * p2[t2] * p3[t3];
+                }
+            for (int speculative : {0, 1}) {
+                CAPTURE(speculative);
+                SamplingOptions opt;
+                opt.temperature = temperature, opt.top_k = top_k, opt.speculative = speculative;
+                std::vector<long> counts(p.size(), 0);
+                DraftCounts drafts;
+                for (int seed = 1; seed <= seeds; seed++) {
+                    opt.seed = uint64_t(seed);
+                    for (const std::vector<int>& out : sampler.generate(std::vector<std::vector<int>>(S, {5}), opt)) {
+                        REQUIRE(out.size() == 3);
+                        counts[(out[0] * V + out[1]) * V + out[2]]++;
+                    }
+                    for (const DraftCounts& d : sampler.draft_counts(S)) drafts += d;
+                }
+                int dof = 0;
+                const double stat = chi_square(counts, p, long(S) * seeds, &dof);
+                INFO("chi-square ", stat, " with ", dof, " degrees of freedom");
+                CHECK(stat < dof + 6.0 * std::sqrt(2.0 * dof));  // p < 1e-6 or so
+                if (speculative) {  // the random MTP module's drafts: some kept, some replaced
+                    INFO("drafts ", drafts.drafted, " kept ", drafts.accepted);
+                    CHECK(drafts.drafted > 0);
+                    CHECK(drafts.rate() > 0.05);
+                    CHECK(drafts.rate() < 0.95);
+                }
+            }
         }
     }
 }
