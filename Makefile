@@ -15,6 +15,9 @@ TEST_OBJS = $(patsubst tests/%.cu,$(BUILD)/tests/%.o,$(TEST_SRCS))
 # (the final table samples every seed's models on the same held-out problems).
 SEED ?= 1234
 RUNS ?= runs
+# Flags for every stage, e.g. COMMON_ARGS="--precision bf16", or the pipeline without multi-token prediction (the
+# MTP module neither trained nor drafting): COMMON_ARGS="--mtp-lambda 0 --mtp-lambda-late 0 --no-speculative".
+COMMON_ARGS ?=
 PRETRAIN_ARGS ?=
 SFT_ARGS ?= --steps 300 --batch 64 --seq 320 --lr 5e-4 --warmup 20 --samples 0
 # GRPO on countdown at difficulty 2, one policy update per batch of samples; a quarter of the prompts come from
@@ -62,13 +65,14 @@ test: $(BUILD)/run_tests
 # baseline, then one table of every model on the same held-out problems (RUNS/eval/eval.md); the RL curves go to
 # RUNS/rl_curves.png where matplotlib is installed.
 train: $(BUILD)/train
-	./$(BUILD)/train pretrain --out $(RUNS)/pretrain --seed $(SEED) $(PRETRAIN_ARGS)
-	./$(BUILD)/train r1zero --init $(BASE) --out $(RUNS)/r1zero --seed $(SEED) $(RL_ARGS) $(R1ZERO_ARGS)
-	./$(BUILD)/train sft --init $(BASE) --out $(RUNS)/sft --seed $(SEED) $(SFT_ARGS)
-	./$(BUILD)/train grpo --init $(RUNS)/sft/checkpoint --out $(RUNS)/r1 --seed $(SEED) $(RL_ARGS) $(R1_ARGS)
+	./$(BUILD)/train pretrain --out $(RUNS)/pretrain --seed $(SEED) $(PRETRAIN_ARGS) $(COMMON_ARGS)
+	./$(BUILD)/train r1zero --init $(BASE) --out $(RUNS)/r1zero --seed $(SEED) $(RL_ARGS) $(R1ZERO_ARGS) $(COMMON_ARGS)
+	./$(BUILD)/train sft --init $(BASE) --out $(RUNS)/sft --seed $(SEED) $(SFT_ARGS) $(COMMON_ARGS)
+	./$(BUILD)/train grpo --init $(RUNS)/sft/checkpoint --out $(RUNS)/r1 --seed $(SEED) $(RL_ARGS) $(R1_ARGS) \
+		$(COMMON_ARGS)
 	./$(BUILD)/train sft --init $(RUNS)/sft/checkpoint --out $(RUNS)/sft_more --same-flops-as $(RUNS)/r1 \
-		--seed $(SEED) $(BASELINE_ARGS)
-	./$(BUILD)/train eval --init $(EVAL_MODELS) --out $(RUNS)/eval
+		--seed $(SEED) $(BASELINE_ARGS) $(COMMON_ARGS)
+	./$(BUILD)/train eval --init $(EVAL_MODELS) --out $(RUNS)/eval $(COMMON_ARGS)
 	-$(PYTHON) tools/plots.py $(RUNS)
 
 # The interactive demo on the model that `make train` leaves; DEMO_CHECKPOINT picks another.

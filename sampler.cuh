@@ -167,7 +167,6 @@ struct RowDistribution {
         sum = warp_sum(sum);
     }
     __device__ bool kept(int v) const { return row[v] >= threshold; }
-    __device__ float logit(int v) const { return kept(v) ? row[v] * inv_temperature : -INFINITY; }
     __device__ float prob(int v) const { return kept(v) ? expf(row[v] * inv_temperature - max) / sum : 0.0f; }
 };
 

@@ -471,15 +471,19 @@ int reinforce(const Options& o) {
         record["clip_fraction"] = st.clip_fraction, record["grad_norm"] = double(grad_norm);
         record["uniform_groups"] = st.uniform_groups, record["lr"] = double(lr), record["seconds"] = clock.seconds();
         record["train_flops"] = train_flops, record["skipped"] = skipped;
-        if (st.drafts.drafted > 0) record["draft_acceptance"] = st.drafts.rate();
+        char drafts[32] = "";  // speculative rollouts: the share of the MTP module's drafts kept
+        if (st.drafts.drafted > 0) {
+            record["draft_acceptance"] = st.drafts.rate();
+            std::snprintf(drafts, sizeof drafts, " | drafts kept %.2f", st.drafts.rate());
+        }
         record_expert_balance(policy, scalars, record);
         log.write(record);
         if (step % o.log_every == 0 || step == 1 || step == o.steps)
             std::printf(
                 "%s step %4d/%d | reward %.3f | accuracy %.3f | format %.3f | mixed %.3f | length %5.1f | "
-                "kl %.4f | clipped %.3f | uniform groups %d | drafts kept %.2f | %s\n",
+                "kl %.4f | clipped %.3f | uniform groups %d%s | %s\n",
                 o.stage.c_str(), step, o.steps, st.reward, st.accuracy, st.format, st.mixing, st.response_tokens, st.kl,
-                st.clip_fraction, st.uniform_groups, st.drafts.rate(), format_duration(clock.seconds()).c_str());
+                st.clip_fraction, st.uniform_groups, drafts, format_duration(clock.seconds()).c_str());
         if (step % o.ckpt_every == 0 || step == o.steps)
             save_checkpoint(
                 o.out + "/checkpoint", policy,

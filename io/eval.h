@@ -106,9 +106,10 @@ inline void report_eval(const std::vector<EvalRow>& rows, const EvalSettings& e,
     std::printf("%-10s %4s %10s %9s %8s %8s %12s %15s\n", "task", "lang", "difficulty", "accuracy", "format", "mixed",
                 "mean tokens", "drafts accepted");
     for (const EvalRow& r : rows) {
-        std::printf("%-10s %4s %10d %8.1f%% %7.1f%% %7.1f%% %12.1f %14.1f%%\n", r.task.c_str(), r.language.c_str(),
-                    r.difficulty, 100 * r.accuracy, 100 * r.format, 100 * r.mixing, r.response_tokens,
-                    100 * r.drafts.rate());
+        char drafts[16] = "-";  // plain decoding
+        if (r.drafts.drafted > 0) std::snprintf(drafts, sizeof drafts, "%.1f%%", 100 * r.drafts.rate());
+        std::printf("%-10s %4s %10d %8.1f%% %7.1f%% %7.1f%% %12.1f %15s\n", r.task.c_str(), r.language.c_str(),
+                    r.difficulty, 100 * r.accuracy, 100 * r.format, 100 * r.mixing, r.response_tokens, drafts);
         if (!log) continue;
         Json record = Json::object();
         record["eval"] = r.task, record["language"] = r.language, record["difficulty"] = r.difficulty;
