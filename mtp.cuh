@@ -2,7 +2,8 @@
 //
 // Module k (1..D) predicts the token k + 1 ahead. At position i it combines the previous depth's hidden state with
 // the embedding of the token k ahead and runs one more decoder block (V3 eqs. 21-23):
-//   h'_i^k = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h_i^{k-1})]    (h^0: the main model's last hidden state)
+//   h'_i^k = M_k [RMSNorm(h_i^{k-1}); RMSNorm(Emb(t_{i+k}))]    (h^0: the main model's last hidden state; DeepSeek's
+//                                                               released weights put the embedding's half first)
 //   h_i^k  = TRM_k(h'_i^k),   P_{i+k+1}^k = OutHead(h_i^k)       (embedding and output head shared with the model)
 //   L_MTP  = lambda / D * sum_k CE(P^k, t_{i+k+1})                (eqs. 24-25, over the positions that have one)
 // The module's parameters, forward and backward sit with the decoder block they reuse (model.cuh: MtpModule,

@@ -317,10 +317,12 @@ struct Sampler {
     T *q_abs, *ctx, *xf;
     float* logits;  // [S * R, V]
     int *seqs, *pos, *done, *sampled, *prompt_len, *row_tokens;
-    // speculative decoding: the MTP pass's inputs and logits, the drafts and their logits, the counts
-    T *mtp_e, *mtp_e_n, *mtp_h_n, *mtp_cat;
-    float *mtp_logits, *q_logits;
-    int *mtp_tokens, *draft, *draft_row, *counts;  // counts [S, 2]: DraftCounts since start()
+    int* counts;  // [S, 2]: DraftCounts since start()
+    // speculative decoding (null for a model without an MTP module): the MTP pass's inputs and logits, the drafts
+    // and their logits
+    T *mtp_e = nullptr, *mtp_e_n = nullptr, *mtp_h_n = nullptr, *mtp_cat = nullptr;
+    float *mtp_logits = nullptr, *q_logits = nullptr;
+    int *mtp_tokens = nullptr, *draft = nullptr, *draft_row = nullptr;
     uint64_t* seed;  // in device memory like the positions, so that a new seed needs no new graph
     DeviceArena arena;
     // A decode step is ~15 launches per layer: replaying them as one CUDA graph removes the launch overhead that

@@ -4,7 +4,12 @@
 // config's random weights continue random prompts of 32 tokens (their drafts are mostly wrong). --stop ends an
 // answer at </answer> or <|eos|> as the rollouts do; else every sequence gets N tokens.
 //   ./build/bench_sampler [--init CKPT] [--prompts 256] [--new 256] [--stop] [--precision bf16|fp32]
-// Prints, per temperature: generated tokens, tokens/s and the share of drafts kept, plain and speculative.
+// Prints, per temperature: generated tokens, tokens/s and the share of drafts kept, plain and speculative. With
+// --profile plain|speculative, one decode step at temperature 1, 64 steps into the sequences, runs between
+// cudaProfilerStart and cudaProfilerStop instead, for
+//   ncu --profile-from-start off --metrics gpu__time_duration.sum --csv ./build/bench_sampler --profile speculative
+#include <cuda_profiler_api.h>
+
 #include <cstdio>
 #include <string>
 
@@ -14,7 +19,7 @@
 #include "../sampler.cuh"
 
 struct BenchOptions {
-    std::string init, precision = "bf16";
+    std::string init, precision = "bf16", profile;
     int prompts = 256, new_tokens = 256;
     bool stop = false;
 };
@@ -49,6 +54,18 @@ void run(const BenchOptions& o) {
     size_t longest = 0;
     for (const auto& p : prompts) longest = std::max(longest, p.size());
     Sampler<T> sampler(model, o.prompts, int(longest) + o.new_tokens);
+    if (!o.profile.empty()) {
+        SamplingOptions opt;
+        opt.speculative = o.profile == "speculative";
+        sampler.start(prompts, 3);
+        for (int step = 0; step < 64; step++) sampler.decode(o.prompts, opt);
+        CUDA_CHECK(cudaStreamSynchronize(sampler.stream));
+        CUDA_CHECK(cudaProfilerStart());
+        sampler.decode(o.prompts, opt);
+        CUDA_CHECK(cudaStreamSynchronize(sampler.stream));
+        CUDA_CHECK(cudaProfilerStop());
+        return;
+    }
     std::printf("%-12s %11s %10s %12s %12s %14s %8s\n", "decoding", "temperature", "generated", "tokens/s",
                 "drafts kept", "tokens/pass", "speed-up");
     for (float temperature : {0.0f, 0.6f, 1.0f}) {
@@ -86,10 +103,13 @@ int main(int argc, char** argv) {
     flags.add("new", &o.new_tokens, "tokens generated per sequence at most");
     flags.add("precision", &o.precision, "bf16 | fp32");
     flags.add_switch("stop", &o.stop, "end an answer at </answer> or <|eos|>, as GRPO's rollouts do");
+    flags.add("profile", &o.profile, "plain | speculative: one decode step between cudaProfilerStart and Stop");
     try {
         flags.parse(std::vector<std::string>(argv + 1, argv + argc));
         if (o.precision != "bf16" && o.precision != "fp32") throw std::invalid_argument("--precision: bf16 or fp32");
         if (o.prompts < 1 || o.new_tokens < 1) throw std::invalid_argument("--prompts, --new: >= 1");
+        if (!o.profile.empty() && o.profile != "plain" && o.profile != "speculative")
+            throw std::invalid_argument("--profile: plain or speculative");
     } catch (const std::invalid_argument& e) {
         std::fprintf(stderr, "error: %s\nflags:\n%s", e.what(), flags.help().c_str());
         return 2;

@@ -1,4 +1,4 @@
-"""Where a training step's GPU time goes: an Nsight Compute CSV of one step, summed by kernel group.
+"""Where a training (or decode) step's GPU time goes: an Nsight Compute CSV of one step, summed by kernel group.
 
     ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
         ./build/bench_step --profile > step.csv
@@ -25,6 +25,9 @@ GROUPS = [
     ("embedding", ["embedding"]),
     ("cross-entropy", ["cross_entropy"]),
     ("AdamW and gradient norm", ["adamw", "partial_sums", "final_sum"]),
+    ("decoding: latent-cache attention", ["latent_"]),
+    ("decoding: tokens, drafts, verification", ["step_tokens", "sample_kernel", "advance_kernel", "verify_kernel",
+                                                "draft_kernel"]),
     ("own FP8 GEMM", ["fp8_gemm"]),
     ("cuBLASLt GEMMs", ["gemm", "nvjet", "xmma", "cutlass", "splitk", "kernel"]),
 ]
