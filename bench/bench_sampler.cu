@@ -3,8 +3,9 @@
 // of the pretraining mix in the prompt form it was trained with, as GRPO's rollouts do; without, the default
 // config's random weights continue random prompts of 32 tokens (their drafts are mostly wrong). --stop ends an
 // answer at </answer> or <|eos|> as the rollouts do; else every sequence gets N tokens.
-//   ./build/bench_sampler [--init CKPT] [--prompts 256] [--new 256] [--stop] [--precision bf16|fp32]
-// Prints, per temperature: generated tokens, tokens/s and the share of drafts kept, plain and speculative. With
+//   ./build/bench_sampler [--init CKPT] [--prompts 256] [--new 256] [--stop] [--temperature T] [--precision bf16|fp32]
+// Prints, per temperature (0, 0.6 and 1, or --temperature): generated tokens, tokens/s and the share of drafts kept,
+// plain and speculative. With
 // --profile plain|speculative, one decode step at temperature 1, 64 steps into the sequences, runs between
 // cudaProfilerStart and cudaProfilerStop instead, for
 //   ncu --profile-from-start off --metrics gpu__time_duration.sum --csv ./build/bench_sampler --profile speculative
@@ -21,6 +22,7 @@
 struct BenchOptions {
     std::string init, precision = "bf16", profile;
     int prompts = 256, new_tokens = 256;
+    float temperature = -1.0f;  // negative: 0, 0.6 and 1
     bool stop = false;
 };
 
@@ -68,7 +70,9 @@ void run(const BenchOptions& o) {
     }
     std::printf("%-12s %11s %10s %12s %12s %14s %8s\n", "decoding", "temperature", "generated", "tokens/s",
                 "drafts kept", "tokens/pass", "speed-up");
-    for (float temperature : {0.0f, 0.6f, 1.0f}) {
+    const std::vector<float> temperatures =
+        o.temperature < 0.0f ? std::vector<float>{0.0f, 0.6f, 1.0f} : std::vector<float>{o.temperature};
+    for (float temperature : temperatures) {
         double plain_rate = 0.0;
         for (bool speculative : {false, true}) {
             SamplingOptions opt;
@@ -102,6 +106,7 @@ int main(int argc, char** argv) {
     flags.add("prompts", &o.prompts, "sequences sampled together");
     flags.add("new", &o.new_tokens, "tokens generated per sequence at most");
     flags.add("precision", &o.precision, "bf16 | fp32");
+    flags.add("temperature", &o.temperature, "the one sampling temperature to time (default: 0, 0.6 and 1)");
     flags.add_switch("stop", &o.stop, "end an answer at </answer> or <|eos|>, as GRPO's rollouts do");
     flags.add("profile", &o.profile, "plain | speculative: one decode step between cudaProfilerStart and Stop");
     try {
