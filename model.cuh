@@ -322,14 +322,23 @@ struct BlockActs {
     MoeActs<T> moe;
 };
 
-// An MTP module's activations for N tokens in training: its inputs (mtp.cuh's shift), the block's activations, its
-// head's logits and their gradient.
+// What an MTP module's block reads, for N rows: the tokens k ahead, their embeddings, the RMSNorms of those and of
+// h^{k-1}, and the two side by side; training and decoding alike.
+template <typename T>
+struct MtpInput {
+    int* tokens;             // t_{i+k}
+    T *e, *e_n, *h_n, *cat;  // Emb(t_{i+k}), RMSNorm of it and of h^{k-1}, and the two side by side [N, 2d]
+    float *rstd_e, *rstd_h;
+};
+
+// An MTP module's activations for N tokens in training: its input (the tokens from mtp.cuh's shift), the block's
+// activations, its head's logits and their gradient.
 template <typename T>
 struct MtpActs {
-    int *tokens, *targets;  // t_{i+k} and t_{i+k+1} (-1: none)
-    T *e, *e_n, *h_n, *cat;  // Emb(t_{i+k}), RMSNorm of it and of h^{k-1}, and the two side by side [N, 2d]
-    T *h, *h_n_out;          // h^k (the block's output), and its RMSNorm under shared_head.norm
-    float *rstd_e, *rstd_h, *rstd_out, *logits, *losses, *hits;
+    MtpInput<T> in;
+    int* targets;     // t_{i+k+1} (-1: none)
+    T *h, *h_n_out;   // h^k (the block's output), and its RMSNorm under shared_head.norm
+    float *rstd_out, *logits, *losses, *hits;
     T* d_logits;
     BlockActs<T> block;
     long counted = 0;  // targets that count in the last forward pass
@@ -428,13 +437,20 @@ struct Model : Architecture {
     int scalar_count() const { return 3 + 2 * cfg.num_nextn_predict_layers; }
     int block_count() const { return cfg.num_hidden_layers + cfg.num_nextn_predict_layers; }
 
+    MtpInput<T> allocate_mtp_input(DeviceArena& arena, int N) const {
+        const long n = N, d = cfg.hidden_size;
+        MtpInput<T> in;
+        in.tokens = arena.take<int>(n), in.e = arena.take<T>(n * d), in.e_n = arena.take<T>(n * d);
+        in.h_n = arena.take<T>(n * d), in.cat = arena.take<T>(n * 2 * d);
+        in.rstd_e = arena.take<float>(n), in.rstd_h = arena.take<float>(n);
+        return in;
+    }
+
     MtpActs<T> allocate_mtp(int N) {
         const long n = N, d = cfg.hidden_size, V = cfg.vocab_size;
         MtpActs<T> A;
-        A.tokens = arena.take<int>(n), A.targets = arena.take<int>(n);
-        A.e = arena.take<T>(n * d), A.e_n = arena.take<T>(n * d), A.h_n = arena.take<T>(n * d);
-        A.cat = arena.take<T>(n * 2 * d), A.h = arena.take<T>(n * d), A.h_n_out = arena.take<T>(n * d);
-        A.rstd_e = arena.take<float>(n), A.rstd_h = arena.take<float>(n), A.rstd_out = arena.take<float>(n);
+        A.in = allocate_mtp_input(arena, N), A.targets = arena.take<int>(n);
+        A.h = arena.take<T>(n * d), A.h_n_out = arena.take<T>(n * d), A.rstd_out = arena.take<float>(n);
         A.logits = arena.take<float>(n * V), A.losses = arena.take<float>(n), A.hits = arena.take<float>(n);
         A.d_logits = arena.take<T>(n * V);
         A.block = allocate_block(arena, N, false, !cfg.mtp_moe(), cfg.mtp_moe());
@@ -690,7 +706,7 @@ struct Model : Architecture {
     // together (eq. 26: L_Main + lambda L_MTP).
     void mtp_forward(const std::vector<int>& inputs, const std::vector<int>& targets, int B, int T_, float lambda) {
         const Config& c = cfg;
-        const int N = B * T_, d = c.hidden_size, V = c.vocab_size, D = int(mtp.size());
+        const int N = B * T_, V = c.vocab_size, D = int(mtp.size());
         Ctx<T> cx = ctx(stream, false);
         std::vector<int> tokens_k, targets_k;
         const T* h_prev = x_final;  // h^0: the main model's last hidden state, before its final norm
@@ -699,15 +715,9 @@ struct Model : Architecture {
             MtpActs<T>& A = mtp_acts[k - 1];
             mtp_shift(inputs, targets, B, T_, k, tokens_k, targets_k);
             A.counted = count_targets(targets_k);
-            CUDA_CHECK(cudaMemcpyAsync(A.tokens, tokens_k.data(), sizeof(int) * N, cudaMemcpyHostToDevice, stream));
+            CUDA_CHECK(cudaMemcpyAsync(A.in.tokens, tokens_k.data(), sizeof(int) * N, cudaMemcpyHostToDevice, stream));
             CUDA_CHECK(cudaMemcpyAsync(A.targets, targets_k.data(), sizeof(int) * N, cudaMemcpyHostToDevice, stream));
-            embedding_forward(A.e, A.tokens, cx.w(embed), N, d, stream);
-            rmsnorm_forward(A.e_n, A.rstd_e, A.e, d, cx.w(M.enorm), N, d, c.rms_norm_eps, stream);
-            rmsnorm_forward(A.h_n, A.rstd_h, h_prev, d, cx.w(M.hnorm), N, d, c.rms_norm_eps, stream);
-            // [embedding; hidden] as DeepSeek's released weights have it; eq. 21 writes the two the other way round
-            copy_columns(A.cat, 2 * d, A.e_n, d, d, N, stream);
-            copy_columns(A.cat + d, 2 * d, A.h_n, d, d, N, stream);
-            M.eh_proj.forward(cx, A.block.x_in, A.cat, RowGroups::all(N));
+            mtp_input(M, A.in, A.block.x_in, h_prev, N, cx);
             layer_forward(M.block, A.block, A.h, B, T_, cx, balance_losses + c.num_hidden_layers + k - 1);
             head(A.logits, A.h_n_out, A.rstd_out, A.h, N, cx, M.head_norm);
             cross_entropy(A.losses, A.d_logits, A.logits, A.targets, N, V,
@@ -720,6 +730,19 @@ struct Model : Architecture {
         final_sum_kernel<<<1, REDUCE_THREADS, 0, stream>>>(scalars + 2, balance_losses, block_count());
         CUDA_CHECK_LAUNCH();
         mtp_ran = true;
+    }
+
+    // x = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h)] for N rows (eq. 21), the input of module M's block, from the tokens
+    // in.tokens and the hidden states h (x may be h: h is read first).
+    void mtp_input(MtpModule& M, MtpInput<T>& in, T* x, const T* h, int N, const Ctx<T>& c) {
+        const int d = cfg.hidden_size;
+        rmsnorm_forward(in.h_n, in.rstd_h, h, d, c.w(M.hnorm), N, d, cfg.rms_norm_eps, c.stream);
+        embedding_forward(in.e, in.tokens, c.w(embed), N, d, c.stream);
+        rmsnorm_forward(in.e_n, in.rstd_e, in.e, d, c.w(M.enorm), N, d, cfg.rms_norm_eps, c.stream);
+        // [embedding; hidden] as DeepSeek's released weights have it; eq. 21 writes the two the other way round
+        copy_columns(in.cat, 2 * d, in.e_n, d, d, N, c.stream);
+        copy_columns(in.cat + d, 2 * d, in.h_n, d, d, N, c.stream);
+        M.eh_proj.forward(c, x, in.cat, RowGroups::all(N));
     }
 
     // The modules' backward, deepest first: each leaves the gradient of its input h^{k-1} in d_resid, which the
@@ -736,14 +759,14 @@ struct Model : Architecture {
             rmsnorm_backward(d_resid, c.g(M.head_norm), norm_scratch, d_h, A.h, d, c.w(M.head_norm), A.rstd_out, N, d,
                              deeper, false, stream);
             layer_backward(M.block, A.block, B, T_, c);
-            M.eh_proj.backward(c, d_cat, d_resid, A.cat, RowGroups::all(N));
+            M.eh_proj.backward(c, d_cat, d_resid, A.in.cat, RowGroups::all(N));
             copy_columns(d_e_n, d, d_cat, 2 * d, d, N, stream);
             copy_columns(d_h_n, d, d_cat + d, 2 * d, d, N, stream);
-            rmsnorm_backward(d_h, c.g(M.enorm), norm_scratch, d_e_n, A.e, d, c.w(M.enorm), A.rstd_e, N, d, false, false,
-                             stream);
-            embedding_backward(c.g(embed), d_h, A.tokens, N, V, d, deeper, stream);
+            rmsnorm_backward(d_h, c.g(M.enorm), norm_scratch, d_e_n, A.in.e, d, c.w(M.enorm), A.in.rstd_e, N, d, false,
+                             false, stream);
+            embedding_backward(c.g(embed), d_h, A.in.tokens, N, V, d, deeper, stream);
             const T* h_prev = k > 1 ? mtp_acts[k - 2].h : x_final;
-            rmsnorm_backward(d_resid, c.g(M.hnorm), norm_scratch, d_h_n, h_prev, d, c.w(M.hnorm), A.rstd_h, N, d, false,
+            rmsnorm_backward(d_resid, c.g(M.hnorm), norm_scratch, d_h_n, h_prev, d, c.w(M.hnorm), A.in.rstd_h, N, d, false,
                              false, stream);
         }
     }

@@ -318,11 +318,11 @@ struct Sampler {
     float* logits;  // [S * R, V]
     int *seqs, *pos, *done, *sampled, *prompt_len, *row_tokens;
     int* counts;  // [S, 2]: DraftCounts since start()
-    // speculative decoding (null for a model without an MTP module): the MTP pass's inputs and logits, the drafts
+    // speculative decoding (null for a model without an MTP module): the MTP pass's input and logits, the drafts
     // and their logits
-    T *mtp_e = nullptr, *mtp_e_n = nullptr, *mtp_h_n = nullptr, *mtp_cat = nullptr;
+    MtpInput<T> mtp_in{};
     float *mtp_logits = nullptr, *q_logits = nullptr;
-    int *mtp_tokens = nullptr, *draft = nullptr, *draft_row = nullptr;
+    int *draft = nullptr, *draft_row = nullptr;
     uint64_t* seed;  // in device memory like the positions, so that a new seed needs no new graph
     DeviceArena arena;
     // A decode step is ~15 launches per layer: replaying them as one CUDA graph removes the launch overhead that
@@ -351,10 +351,9 @@ struct Sampler {
         sampled = arena.take<int>(S), prompt_len = arena.take<int>(S), row_tokens = arena.take<int>(rows);
         seed = arena.take<uint64_t>(1), counts = arena.take<int>(2L * S);
         if (max_rows > 1) {
-            mtp_e = arena.take<T>(rows * d), mtp_e_n = arena.take<T>(rows * d), mtp_h_n = arena.take<T>(rows * d);
-            mtp_cat = arena.take<T>(rows * 2 * d);
+            mtp_in = m.allocate_mtp_input(arena, int(rows));
             mtp_logits = arena.take<float>(rows * c.vocab_size), q_logits = arena.take<float>(long(S) * c.vocab_size);
-            mtp_tokens = arena.take<int>(rows), draft = arena.take<int>(S), draft_row = arena.take<int>(S);
+            draft = arena.take<int>(S), draft_row = arena.take<int>(S);
         }
         CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
         size_t smem = attention_smem(len);
@@ -420,17 +419,11 @@ struct Sampler {
     void mtp_step(int S) {
         const Config& c = model.cfg;
         const Ctx<T> cx = model.ctx(stream, true);
-        const int rows = 2 * S, d = c.hidden_size;
+        const int rows = 2 * S;
         MtpModule& M = model.mtp[0];
-        float* rstd = block.rstd1;  // no backward pass reads it
-        rmsnorm_forward(mtp_h_n, rstd, block.x_in, d, cx.w(M.hnorm), rows, d, c.rms_norm_eps, stream);
-        embedding_forward(mtp_e, mtp_tokens, cx.w(model.embed), rows, d, stream);
-        rmsnorm_forward(mtp_e_n, rstd, mtp_e, d, cx.w(M.enorm), rows, d, c.rms_norm_eps, stream);
-        copy_columns(mtp_cat, 2 * d, mtp_e_n, d, d, rows, stream);
-        copy_columns(mtp_cat + d, 2 * d, mtp_h_n, d, d, rows, stream);
-        M.eh_proj.forward(cx, block.x_in, mtp_cat, RowGroups::all(rows));
+        model.mtp_input(M, mtp_in, block.x_in, block.x_in, rows, cx);
         decode_block(M.block, cache_ckv.back(), cache_kr.back(), rows, 2, cx);
-        model.head(mtp_logits, xf, rstd, block.x_in, rows, cx, M.head_norm);
+        model.head(mtp_logits, xf, block.rstd1, block.x_in, rows, cx, M.head_norm);
     }
 
     // Loads prompts (each at least one token, shorter than max_len), resets the sequences, sets the sampling seed.
@@ -477,7 +470,7 @@ struct Sampler {
             return;
         }
         verify_kernel<<<warp_blocks, WARPS_PER_BLOCK * 32, 0, stream>>>(
-            seqs, pos, done, mtp_tokens, draft_row, counts, logits, q_logits, draft, prompt_len, S, V,
+            seqs, pos, done, mtp_in.tokens, draft_row, counts, logits, q_logits, draft, prompt_len, S, V,
             opt.temperature, opt.top_k, seed, rule);
         CUDA_CHECK_LAUNCH();
         mtp_step(S);
