@@ -23,6 +23,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fp8.cuh"
@@ -66,6 +67,9 @@ struct Config {
     bool norm_topk_prob = true;
     // D, the depth of multi-token prediction (V3 §2.2): MTP modules after the main model (0: none)
     int num_nextn_predict_layers = 1;
+
+    // Fields that a config.json written before them lacks, and what such a config meant: a model without MTP.
+    static constexpr std::pair<const char*, int> absent_means[] = {{"num_nextn_predict_layers", 0}};
 
     // The one list of the fields: config.json is read, written and checked through it.
     template <typename Self, typename Visit>

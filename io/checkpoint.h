@@ -57,10 +57,11 @@ inline Config config_from_json(const Json& j, const std::string& source) {
         Config c;
         c.fields([&](const char* name, auto& value, Bound) {
             using V = std::decay_t<decltype(value)>;
-            if (std::string(name) == "num_nextn_predict_layers" && !j.contains(name)) {
-                value = 0;  // a config from before multi-token prediction: a model without MTP modules
-                return;
-            }
+            for (const auto& [field, meant] : Config::absent_means)
+                if (std::string(name) == field && !j.contains(name)) {
+                    value = V(meant);
+                    return;
+                }
             const Json& field = j.at(name);
             if (field.is_null()) throw std::runtime_error(std::string(name) + " is null");
             if constexpr (std::is_same_v<V, bool>)
