@@ -16,8 +16,8 @@
 
 #include "../data/corpus.h"
 #include "../io/checkpoint.h"
-#include "../io/options.h"
 #include "../sampler.cuh"
+#include "command_line.h"
 
 struct BenchOptions {
     std::string init, precision = "bf16", profile;
@@ -109,25 +109,16 @@ int main(int argc, char** argv) {
     flags.add("temperature", &o.temperature, "the one sampling temperature to time (default: 0, 0.6 and 1)");
     flags.add_switch("stop", &o.stop, "end an answer at </answer> or <|eos|>, as GRPO's rollouts do");
     flags.add("profile", &o.profile, "plain | speculative: one decode step between cudaProfilerStart and Stop");
-    try {
-        flags.parse(std::vector<std::string>(argv + 1, argv + argc));
+    auto check = [&] {
         if (o.precision != "bf16" && o.precision != "fp32") throw std::invalid_argument("--precision: bf16 or fp32");
         if (o.prompts < 1 || o.new_tokens < 1) throw std::invalid_argument("--prompts, --new: >= 1");
         if (!o.profile.empty() && o.profile != "plain" && o.profile != "speculative")
             throw std::invalid_argument("--profile: plain or speculative");
-    } catch (const std::invalid_argument& e) {
-        std::fprintf(stderr, "error: %s\nflags:\n%s", e.what(), flags.help().c_str());
-        return 2;
-    }
-    if (!require_gpu()) return 1;
-    try {
+    };
+    return benchmark_main(argc, argv, flags, check, [&] {
         if (o.precision == "fp32")
             run<float>(o);
         else
             run<bf16>(o);
-    } catch (const std::exception& e) {
-        std::fprintf(stderr, "error: %s\n", e.what());
-        return 1;
-    }
-    return 0;
+    });
 }

@@ -16,8 +16,8 @@
 #include <string>
 
 #include "../io/checkpoint.h"
-#include "../io/options.h"
 #include "../model.cuh"
+#include "command_line.h"
 
 struct BenchOptions {
     std::string config, precision = "fp8";
@@ -74,26 +74,17 @@ int main(int argc, char** argv) {
     flags.add("warmup", &o.warmup, "steps before the timed ones");
     flags.add("mtp-lambda", &o.mtp_lambda, "weight of the MTP loss (0: the MTP modules do not run)");
     flags.add_switch("profile", &o.profile, "one more step between cudaProfilerStart and cudaProfilerStop");
-    try {
-        flags.parse(std::vector<std::string>(argv + 1, argv + argc));
+    auto check = [&] {
         if (o.precision != "fp8" && o.precision != "bf16" && o.precision != "fp32")
             throw std::invalid_argument("--precision must be fp8, bf16 or fp32");
         if (o.steps < 1 || o.batch < 1 || o.seq < 1 || o.warmup < 1)
             throw std::invalid_argument("--steps, --batch, --seq, --warmup: >= 1");
-    } catch (const std::invalid_argument& e) {
-        std::fprintf(stderr, "error: %s\nflags:\n%s", e.what(), flags.help().c_str());
-        return 2;
-    }
-    if (!require_gpu()) return 1;
-    try {
+    };
+    return benchmark_main(argc, argv, flags, check, [&] {
         Config c = o.config.empty() ? Config() : load_config(o.config);
         if (o.precision == "fp32")
             run<float>(c, o);
         else
             run<bf16>(c, o);
-    } catch (const std::exception& e) {
-        std::fprintf(stderr, "error: %s\n", e.what());
-        return 1;
-    }
-    return 0;
+    });
 }
