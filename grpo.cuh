@@ -148,6 +148,7 @@ struct GrpoOptions {
     bool skip_uniform_groups = false;  // DAPO's dynamic sampling, as a filter: equal-reward groups drop out
     bool r1zero_template = false;      // R1-Zero's instruction prompt instead of the chat prompt
     bool speculative = true;           // rollouts drafted by the MTP module (the same distribution, fewer passes)
+    int speculative_max_batch = 0;     // the largest batch that drafts (0: the GPU's default, sampler.cuh)
     rewards::RewardConfig reward;
 };
 
@@ -234,7 +235,7 @@ struct GrpoTrainer {
         sampling.temperature = o.loss.temperature;
         sampling.seed = rng_hash(seed, 0x67727030ull, uint64_t(rl_step));
         sampling.stop_a = data::ANSWER_END, sampling.stop_b = data::EOS, sampling.max_new = o.max_new;
-        sampling.speculative = o.speculative;
+        sampling.speculative = o.speculative, sampling.speculative_max_batch = o.speculative_max_batch;
         std::vector<std::vector<int>> responses = sampler.generate(prompts, sampling);
 
         GrpoStats stats;

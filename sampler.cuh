@@ -20,6 +20,11 @@
 // tokens are distributed exactly as the main model's), and the second row then yields a bonus token: two tokens for
 // one pass. Otherwise the first row's token replaces the draft and the second row's cache entry is written over in
 // the next step. The MTP module then runs on the new hidden states and drafts the next token.
+//
+// Speculation pays while a step's time is bound by latency rather than by work: verification doubles the main
+// model's rows and the MTP block adds a layer, so a speculative step costs about 1.4 plain steps for a few hundred
+// sequences on an H200 and more as the batch grows (bench_sampler at T = 0.6: 1.29x at 256 sequences, 1.18x at 512,
+// 0.97x at 1024, 0.80x at 8192). Batches larger than SPECULATIVE_SEQUENCES_PER_SM per SM decode plainly.
 #pragma once
 
 #include "model.cuh"
@@ -294,12 +299,23 @@ struct SamplingOptions {
     int stop_a = -1, stop_b = -1;  // token ids that end a sequence (e.g. </answer> and <|eos|>)
     int max_new = 1 << 30;         // tokens generated per sequence at most
     bool speculative = true;       // draft with the model's MTP module, where it has one
+    int speculative_max_batch = 0;  // the largest batch that drafts (0: SPECULATIVE_SEQUENCES_PER_SM per SM)
 
     bool operator==(const SamplingOptions& o) const {
         return temperature == o.temperature && top_k == o.top_k && stop_a == o.stop_a && stop_b == o.stop_b &&
-               max_new == o.max_new && speculative == o.speculative;  // the seed lives on the device
+               max_new == o.max_new && speculative == o.speculative &&
+               speculative_max_batch == o.speculative_max_batch;  // the seed lives on the device
     }
 };
+
+constexpr int SPECULATIVE_SEQUENCES_PER_SM = 4;  // 528 sequences on an H200, below its crossover (above)
+
+// Whether a batch of S sequences drafts, on a GPU of sm_count SMs, for a model that can draft.
+inline bool speculates(int S, const SamplingOptions& opt, int sm_count) {
+    const int limit = opt.speculative_max_batch > 0 ? opt.speculative_max_batch
+                                                    : SPECULATIVE_SEQUENCES_PER_SM * sm_count;
+    return opt.speculative && S <= limit;
+}
 
 // Drafts verified and drafts kept: the acceptance rate of speculative decoding.
 struct DraftCounts {
@@ -312,6 +328,7 @@ template <typename T>
 struct Sampler {
     Model<T>& model;
     int max_S, max_len, max_rows;  // rows per sequence at most: 2 where the model can draft
+    int sm_count;
     std::vector<T*> cache_ckv, cache_kr;  // per layer, then the MTP block: [max_S, max_len, d_c], [.., d_rope]
     BlockActs<T> block;                   // the decoder block's buffers for the step's rows; x_in is the residual
     T *q_abs, *ctx, *xf;
@@ -335,7 +352,7 @@ struct Sampler {
     SamplingOptions graph_opt;
 
     Sampler(Model<T>& m, int S, int len)
-        : model(m), max_S(S), max_len(len), max_rows(m.mtp.empty() ? 1 : 2) {
+        : model(m), max_S(S), max_len(len), max_rows(m.mtp.empty() ? 1 : 2), sm_count(multiprocessor_count()) {
         const Config& c = m.cfg;
         if (len > c.max_position_embeddings)
             throw std::invalid_argument("sampler length " + std::to_string(len) + " exceeds max_position_embeddings");
@@ -374,8 +391,10 @@ struct Sampler {
         return sizeof(float) * c.num_attention_heads * (c.kv_lora_rank + c.qk_rope_head_dim + L);
     }
 
-    // Rows per sequence in a step with these options: 2 when speculating.
-    int rows_per_sequence(const SamplingOptions& opt) const { return opt.speculative && max_rows > 1 ? 2 : 1; }
+    // Rows per sequence in a step of S sequences with these options: 2 when speculating.
+    int rows_per_sequence(int S, const SamplingOptions& opt) const {
+        return max_rows > 1 && speculates(S, opt, sm_count) ? 2 : 1;
+    }
 
     // One block over the step's rows (R per sequence), with attention over this block's latent cache.
     void decode_block(Layer& L, T* ckv_cache, T* kr_cache, int rows, int R, const Ctx<T>& cx) {
@@ -455,7 +474,7 @@ struct Sampler {
     // A full decode step: the main model's pass, the new tokens of every unfinished sequence, and (speculative) the
     // MTP module's pass and its drafts.
     void decode(int S, const SamplingOptions& opt) {
-        const int R = rows_per_sequence(opt), V = model.cfg.vocab_size, warp_blocks = ceil_div(S, WARPS_PER_BLOCK);
+        const int R = rows_per_sequence(S, opt), V = model.cfg.vocab_size, warp_blocks = ceil_div(S, WARPS_PER_BLOCK);
         const StopRule rule{opt.stop_a, opt.stop_b, opt.max_new, max_len};
         step_tokens_kernel<<<ceil_div(S * R, 128), 128, 0, stream>>>(row_tokens, seqs, pos, R > 1 ? draft : nullptr,
                                                                     prompt_len, S, R, max_len);

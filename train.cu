@@ -181,7 +181,7 @@ inline EvalSettings eval_settings(const Options& o, bool r1zero_template, bool d
     EvalSettings e;
     e.problems = o.samples, e.k = o.eval_temperature > 0 ? o.eval_k : 1, e.temperature = o.eval_temperature;
     e.r1zero_template = r1zero_template, e.direct = direct, e.seed = uint64_t(o.seed);
-    e.speculative = !o.no_speculative;
+    e.speculative = !o.no_speculative, e.speculative_max_batch = o.speculative_max_batch;
     return e;
 }
 
@@ -437,7 +437,7 @@ int reinforce(const Options& o) {
     g.scale_by_std = !o.dr_grpo;
     g.norm = o.dr_grpo ? Normalization::Constant : o.token_norm ? Normalization::Token : Normalization::Sequence;
     g.skip_uniform_groups = o.skip_uniform, g.r1zero_template = o.stage == "r1zero";
-    g.speculative = !o.no_speculative;
+    g.speculative = !o.no_speculative, g.speculative_max_batch = o.speculative_max_batch;
     g.reward.w_format = o.w_format, g.reward.w_language = o.w_language;
     const data::ProblemMix mix = problem_mix(o);
     const double flops_per_forward_token = forward_flops_per_token(policy.cfg, o.seq);

@@ -5,7 +5,8 @@
 // answer at </answer> or <|eos|> as the rollouts do; else every sequence gets N tokens.
 //   ./build/bench_sampler [--init CKPT] [--prompts 256] [--new 256] [--stop] [--temperature T] [--precision bf16|fp32]
 // Prints, per temperature (0, 0.6 and 1, or --temperature): generated tokens, tokens/s and the share of drafts kept,
-// plain and speculative. With
+// plain and speculative. The speculative arm drafts at any batch size (the sampler's own limit lifted): a sweep over
+// --prompts finds the batch size beyond which speculation stops paying (SPECULATIVE_SEQUENCES_PER_SM). With
 // --profile plain|speculative, one decode step at temperature 1, 64 steps into the sequences, runs between
 // cudaProfilerStart and cudaProfilerStop instead, for
 //   ncu --profile-from-start off --metrics gpu__time_duration.sum --csv ./build/bench_sampler --profile speculative
@@ -58,7 +59,7 @@ void run(const BenchOptions& o) {
     Sampler<T> sampler(model, o.prompts, int(longest) + o.new_tokens);
     if (!o.profile.empty()) {
         SamplingOptions opt;
-        opt.speculative = o.profile == "speculative";
+        opt.speculative = o.profile == "speculative", opt.speculative_max_batch = o.prompts;
         sampler.start(prompts, 3);
         for (int step = 0; step < 64; step++) sampler.decode(o.prompts, opt);
         CUDA_CHECK(cudaStreamSynchronize(sampler.stream));
@@ -77,6 +78,7 @@ void run(const BenchOptions& o) {
         for (bool speculative : {false, true}) {
             SamplingOptions opt;
             opt.temperature = temperature, opt.speculative = speculative, opt.max_new = o.new_tokens, opt.seed = 3;
+            opt.speculative_max_batch = o.prompts;
             if (o.stop) opt.stop_a = data::ANSWER_END, opt.stop_b = data::EOS;
             sampler.generate(prompts, opt);  // warm-up: cuBLASLt plans, the graph
             WallTimer clock;

@@ -35,8 +35,9 @@ struct EvalSettings {
     int k = 4;          // responses per problem
     float temperature = 0.6f;
     bool r1zero_template = false;
-    bool direct = false;  // the think block is given, empty: the model must answer at once
-    bool speculative = true;  // drafted by the model's MTP module, where it has one
+    bool direct = false;            // the think block is given, empty: the model must answer at once
+    bool speculative = true;        // drafted by the model's MTP module, where it has one and the batch is small
+    int speculative_max_batch = 0;  // the largest batch that drafts (0: the GPU's default, sampler.cuh)
     uint64_t seed = 0;
 };
 
@@ -80,7 +81,7 @@ std::vector<EvalRow> evaluate_tasks(Model<T>& model, const data::Tokenizer& tok,
     SamplingOptions sampling;
     sampling.temperature = e.temperature, sampling.seed = rng_hash(e.seed, 0x6576616cull, 0);
     sampling.stop_a = data::ANSWER_END, sampling.stop_b = data::EOS, sampling.max_new = data::kMaxExampleTokens;
-    sampling.speculative = e.speculative;
+    sampling.speculative = e.speculative, sampling.speculative_max_batch = e.speculative_max_batch;
     std::vector<std::vector<int>> responses = sampler.generate(prompts, sampling);
     const std::vector<DraftCounts> drafts = sampler.draft_counts(int(prompts.size()));
     for (size_t i = 0; i < responses.size(); i++) {

@@ -101,6 +101,7 @@ struct Options {
     // (V3: 0.3 for the first 10T tokens, 0.1 for the last 4.8T)
     float mtp_lambda = 0.3f, mtp_lambda_late = 0.1f, mtp_late_from = 10.0f / 14.8f;
     bool no_speculative = false;
+    int speculative_max_batch = 0;
     // Cold start and reinforcement learning
     int sft_examples = 4000, prompts = 32, group = 8, updates = 2, max_new = 320, difficulty = 2;
     std::string task = "mix", template_name = "auto";
@@ -144,6 +145,9 @@ struct Options {
         f.add_switch("no-speculative", &no_speculative,
                      "sample one token a step, without the MTP module's draft (speculative decoding is on for models "
                      "with an MTP module)");
+        f.add("speculative-max-batch", &speculative_max_batch,
+              "the largest batch of sequences that drafts; larger batches decode plainly, as a speculative step then "
+              "costs more than it gains (0: 4 sequences per SM of the GPU)");
         f.add("eval-every", &eval_every, "steps between held-out loss evaluations");
         f.add("eval-batches", &eval_batches, "batches in a held-out loss evaluation");
         f.add("ckpt-every", &ckpt_every, "steps between checkpoints (and one at the end)");
@@ -213,6 +217,7 @@ struct Options {
         positive(ckpt_every, "ckpt-every"), positive(log_every, "log-every"), positive(eval_batches, "eval-batches");
         if (!(lr > 0.0f)) throw std::invalid_argument("--lr must be positive");
         if (warmup < 0) throw std::invalid_argument("--warmup must not be negative");
+        if (speculative_max_batch < 0) throw std::invalid_argument("--speculative-max-batch must not be negative");
         if (!(min_lr_frac >= 0.0f && min_lr_frac <= 1.0f))
             throw std::invalid_argument("--min-lr-frac must be in [0, 1]");
         if (!(beta2 > 0.0f && beta2 < 1.0f)) throw std::invalid_argument("--beta2 must be in (0, 1)");

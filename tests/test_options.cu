@@ -51,6 +51,8 @@ TEST_SUITE("options") {
         CHECK(parse_error({"pretrain", "--steps", "0"}).find("--steps must be positive") != std::string::npos);
         CHECK(parse_error({"pretrain", "--precision", "fp16"}).find("fp32, bf16 or fp8") != std::string::npos);
         CHECK(parse_error({"pretrain", "--lr", "-1"}).find("--lr must be positive") != std::string::npos);
+        CHECK(parse_error({"eval", "--init", "x", "--speculative-max-batch", "-1"}).find("must not be negative") !=
+              std::string::npos);
         CHECK(parse_error({"pretrain", "extra"}).find("unexpected argument 'extra'") != std::string::npos);
         CHECK(parse_error({"eval"}).find("needs --init") != std::string::npos);
         CHECK(parse_error({"logits", "--init", "x"}).find("needs --text") != std::string::npos);

@@ -104,16 +104,17 @@ std::vector<float> counting_model_weights(Config c, bool untrained_mtp) {
     return trained;
 }
 
-// Greedy decoding of the prompts, plain and speculative; the drafts kept and verified.
+// Greedy decoding of the prompts, plain and speculative (drafting for batches up to max_batch, by default the
+// whole batch whatever the GPU); the drafts kept and verified.
 template <typename T_>
 void greedy_both_ways(const Config& c, const std::vector<float>& weights, const std::vector<std::vector<int>>& prompts,
-                      int L, std::vector<std::vector<int>> out[2], DraftCounts& drafts) {
+                      int L, std::vector<std::vector<int>> out[2], DraftCounts& drafts, int max_batch = 0) {
     Model<T_> model(c, 1, L);
     model.master.upload(weights);
     model.refresh_weights();
     Sampler<T_> sampler(model, int(prompts.size()), L);
     SamplingOptions greedy;
-    greedy.temperature = 0.0f;
+    greedy.temperature = 0.0f, greedy.speculative_max_batch = max_batch > 0 ? max_batch : int(prompts.size());
     for (int speculative : {0, 1}) {
         greedy.speculative = speculative;
         out[speculative] = sampler.generate(prompts, greedy);
@@ -156,6 +157,21 @@ double chi_square(const std::vector<long>& counts, const std::vector<double>& p,
 }
 
 }  // namespace
+
+TEST_SUITE("sampler") {
+    TEST_CASE("speculative decoding drafts for batches up to 4 sequences per SM, or up to the batch limit given") {
+        SamplingOptions opt;
+        CHECK(speculates(528, opt, 132));
+        CHECK_FALSE(speculates(529, opt, 132));
+        CHECK(speculates(1, opt, 1));
+        CHECK_FALSE(speculates(5, opt, 1));
+        opt.speculative_max_batch = 4096;
+        CHECK(speculates(4096, opt, 132));
+        CHECK_FALSE(speculates(4097, opt, 132));
+        opt.speculative = false;
+        CHECK_FALSE(speculates(1, opt, 132));
+    }
+}
 
 TEST_SUITE("gpu") {
     TEST_CASE("latent-cache decoding gives the full forward pass's logits, dense and with DeepSeekMoE") {
@@ -274,6 +290,21 @@ TEST_SUITE("gpu") {
             }
     }
 
+    TEST_CASE("a batch larger than the speculative batch limit decodes plainly") {
+        const Config c = tiny_config();
+        const std::vector<float> weights = counting_model_weights(c, false);
+        const std::vector<std::vector<int>> prompts = random_prompts({1, 2, 3, 4, 5, 6, 7, 8}, c.vocab_size, 9);
+        const int S = int(prompts.size());
+        for (int max_batch : {S - 1, S}) {
+            CAPTURE(max_batch);
+            std::vector<std::vector<int>> out[2];
+            DraftCounts drafts;
+            greedy_both_ways<float>(c, weights, prompts, 40, out, drafts, max_batch);
+            CHECK(out[1] == out[0]);
+            CHECK((max_batch < S ? drafts.drafted == 0 : drafts.drafted > 100));
+        }
+    }
+
     TEST_CASE("speculative sampling draws every token from the main model's distribution") {
         Config c = tiny_config();
         c.vocab_size = 8;  // every sequence of three new tokens is a cell of the test: 512
@@ -305,6 +336,7 @@ TEST_SUITE("gpu") {
                 CAPTURE(speculative);
                 SamplingOptions opt;
                 opt.temperature = temperature, opt.top_k = top_k, opt.speculative = speculative;
+                opt.speculative_max_batch = S;
                 std::vector<long> counts(p.size(), 0);
                 DraftCounts drafts;
                 for (int seed = 1; seed <= seeds; seed++) {
