@@ -3,7 +3,7 @@ NVCC ?= nvcc
 # Hopper (H100/H200) by default; e.g. ARCH="-gencode=arch=compute_80,code=sm_80" for an A100.
 ARCH ?= -gencode=arch=compute_90a,code=sm_90a
 NVCCFLAGS ?= -std=c++17 -O3 -Xcompiler -Wall
-LIBS = -lcublasLt
+LIBS = -lcublasLt -lnccl
 BUILD = build
 
 HEADERS = $(wildcard *.cuh kernels/*.cuh kernels/*.h io/*.h data/*.h)

@@ -1,0 +1,215 @@
+// nccl.cuh: training on several GPUs, one process per GPU, NCCL for every collective (V3 §3.2 trains with data and
+// expert parallelism; the plans here hold for any number of ranks R).
+//
+// Launch. The processes find their places from the launcher's environment (torchrun's RANK / WORLD_SIZE /
+// LOCAL_RANK, OpenMPI's or Slurm's variables), use GPU LOCAL_RANK, and meet through a file: rank 0 writes the NCCL
+// unique id into the run folder and the others read it (no MPI needed to build or run). Several machines need the
+// folder on a shared filesystem.
+//
+// Data parallel with ZeRO-1 (arXiv 1910.02054, stage 1): rank r takes rows [B r / R, B (r+1) / R) of the global batch
+// (every row is a function of seed, step and row, so the ranks' rows together are the single-GPU batch); the FP32
+// gradients are reduce-scattered, rank r owns shard r of the trained parameters and keeps the Adam moments of that
+// shard alone, updates it, and the updated shards are all-gathered into every rank's weights.
+//
+// Expert parallel: expert e lives on rank e / (E / R). After routing, every rank learns every rank's count of rows per
+// expert (an all-gather of E counts), sends each peer the rows of that peer's experts (its rows are already grouped
+// by expert, so they are contiguous), and regroups what it receives by local expert, sources in rank order: a fixed
+// order, whatever the timing. The combine is the same exchange reversed.
+#pragma once
+
+#include <nccl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels/common.cuh"
+
+// ---------------------------------------------------------------------------------------------------------------
+// The process's place: from the launcher's environment
+// ---------------------------------------------------------------------------------------------------------------
+
+struct Ranks {
+    int rank = 0, world = 1, local_rank = 0;
+    bool is_root() const { return rank == 0; }
+};
+
+using Environment = std::function<const char*(const char*)>;  // getenv, or a table in the tests
+
+// The first launcher whose variables are set names the process's place: torchrun's (and `train --launch`'s), then
+// OpenMPI's, then Slurm's; none of them: one process. A family set in part, or a value that is not a rank, is an
+// error that names the variable.
+inline Ranks ranks_from_environment(const Environment& env) {
+    struct Family {
+        const char *rank, *world, *local_rank;
+    };
+    const Family families[] = {{"RANK", "WORLD_SIZE", "LOCAL_RANK"},
+                               {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"},
+                               {"SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"}};
+    auto number = [&](const char* name) {
+        const char* text = env(name);
+        if (!text) throw std::invalid_argument(std::string("launch: ") + name + " is not set");
+        char* end = nullptr;
+        long v = std::strtol(text, &end, 10);
+        if (*text == '\0' || *end != '\0' || v < 0 || v > (1 << 20))
+            throw std::invalid_argument(std::string("launch: ") + name + "='" + text + "' is not a rank or a count");
+        return int(v);
+    };
+    for (const Family& f : families) {
+        if (!env(f.rank) && !env(f.world) && !env(f.local_rank)) continue;
+        Ranks r{number(f.rank), number(f.world), number(f.local_rank)};
+        if (r.world < 1) throw std::invalid_argument(std::string("launch: ") + f.world + " must be at least 1");
+        if (r.rank >= r.world)
+            throw std::invalid_argument(std::string("launch: ") + f.rank + "=" + std::to_string(r.rank) +
+                                        " is not below " + f.world + "=" + std::to_string(r.world));
+        return r;
+    }
+    return Ranks{};
+}
+
+// A token the launcher gives every process of one job alike, so that a job never reads an id file an earlier job left
+// behind: "" where the launcher gives none.
+inline std::string job_token(const Environment& env) {
+    for (const char* name : {"TORCHELASTIC_RUN_ID", "MINI_DEEPSEEK_JOB", "OMPI_MCA_ess_base_jobid", "SLURM_JOB_ID"})
+        if (const char* v = env(name)) {
+            std::string token = v;
+            for (char& ch : token)
+                if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+            return token;
+        }
+    return "";
+}
+
+// Rank 0 writes n bytes to path through a temporary file and a rename (no rank reads half of them); every other rank
+// waits for the file, up to timeout_s, and reads them. A stale file of that name is removed first by rank 0.
+inline void share_through_file(const std::string& path, const Ranks& ranks, void* bytes, size_t n, double timeout_s) {
+    namespace fs = std::filesystem;
+    if (ranks.is_root()) {
+        const std::string tmp = path + ".tmp";
+        {
+            std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+            out.write(static_cast<const char*>(bytes), std::streamsize(n));
+            if (!out) throw std::runtime_error("launch: cannot write " + tmp);
+        }
+        fs::rename(tmp, path);
+        return;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    for (;;) {
+        std::error_code ec;
+        if (fs::exists(path, ec) && fs::file_size(path, ec) == n) {
+            std::ifstream in(path, std::ios::binary);
+            in.read(static_cast<char*>(bytes), std::streamsize(n));
+            if (in.gcount() == std::streamsize(n)) return;
+        }
+        const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (waited > timeout_s)
+            throw std::runtime_error("launch: rank " + std::to_string(ranks.rank) + " waited " +
+                                     std::to_string(int(timeout_s)) + " s for rank 0's " + path +
+                                     " (did rank 0 start, with the same --out?)");
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Data parallel: each rank's rows, each rank's shard
+// ---------------------------------------------------------------------------------------------------------------
+
+// Rows [begin, end) of a global batch of B rows that rank r reads: as even as B allows, in rank order.
+struct RowRange {
+    int begin, end;
+    int count() const { return end - begin; }
+};
+
+inline RowRange rows_of_rank(int B, const Ranks& r) {
+    if (B < r.world)
+        throw std::invalid_argument("a batch of " + std::to_string(B) + " rows cannot give each of " +
+                                    std::to_string(r.world) + " GPUs a row");
+    return {int(long(B) * r.rank / r.world), int(long(B) * (r.rank + 1) / r.world)};
+}
+
+// ZeRO-1's shards of n values: R equal shards of `per_rank` values (NCCL's reduce-scatter and all-gather move equal
+// counts), a multiple of SHARD_ALIGN so that every shard starts 512 bytes into an FP32 buffer; the buffers are
+// padded to R * per_rank, and the last shards may hold padding alone.
+constexpr long SHARD_ALIGN = 128;
+
+struct Shards {
+    long n, per_rank;
+    int world;
+    long padded() const { return per_rank * world; }
+    long begin(int r) const { return std::min(n, per_rank * r); }  // rank r's values [begin, end) of the n
+    long end(int r) const { return std::min(n, per_rank * (r + 1)); }
+};
+
+inline Shards shards_of(long n, int world) {
+    const long per_rank = (n + world - 1) / world;
+    return {n, (per_rank + SHARD_ALIGN - 1) / SHARD_ALIGN * SHARD_ALIGN, world};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Expert parallel: the dispatch plan
+// ---------------------------------------------------------------------------------------------------------------
+
+// A contiguous run of rows moved from one buffer's offset to another's.
+struct Segment {
+    long from, to, rows;
+};
+
+// What rank r sends and receives for one MoE layer, from every rank's rows per expert (counts[p * E + e]: rank p's
+// rows routed to expert e, the layout of an all-gather of each rank's E counts).
+struct Dispatch {
+    int world = 1, experts = 0, local_experts = 0, first_expert = 0;
+    std::vector<long> send_count, send_offset;  // [R]: from this rank's rows, grouped by expert
+    std::vector<long> recv_count, recv_offset;  // [R]: into the receive buffer, peer after peer
+    std::vector<long> expert_rows;              // [E / R]: rows of each local expert, from every rank
+    std::vector<Segment> regroup;  // receive buffer (peer-major) -> the local experts' rows (expert-major)
+    long sent() const { return send_offset.back() + send_count.back(); }
+    long received() const { return recv_offset.back() + recv_count.back(); }
+};
+
+inline int expert_owner(int e, int experts, int world) { return e / (experts / world); }
+
+inline Dispatch dispatch_plan(const std::vector<long>& counts, int experts, const Ranks& r) {
+    const int R = r.world;
+    if (experts % R != 0)
+        throw std::invalid_argument("expert parallelism: " + std::to_string(experts) + " routed experts do not split "
+                                    "evenly over " + std::to_string(R) + " GPUs");
+    if (counts.size() != size_t(R) * experts) throw std::invalid_argument("dispatch_plan: counts must be [R, E]");
+    Dispatch d;
+    d.world = R, d.experts = experts, d.local_experts = experts / R, d.first_expert = r.rank * d.local_experts;
+    d.send_count.assign(R, 0), d.send_offset.assign(R, 0), d.recv_count.assign(R, 0), d.recv_offset.assign(R, 0);
+    d.expert_rows.assign(d.local_experts, 0);
+    auto count = [&](int p, int e) { return counts[size_t(p) * experts + e]; };
+    for (int e = 0; e < experts; e++) d.send_count[expert_owner(e, experts, R)] += count(r.rank, e);
+    for (int p = 0; p < R; p++)
+        for (int j = 0; j < d.local_experts; j++) {
+            d.recv_count[p] += count(p, d.first_expert + j);
+            d.expert_rows[j] += count(p, d.first_expert + j);
+        }
+    for (int p = 1; p < R; p++) {
+        d.send_offset[p] = d.send_offset[p - 1] + d.send_count[p - 1];
+        d.recv_offset[p] = d.recv_offset[p - 1] + d.recv_count[p - 1];
+    }
+    // Peer p's block of the receive buffer holds its rows for the local experts in expert order; the local experts'
+    // buffer holds expert j's rows from rank 0, then rank 1, ...
+    long to = 0;
+    for (int j = 0; j < d.local_experts; j++)
+        for (int p = 0; p < R; p++) {
+            long from = d.recv_offset[p];
+            for (int i = 0; i < j; i++) from += count(p, d.first_expert + i);
+            const long rows = count(p, d.first_expert + j);
+            if (rows > 0) d.regroup.push_back({from, to, rows});
+            to += rows;
+        }
+    return d;
+}
