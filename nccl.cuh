@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <chrono>
 #include <cstdio>
@@ -212,4 +213,158 @@ inline Dispatch dispatch_plan(const std::vector<long>& counts, int experts, cons
             to += rows;
         }
     return d;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The communicator
+// ---------------------------------------------------------------------------------------------------------------
+
+inline void nccl_check(ncclResult_t result, const char* call, const char* file, int line) {
+    if (result == ncclSuccess) return;
+    std::fprintf(stderr, "NCCL error %d (%s: %s) in %s at %s:%d\n", int(result), ncclGetErrorString(result),
+                 ncclGetLastError(nullptr), call, file, line);
+    std::exit(1);
+}
+#define NCCL_CHECK(call) nccl_check((call), #call, __FILE__, __LINE__)
+
+template <typename T>
+ncclDataType_t nccl_type();
+template <>
+inline ncclDataType_t nccl_type<float>() { return ncclFloat32; }
+template <>
+inline ncclDataType_t nccl_type<bf16>() { return ncclBfloat16; }
+template <>
+inline ncclDataType_t nccl_type<int>() { return ncclInt32; }
+
+// A rank that stops hearing from the others must not wait forever: a thread watches the communicator's asynchronous
+// error (a peer's network connection lost) and the time since the last sign of progress (a peer dead on NVLink
+// gives no error, only silence), and past either it names the rank and the cause, aborts the communicator and ends
+// the process with status 1; the launcher then ends the others.
+struct Watchdog {
+    std::atomic<double> last_progress{0.0};
+    std::atomic<bool> stop{false};
+    std::thread thread;
+
+    static double now() {
+        return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+    }
+    void start(ncclComm_t comm, int rank, double timeout_s) {
+        last_progress = now();
+        thread = std::thread([this, comm, rank, timeout_s] {
+            while (!stop) {
+                std::this_thread::sleep_for(std::chrono::milliseconds(200));
+                ncclResult_t async = ncclSuccess;
+                const bool error = ncclCommGetAsyncError(comm, &async) != ncclSuccess || async != ncclSuccess;
+                const double silent = now() - last_progress;
+                if (!error && silent < timeout_s) continue;
+                if (error)
+                    std::fprintf(stderr, "error: rank %d: NCCL failed (%s); aborting\n", rank,
+                                 ncclGetErrorString(async));
+                else
+                    std::fprintf(stderr, "error: rank %d: no progress for %.0f s (a rank died or hangs); aborting\n",
+                                 rank, silent);
+                ncclCommAbort(comm);
+                std::_Exit(1);
+            }
+        });
+    }
+    void progress() { last_progress = now(); }
+    void halt() {
+        stop = true;
+        if (thread.joinable()) thread.join();
+    }
+    ~Watchdog() { halt(); }
+};
+
+// One NCCL communicator over every rank, its GPU chosen by the local rank. Collectives run on the caller's stream.
+struct Comm {
+    Ranks ranks;
+    ncclComm_t comm = nullptr;
+    Watchdog watchdog;
+
+    // The ranks meet through the file `folder`/nccl_id<job token>; timeout_s bounds the wait for the others, at the
+    // start and at every step after.
+    Comm(const Ranks& r, const std::string& folder, double timeout_s) : ranks(r) {
+        CUDA_CHECK(cudaSetDevice(r.local_rank));
+        ncclUniqueId id;
+        if (r.is_root()) NCCL_CHECK(ncclGetUniqueId(&id));
+        const std::string path = folder + "/nccl_id" + job_token(std::getenv);
+        std::filesystem::create_directories(folder);
+        share_through_file(path, r, &id, sizeof id, timeout_s);
+        std::atomic<bool> joined{false};
+        std::thread deadline([&] {  // ncclCommInitRank waits for every rank: bounded here
+            const double start = Watchdog::now();
+            while (!joined && Watchdog::now() - start < timeout_s)
+                std::this_thread::sleep_for(std::chrono::milliseconds(100));
+            if (joined) return;
+            std::fprintf(stderr, "error: rank %d: not every one of the %d ranks joined within %.0f s\n", r.rank,
+                         r.world, timeout_s);
+            std::_Exit(1);
+        });
+        NCCL_CHECK(ncclCommInitRank(&comm, r.world, id, r.rank));
+        joined = true;
+        deadline.join();
+        if (r.is_root()) std::filesystem::remove(path);  // every rank has read it: init returned
+        watchdog.start(comm, r.rank, timeout_s);
+    }
+    Comm(const Comm&) = delete;
+    Comm& operator=(const Comm&) = delete;
+    ~Comm() {
+        watchdog.halt();
+        ncclCommDestroy(comm);
+    }
+
+    template <typename T>
+    void all_reduce_sum(T* values, long n, cudaStream_t s) {
+        NCCL_CHECK(ncclAllReduce(values, values, size_t(n), nccl_type<T>(), ncclSum, comm, s));
+    }
+    template <typename T>
+    void all_reduce_max(T* values, long n, cudaStream_t s) {
+        NCCL_CHECK(ncclAllReduce(values, values, size_t(n), nccl_type<T>(), ncclMax, comm, s));
+    }
+    // In place, over a buffer of shards.padded() values: this rank's shard becomes the sum of every rank's.
+    void reduce_scatter_sum(float* values, const Shards& sh, cudaStream_t s) {
+        NCCL_CHECK(ncclReduceScatter(values, values + sh.per_rank * ranks.rank, size_t(sh.per_rank), ncclFloat32,
+                                     ncclSum, comm, s));
+    }
+    // In place: every rank's shard into every rank's buffer.
+    template <typename T>
+    void all_gather(T* values, const Shards& sh, cudaStream_t s) {
+        NCCL_CHECK(ncclAllGather(values + sh.per_rank * ranks.rank, values, size_t(sh.per_rank), nccl_type<T>(), comm,
+                                 s));
+    }
+    // Every rank's n values, rank after rank, into all [R * n].
+    template <typename T>
+    void all_gather(const T* mine, T* all, long n, cudaStream_t s) {
+        NCCL_CHECK(ncclAllGather(mine, all, size_t(n), nccl_type<T>(), comm, s));
+    }
+    // Rows of `width` values: send_count[p] rows from send + send_offset[p] to each peer p, recv_count[p] rows from
+    // each into recv + recv_offset[p]; grouped, so that no pair of ranks waits on the other's order.
+    template <typename T>
+    void exchange(const T* send, const std::vector<long>& send_count, const std::vector<long>& send_offset, T* recv,
+                  const std::vector<long>& recv_count, const std::vector<long>& recv_offset, long width,
+                  cudaStream_t s) {
+        NCCL_CHECK(ncclGroupStart());
+        for (int p = 0; p < ranks.world; p++) {
+            if (send_count[p] > 0)
+                NCCL_CHECK(ncclSend(send + send_offset[p] * width, size_t(send_count[p] * width), nccl_type<T>(), p,
+                                    comm, s));
+            if (recv_count[p] > 0)
+                NCCL_CHECK(ncclRecv(recv + recv_offset[p] * width, size_t(recv_count[p] * width), nccl_type<T>(), p,
+                                    comm, s));
+        }
+        NCCL_CHECK(ncclGroupEnd());
+    }
+};
+
+// Copies each segment's rows of `width` values from `from` to `to` (backward: from each segment's `to` to its
+// `from`, the combine's direction).
+template <typename T>
+void move_segments(const std::vector<Segment>& segments, const T* from, T* to, long width, bool backward,
+                   cudaStream_t s) {
+    for (const Segment& g : segments) {
+        const long src = backward ? g.to : g.from, dst = backward ? g.from : g.to;
+        CUDA_CHECK(cudaMemcpyAsync(to + dst * width, from + src * width, sizeof(T) * g.rows * width,
+                                   cudaMemcpyDeviceToDevice, s));
+    }
 }

@@ -1,6 +1,7 @@
 // Parallel training's plans on the host: each process's place from the launcher's environment, the id exchange
 // through a file, each rank's rows, the ZeRO-1 shards, and the expert-parallel dispatch simulated over all ranks
 // (every row reaches its expert's rank, grouped by expert in a fixed order, and the reverse exchange brings it back).
+// On the GPU, the same through NCCL: one rank on one GPU, and a rank per GPU (a thread each) where there are more.
 #include <doctest/doctest.h>
 
 #include <array>
@@ -35,7 +36,156 @@ struct Row {
     bool operator==(const Row& o) const { return rank == o.rank && expert == o.expert && position == o.position; }
 };
 
+// Each rank's rows for one MoE layer, grouped by expert, from every rank's counts per expert.
+std::vector<std::vector<Row>> rows_by_expert(const std::vector<long>& counts, int R, int E) {
+    std::vector<std::vector<Row>> local(R);
+    for (int p = 0; p < R; p++)
+        for (int e = 0; e < E; e++)
+            for (long i = 0; i < counts[size_t(p) * E + e]; i++) local[p].push_back({p, e, long(local[p].size())});
+    return local;
+}
+
+// The rows that rank r's local experts must get: expert after expert, each from rank 0, 1, ... in their order there.
+std::vector<Row> rows_for_experts(const std::vector<std::vector<Row>>& local, const Dispatch& d) {
+    std::vector<Row> want;
+    for (int j = 0; j < d.local_experts; j++)
+        for (const std::vector<Row>& rows : local)
+            for (const Row& row : rows)
+                if (row.expert == d.first_expert + j) want.push_back(row);
+    return want;
+}
+
+std::vector<long> random_counts(int R, int E, uint64_t seed) {
+    Rng rng(seed);
+    std::vector<long> counts(size_t(R) * E);
+    for (long& c : counts) c = rng.range(0, 3) == 0 ? 0 : rng.range(0, 40);  // some experts get none
+    return counts;
+}
+
+// A row on the GPU: WIDTH floats, (rank * 10000 + position) * WIDTH + k, exact in FP32.
+constexpr int WIDTH = 4;
+
+std::vector<float> encode(const std::vector<Row>& rows) {
+    std::vector<float> out;
+    for (const Row& row : rows)
+        for (int k = 0; k < WIDTH; k++) out.push_back(float((row.rank * 10000 + row.position) * WIDTH + k));
+    return out;
+}
+
+template <typename T>
+std::vector<T> download_vector(const T* p, size_t n) {
+    std::vector<T> h(n);
+    if (n) CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+}
+
+// Each rank's part of the collectives test, on its own GPU and communicator; returns the failures it saw (doctest's
+// checks are made on the main thread).
+std::vector<std::string> collectives_on_rank(const Ranks& ranks, const std::string& folder) {
+    std::vector<std::string> failures;
+    auto expect = [&](bool ok, const std::string& what) {
+        if (!ok) failures.push_back("rank " + std::to_string(ranks.rank) + ": " + what);
+    };
+    Comm comm(ranks, folder, 60.0);
+    cudaStream_t s;
+    CUDA_CHECK(cudaStreamCreate(&s));
+    const int R = ranks.world, r = ranks.rank, E = 2 * R;
+
+    // ZeRO-1: reduce-scatter sums each shard into its owner, all-gather hands every shard to every rank
+    const Shards sh = shards_of(1000, R);
+    std::vector<float> values(size_t(sh.padded()));
+    for (size_t i = 0; i < values.size(); i++) values[i] = float((r + 1) * long(i % 4096));
+    DeviceBuffer<float> buffer(values.size());
+    buffer.upload(values);
+    comm.reduce_scatter_sum(buffer.data(), sh, s);
+    CUDA_CHECK(cudaStreamSynchronize(s));
+    std::vector<float> summed = buffer.download();
+    for (long i = sh.per_rank * r; i < sh.per_rank * (r + 1); i++)
+        expect(summed[size_t(i)] == float(R * (R + 1) / 2 * (i % 4096)), "reduce-scatter at " + std::to_string(i));
+    for (long i = sh.per_rank * r; i < sh.per_rank * (r + 1); i++) summed[size_t(i)] = float(i) + 0.5f;
+    buffer.upload(summed);
+    comm.all_gather(buffer.data(), sh, s);
+    CUDA_CHECK(cudaStreamSynchronize(s));
+    std::vector<float> gathered = buffer.download();
+    for (size_t i = 0; i < gathered.size(); i++)
+        expect(gathered[i] == float(i) + 0.5f, "all-gather at " + std::to_string(i));
+
+    DeviceBuffer<int> flag(1);
+    flag.upload(std::vector<int>{r + 1});
+    comm.all_reduce_sum(flag.data(), 1, s);
+    CUDA_CHECK(cudaStreamSynchronize(s));
+    expect(flag.download()[0] == R * (R + 1) / 2, "all-reduce sum");
+    flag.upload(std::vector<int>{r == R - 1 ? 7 : 0});
+    comm.all_reduce_max(flag.data(), 1, s);
+    CUDA_CHECK(cudaStreamSynchronize(s));
+    expect(flag.download()[0] == 7, "all-reduce max");
+
+    // Expert parallel: the counts all-gathered, the rows dispatched and regrouped, then combined back
+    const std::vector<long> all_counts = random_counts(R, E, 17);
+    std::vector<int> mine(all_counts.begin() + long(r) * E, all_counts.begin() + long(r + 1) * E);
+    DeviceBuffer<int> counts_mine(E), counts_all(size_t(R) * E);
+    counts_mine.upload(mine);
+    comm.all_gather(counts_mine.data(), counts_all.data(), E, s);
+    CUDA_CHECK(cudaStreamSynchronize(s));
+    const std::vector<int> gathered_counts = counts_all.download();
+    expect(std::equal(gathered_counts.begin(), gathered_counts.end(), all_counts.begin()), "counts all-gather");
+
+    const std::vector<std::vector<Row>> local = rows_by_expert(all_counts, R, E);
+    const Dispatch d = dispatch_plan(all_counts, E, ranks);
+    const std::vector<float> sent = encode(local[r]);
+    DeviceBuffer<float> send(sent.size() + 1), recv(size_t(d.received()) * WIDTH + 1),
+        grouped(size_t(d.received()) * WIDTH + 1);
+    send.upload(sent);
+    comm.exchange(send.data(), d.send_count, d.send_offset, recv.data(), d.recv_count, d.recv_offset, WIDTH, s);
+    move_segments(d.regroup, recv.data(), grouped.data(), WIDTH, false, s);
+    CUDA_CHECK(cudaStreamSynchronize(s));
+    const std::vector<float> want = encode(rows_for_experts(local, d));
+    expect(download_vector(grouped.data(), want.size()) == want, "the local experts' rows");
+
+    // the combine: each expert's rows, changed, back to where they came from
+    std::vector<float> outputs = download_vector(grouped.data(), want.size());
+    for (float& x : outputs) x = -x;
+    grouped.upload(outputs);
+    move_segments(d.regroup, grouped.data(), recv.data(), WIDTH, true, s);
+    comm.exchange(recv.data(), d.recv_count, d.recv_offset, send.data(), d.send_count, d.send_offset, WIDTH, s);
+    CUDA_CHECK(cudaStreamSynchronize(s));
+    std::vector<float> back = download_vector(send.data(), sent.size());
+    for (float& x : back) x = -x;
+    expect(back == sent, "the combine brings every row back in place");
+    CUDA_CHECK(cudaStreamDestroy(s));
+    return failures;
+}
+
+// The collectives test on `gpus` GPUs, a rank per GPU and thread.
+void check_collectives(int gpus) {
+    const std::string folder = (std::filesystem::temp_directory_path() / "test_nccl_comm").string();
+    std::vector<std::vector<std::string>> failures(gpus);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < gpus; r++)
+        threads.emplace_back([&, r] { failures[r] = collectives_on_rank(Ranks{r, gpus, r}, folder); });
+    for (std::thread& t : threads) t.join();
+    CUDA_CHECK(cudaSetDevice(0));
+    for (const auto& rank : failures) {
+        CHECK(rank.size() == 0);
+        for (size_t i = 0; i < std::min<size_t>(rank.size(), 5); i++) MESSAGE(rank[i]);
+    }
+}
+
 }  // namespace
+
+TEST_SUITE("gpu") {
+    TEST_CASE("NCCL with one rank: the shards' collectives, the counts' all-gather, dispatch and combine") {
+        check_collectives(1);
+    }
+}
+
+TEST_SUITE("multi-gpu") {
+    TEST_CASE("NCCL with a rank per GPU: the shards' collectives, the counts' all-gather, dispatch and combine") {
+        int gpus = 0;
+        CUDA_CHECK(cudaGetDeviceCount(&gpus));
+        check_collectives(gpus);
+    }
+}
 
 TEST_SUITE("nccl") {
     TEST_CASE("the launcher's environment gives the process its rank, the world size and its GPU") {
@@ -46,9 +196,9 @@ TEST_SUITE("nccl") {
         Ranks mpi = ranks_from_environment(table(
             {{"OMPI_COMM_WORLD_RANK", "2"}, {"OMPI_COMM_WORLD_SIZE", "4"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "2"}}));
         CHECK((mpi.rank == 2 && mpi.world == 4 && mpi.local_rank == 2));
-        Ranks slurm = ranks_from_environment(table({{"SLURM_PROCID", "3"}, {"SLURM_NTASKS", "16"}, {"SLURM_LOCALID", "3"},
-                                                    {"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_RANK", "1"},
-                                                    {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}}));
+        Ranks slurm = ranks_from_environment(
+            table({{"SLURM_PROCID", "3"}, {"SLURM_NTASKS", "16"}, {"SLURM_LOCALID", "3"}, {"OMPI_COMM_WORLD_SIZE", "2"},
+                   {"OMPI_COMM_WORLD_RANK", "1"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}}));
         CHECK(slurm.world == 2);  // OpenMPI's variables come before Slurm's
         CHECK(launch_error({{"RANK", "1"}, {"WORLD_SIZE", "2"}}).find("LOCAL_RANK is not set") != std::string::npos);
         CHECK(launch_error({{"RANK", "2"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "0"}}).find("is not below") !=
@@ -137,15 +287,8 @@ TEST_SUITE("nccl") {
                 if (E % R != 0) continue;
                 CAPTURE(R);
                 CAPTURE(E);
-                Rng rng(uint64_t(R * 100 + E));
-                std::vector<long> counts(size_t(R) * E);
-                for (long& c : counts) c = rng.range(0, 3) == 0 ? 0 : rng.range(0, 40);  // some experts get none
-                // each rank's rows, grouped by expert
-                std::vector<std::vector<Row>> local(R);
-                for (int p = 0; p < R; p++)
-                    for (int e = 0; e < E; e++)
-                        for (long i = 0; i < counts[size_t(p) * E + e]; i++)
-                            local[p].push_back({p, e, long(local[p].size())});
+                const std::vector<long> counts = random_counts(R, E, uint64_t(R * 100 + E));
+                const std::vector<std::vector<Row>> local = rows_by_expert(counts, R, E);
                 std::vector<Dispatch> plans;
                 for (int r = 0; r < R; r++) plans.push_back(dispatch_plan(counts, E, Ranks{r, R, r}));
                 // the exchange: rank r's receive block from peer p is peer p's send block to r
@@ -165,13 +308,7 @@ TEST_SUITE("nccl") {
                 for (int r = 0; r < R; r++) {
                     const Dispatch& d = plans[r];
                     CHECK(d.sent() == long(local[r].size()));
-                    // the local experts' rows: expert after expert, each from rank 0, 1, ... in their order there
-                    std::vector<Row> want;
-                    for (int j = 0; j < d.local_experts; j++)
-                        for (int p = 0; p < R; p++)
-                            for (const Row& row : local[p])
-                                if (row.expert == d.first_expert + j) want.push_back(row);
-                    CHECK(grouped[r] == want);
+                    CHECK(grouped[r] == rows_for_experts(local, d));
                     long rows = 0;
                     for (int j = 0; j < d.local_experts; j++) rows += d.expert_rows[j];
                     CHECK(rows == long(grouped[r].size()));
