@@ -33,6 +33,7 @@
 #include "kernels/params.h"
 #include "moe.cuh"
 #include "mtp.cuh"
+#include "nccl.cuh"
 
 // transformers builds q_a_layernorm and kv_a_layernorm with its RMSNorm's default eps, whatever rms_norm_eps says.
 constexpr float LATENT_NORM_EPS = 1e-6f;
@@ -388,6 +389,10 @@ struct Model : Architecture {
     int last_tokens = 0;  // of the last forward pass: the expert loads are its
     DeviceArena arena;
     std::unique_ptr<Fp8Scratch> fp8;  // set by enable_fp8: the projections' GEMMs in FP8
+    // Data parallel (nccl.cuh), set by distribute: every rank's gradients summed, this rank's ZeRO-1 shard of the
+    // parameters updated here; null: this GPU alone.
+    Comm* comm = nullptr;
+    Shards shards{};
 
     Model(const Config& c, int B, int T_) : Architecture(c, B * T_), cfg(c), max_B(B), max_T(T_) {
         if (T_ > cfg.max_position_embeddings)
@@ -510,6 +515,67 @@ struct Model : Architecture {
         }
         reset_optimizer();
         refresh_weights();
+    }
+
+    // Data parallel over comm's ranks with ZeRO-1 (nccl.cuh): the master weights and gradients padded to R equal
+    // shards, the Adam moments of this rank's shard alone (zero: call before loading a checkpoint). This rank's share
+    // of the global batch (its rows over all rows) weighs its sequence-wise balance loss, so that the ranks' sum is
+    // the loss of the global batch.
+    void distribute(Comm& c, float batch_share) {
+        comm = &c, shards = shards_of(layout.total, c.ranks.world);
+        DeviceBuffer<float> padded(size_t(shards.padded()));
+        CUDA_CHECK(cudaMemsetAsync(padded.data(), 0, padded.bytes(), stream));
+        CUDA_CHECK(cudaMemcpyAsync(padded.data(), master.data(), master.bytes(), cudaMemcpyDeviceToDevice, stream));
+        CUDA_CHECK(cudaStreamSynchronize(stream));
+        master = std::move(padded);
+        if constexpr (std::is_same_v<T, float>) weights = master.data();
+        grads.resize(size_t(shards.padded()));
+        CUDA_CHECK(cudaMemsetAsync(grads.data(), 0, grads.bytes(), stream));  // the padding stays zero
+        adam_m.resize(size_t(shards.per_rank)), adam_v.resize(size_t(shards.per_rank));
+        reset_optimizer();
+        balancing.alpha *= batch_share;
+    }
+
+    // This rank's slice of the trained parameters: [first, first + count) (all of them on one GPU).
+    std::pair<long, long> own_parameters() const {
+        if (!comm) return {0, layout.trained};
+        const long first = shards.begin(comm->ranks.rank);
+        return {first, std::max(0L, std::min(shards.end(comm->ranks.rank), layout.trained) - first)};
+    }
+
+    // A count over the global batch (targets, tokens): summed over the ranks.
+    long over_ranks(long local) { return comm ? comm->sum(local, stream) : local; }
+
+    // The Adam moments of every trained parameter, for a checkpoint (data parallel: every rank calls, the shards are
+    // gathered).
+    void moments(std::vector<bf16>& m, std::vector<bf16>& v) {
+        for (auto [moment, out] : {std::pair{&adam_m, &m}, std::pair{&adam_v, &v}}) {
+            if (!comm) {
+                *out = moment->download();
+                continue;
+            }
+            DeviceBuffer<bf16> all(size_t(shards.padded()));
+            CUDA_CHECK(cudaMemcpyAsync(all.data() + shards.per_rank * comm->ranks.rank, moment->data(), moment->bytes(),
+                                       cudaMemcpyDeviceToDevice, stream));
+            comm->all_gather(all.data(), shards, stream);
+            CUDA_CHECK(cudaStreamSynchronize(stream));
+            *out = all.download();
+            out->resize(size_t(layout.trained));
+        }
+    }
+
+    // Sets them from a checkpoint (data parallel: this rank keeps its shard).
+    void set_moments(const std::vector<bf16>& m, const std::vector<bf16>& v) {
+        for (auto [moment, in] : {std::pair{&adam_m, &m}, std::pair{&adam_v, &v}}) {
+            if (!comm) {
+                moment->upload(*in);
+                continue;
+            }
+            std::vector<bf16> shard(size_t(shards.per_rank), bf16(0.0f));
+            const auto [first, count] = own_parameters();
+            std::copy_n(in->begin() + first, count, shard.begin());
+            moment->upload(shard);
+        }
     }
 
     // Zero Adam moments: a new optimizer, for fresh weights or a new stage on loaded ones.
@@ -644,7 +710,7 @@ struct Model : Architecture {
     // Per-token losses, their sum in scalars[0], and dlogits, for targets [B*T] on the host (negative: ignored).
     // Returns the number of counted targets.
     long loss(const std::vector<int>& targets) {
-        long N = long(targets.size()), counted = count_targets(targets);
+        long N = long(targets.size()), counted = over_ranks(count_targets(targets));
         CUDA_CHECK(cudaMemcpyAsync(targets_buf, targets.data(), sizeof(int) * N, cudaMemcpyHostToDevice, stream));
         cross_entropy(losses, d_logits, logits, targets_buf, int(N), cfg.vocab_size,
                       counted ? 1.0f / float(counted) : 0.0f, stream);
@@ -718,7 +784,7 @@ struct Model : Architecture {
             MtpModule& M = mtp[k - 1];
             MtpActs<T>& A = mtp_acts[k - 1];
             mtp_shift(inputs, targets, B, T_, k, tokens_k, targets_k);
-            A.counted = count_targets(targets_k);
+            A.counted = over_ranks(count_targets(targets_k));
             CUDA_CHECK(cudaMemcpyAsync(A.in.tokens, tokens_k.data(), sizeof(int) * N, cudaMemcpyHostToDevice, stream));
             CUDA_CHECK(cudaMemcpyAsync(A.targets, targets_k.data(), sizeof(int) * N, cudaMemcpyHostToDevice, stream));
             mtp_input(M, A.in, A.block.x_in, h_prev, N, cx);
@@ -770,8 +836,8 @@ struct Model : Architecture {
                              false, stream);
             embedding_backward(c.g(embed), d_h, A.in.tokens, N, V, d, deeper, stream);
             const T* h_prev = k > 1 ? mtp_acts[k - 2].h : x_final;
-            rmsnorm_backward(d_resid, c.g(M.hnorm), norm_scratch, d_h_n, h_prev, d, c.w(M.hnorm), A.in.rstd_h, N, d, false,
-                             false, stream);
+            rmsnorm_backward(d_resid, c.g(M.hnorm), norm_scratch, d_h_n, h_prev, d, c.w(M.hnorm), A.in.rstd_h, N, d,
+                             false, false, stream);
         }
     }
 
@@ -786,21 +852,38 @@ struct Model : Architecture {
     // ----- optimizer --------------------------------------------------------------------------------------------
 
     // Squared global gradient norm into scalars[1], then AdamW with clipping on the trained parameters (step counts
-    // from 1), then the router biases by the last forward pass's loads.
+    // from 1), then the router biases by the last forward pass's loads. Data parallel (ZeRO-1): the gradients are
+    // summed into each shard's owner, the norm and the step's scalars summed over the ranks, a step skipped on one
+    // rank skipped on all, each rank updates its shard, every rank moves the biases by the global loads, and the
+    // updated shards are gathered.
     void optimizer_step(const AdamW& opt, float max_grad_norm, int step, uint64_t seed) {
-        sum_reduce(scalars + 1, reduce_scratch, grads.data(), layout.trained, true, stream);
-        const int* skip = fp8 ? fp8->nonfinite.data() : nullptr;
-        adamw_update(master.data(), weights, adam_m.data(), adam_v.data(), grads.data(), scalars + 1, layout.trained,
-                     layout.decayed, opt, max_grad_norm, step, seed, stream, skip);
+        int* skip = fp8 ? fp8->nonfinite.data() : nullptr;
+        const auto [first, count] = own_parameters();
+        if (comm) {
+            comm->reduce_scatter_sum(grads.data(), shards, stream);
+            if (skip) comm->all_reduce_max(skip, 1, stream);
+        }
+        sum_reduce(scalars + 1, reduce_scratch, grads.data() + first, count, true, stream);
+        if (comm) comm->all_reduce_sum(scalars, scalar_count(), stream);
+        if (count > 0)
+            adamw_update(master.data() + first, weights + first, adam_m.data(), adam_v.data(), grads.data() + first,
+                         scalars + 1, count, layout.decayed, opt, max_grad_norm, step, seed, stream, skip, first);
+        const long tokens = over_ranks(last_tokens);
         auto update_bias = [&](const Layer& L, const BlockActs<T>& A) {
-            if (L.moe && balancing.bias_rate > 0.0f)
-                L.routed.update_bias(master.data() + layout.offset(L.routed.bias), A.moe.counts, last_tokens,
-                                     balancing.bias_rate, skip, scalars + 1, stream);
+            if (!L.moe || balancing.bias_rate <= 0.0f) return;
+            if (comm) comm->all_reduce_sum(A.moe.counts, cfg.n_routed_experts, stream);
+            L.routed.update_bias(master.data() + layout.offset(L.routed.bias), A.moe.counts, int(tokens),
+                                 balancing.bias_rate, skip, scalars + 1, stream);
         };
         for (int l = 0; l < cfg.num_hidden_layers; l++) update_bias(layers[l], acts[l]);
         if (mtp_ran)
             for (size_t k = 0; k < mtp.size(); k++) update_bias(mtp[k].block, mtp_acts[k].block);
-        refresh_fp8_weights();
+        if (comm) {
+            comm->all_gather(master.data(), shards, stream);
+            refresh_weights();
+        } else {
+            refresh_fp8_weights();
+        }
     }
 
     // One optimizer step on inputs [B, T] and targets [B*T] (negative: no loss), with the MTP modules' loss

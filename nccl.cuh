@@ -235,6 +235,8 @@ template <>
 inline ncclDataType_t nccl_type<bf16>() { return ncclBfloat16; }
 template <>
 inline ncclDataType_t nccl_type<int>() { return ncclInt32; }
+template <>
+inline ncclDataType_t nccl_type<long>() { return ncclInt64; }
 
 // A rank that stops hearing from the others must not wait forever: a thread watches the communicator's asynchronous
 // error (a peer's network connection lost) and the time since the last sign of progress (a peer dead on NVLink
@@ -281,6 +283,7 @@ struct Comm {
     Ranks ranks;
     ncclComm_t comm = nullptr;
     Watchdog watchdog;
+    DeviceBuffer<long> scalar;  // sum()'s, allocated on this rank's GPU at first use
 
     // The ranks meet through the file `folder`/nccl_id<job token>; timeout_s bounds the wait for the others, at the
     // start and at every step after.
@@ -321,6 +324,15 @@ struct Comm {
     template <typename T>
     void all_reduce_max(T* values, long n, cudaStream_t s) {
         NCCL_CHECK(ncclAllReduce(values, values, size_t(n), nccl_type<T>(), ncclMax, comm, s));
+    }
+    // The sum over the ranks of a host value (a count of targets, of tokens): waits for the stream.
+    long sum(long value, cudaStream_t s) {
+        if (!scalar.data()) scalar.resize(1);
+        CUDA_CHECK(cudaMemcpyAsync(scalar.data(), &value, sizeof value, cudaMemcpyHostToDevice, s));
+        all_reduce_sum(scalar.data(), 1, s);
+        CUDA_CHECK(cudaMemcpyAsync(&value, scalar.data(), sizeof value, cudaMemcpyDeviceToHost, s));
+        CUDA_CHECK(cudaStreamSynchronize(s));
+        return value;
     }
     // In place, over a buffer of shards.padded() values: this rank's shard becomes the sum of every rank's.
     void reduce_scatter_sum(float* values, const Shards& sh, cudaStream_t s) {

@@ -129,12 +129,15 @@ inline std::string open_checkpoint(const std::string& dir) {
     return folder;
 }
 
+// Data parallel: every rank calls it (the Adam moments are gathered from the ranks' shards), rank 0 writes.
 template <typename T>
 void save_checkpoint(const std::string& checkpoint_dir, Model<T>& model, const TrainerState& state,
                      const data::Tokenizer& tok) {
     namespace fs = std::filesystem;
+    std::vector<bf16> m, v;
+    model.moments(m, v);
+    if (model.comm && !model.comm->ranks.is_root()) return;
     std::vector<float> master = model.master.download();
-    std::vector<bf16> m = model.adam_m.download(), v = model.adam_v.download();
     std::string dir = folder_name(checkpoint_dir), tmp = dir + ".tmp";
     fs::remove_all(tmp);
     fs::create_directories(tmp);
@@ -169,7 +172,7 @@ std::string load_weights(const std::string& dir, Model<T>& model) {
     if (file.tensors.size() != model.layout.tensors.size())
         throw std::runtime_error(path + ": holds " + std::to_string(file.tensors.size()) +
                                  " tensors, the config needs " + std::to_string(model.layout.tensors.size()));
-    model.master.upload(master);
+    CUDA_CHECK(cudaMemcpy(model.master.data(), master.data(), sizeof(float) * master.size(), cudaMemcpyHostToDevice));
     model.refresh_weights();
     auto it = file.metadata.find("prompt_template");
     if (it == file.metadata.end()) return "chat";
@@ -195,7 +198,6 @@ TrainerState load_trainer_state(const std::string& dir, Model<T>& model) {
     } catch (const std::exception&) {
         throw std::runtime_error(path + ": missing or malformed step, seed, precision or schedule metadata");
     }
-    model.adam_m.upload(m);
-    model.adam_v.upload(v);
+    model.set_moments(m, v);
     return state;
 }

@@ -504,31 +504,31 @@ constexpr int ADAMW_ITEMS = 4;
 template <typename T>
 __global__ void adamw_kernel(float* master, T* weights, bf16* m, bf16* v, const float* grad, const float* grad_norm,
                              long n, long n_decay, AdamW opt, float max_grad_norm, int step, uint64_t seed,
-                             const int* skip) {
+                             const int* skip, long first) {
     if (skip && (*skip || !isfinite(*grad_norm))) return;
     const float norm = sqrtf(*grad_norm);
     const float clip = (max_grad_norm > 0.0f && norm > max_grad_norm) ? max_grad_norm / norm : 1.0f;
-    const long first = long(blockIdx.x) * ADAMW_ITEMS * blockDim.x + threadIdx.x;
+    const long start = long(blockIdx.x) * ADAMW_ITEMS * blockDim.x + threadIdx.x;
     float g[ADAMW_ITEMS], m_old[ADAMW_ITEMS], v_old[ADAMW_ITEMS], p[ADAMW_ITEMS];
 #pragma unroll
     for (int k = 0; k < ADAMW_ITEMS; k++) {
-        const long i = first + k * blockDim.x;
+        const long i = start + k * blockDim.x;
         if (i >= n) break;
         g[k] = grad[i] * clip, m_old[k] = to_float(m[i]), v_old[k] = to_float(v[i]), p[k] = master[i];
     }
 #pragma unroll
     for (int k = 0; k < ADAMW_ITEMS; k++) {
-        const long i = first + k * blockDim.x;
+        const long i = start + k * blockDim.x;
         if (i >= n) break;
         float m_new = opt.beta1 * m_old[k] + (1.0f - opt.beta1) * g[k];
         float v_new = opt.beta2 * v_old[k] + (1.0f - opt.beta2) * g[k] * g[k];
         float m_hat = m_new / (1.0f - powf(opt.beta1, float(step)));
         float v_hat = v_new / (1.0f - powf(opt.beta2, float(step)));
-        float decay = i < n_decay ? opt.weight_decay * p[k] : 0.0f;
+        float decay = first + i < n_decay ? opt.weight_decay * p[k] : 0.0f;
         float updated = p[k] - opt.lr * (m_hat / (sqrtf(v_hat) + opt.eps) + decay);
         master[i] = updated;
         weights[i] = from_float<T>(updated);
-        uint64_t r = rng_hash(seed, uint64_t(step), uint64_t(i));
+        uint64_t r = rng_hash(seed, uint64_t(step), uint64_t(first + i));
         m[i] = bf16_stochastic_round(m_new, uint32_t(r));
         v[i] = bf16_stochastic_round(v_new, uint32_t(r >> 32));
     }
@@ -536,12 +536,14 @@ __global__ void adamw_kernel(float* master, T* weights, bf16* m, bf16* v, const 
 
 // grad_norm points at the sum of squared gradients (on the device, so the step needs no host round trip). Where
 // skip is given and *skip is set (a non-finite value met in FP8 quantization), or the gradient is not finite,
-// nothing changes.
+// nothing changes. A slice of the parameters (ZeRO-1's shard, nccl.cuh) starts at parameter `first`: the pointers
+// point at it, and decay and the random rounding go by the whole vector's index, so that a slice's update is the
+// whole update's, value for value.
 template <typename T>
 void adamw_update(float* master, T* weights, bf16* m, bf16* v, const float* grad, const float* grad_norm, long n,
                   long n_decay, const AdamW& opt, float max_grad_norm, int step, uint64_t seed, cudaStream_t s,
-                  const int* skip = nullptr) {
+                  const int* skip = nullptr, long first = 0) {
     adamw_kernel<<<ceil_div(n, 256 * ADAMW_ITEMS), 256, 0, s>>>(master, weights, m, v, grad, grad_norm, n, n_decay, opt,
-                                                                max_grad_norm, step, seed, skip);
+                                                                max_grad_norm, step, seed, skip, first);
     CUDA_CHECK_LAUNCH();
 }

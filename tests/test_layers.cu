@@ -377,6 +377,33 @@ TEST_SUITE("gpu") {
         }
     }
 
+    TEST_CASE_TEMPLATE("adamw: two slices of the parameters update exactly as the whole vector does", T, float, bf16) {
+        const long n = 1000, n_decay = 600, cut = 437;  // the first slice ends before the decayed values do
+        const AdamW opt{1e-2f};
+        Rng rng(12);
+        const std::vector<float> start = ref::random_uniform(rng, n);
+        ref::Tensor<float> grad = ref::input<float>(rng, n);
+        DeviceBuffer<float> grad_sumsq = ref::upload<float>({float(ref::sum(grad.host, true))});
+        std::vector<float> master_got[2], m_got[2], v_got[2], weights_got[2];
+        for (int sliced : {0, 1}) {
+            DeviceBuffer<float> master = ref::upload<float>(start);
+            DeviceBuffer<bf16> m = ref::upload<bf16>(zeros(n)), v = ref::upload<bf16>(zeros(n));
+            DeviceBuffer<T> weights(n);
+            for (int step = 1; step <= 3; step++)
+                for (const auto& [first, count] : sliced ? std::vector<std::pair<long, long>>{{0, cut}, {cut, n - cut}}
+                                                         : std::vector<std::pair<long, long>>{{0, n}})
+                    adamw_update(master.data() + first, weights.data() + first, m.data() + first, v.data() + first,
+                                 grad.data() + first, grad_sumsq.data(), count, n_decay, opt, 1.0f, step, 5, stream,
+                                 nullptr, first);
+            master_got[sliced] = ref::download(master), m_got[sliced] = ref::download(m);
+            v_got[sliced] = ref::download(v), weights_got[sliced] = ref::download(weights);
+        }
+        CHECK(master_got[1] == master_got[0]);
+        CHECK(m_got[1] == m_got[0]);
+        CHECK(v_got[1] == v_got[0]);
+        CHECK(weights_got[1] == weights_got[0]);
+    }
+
     TEST_CASE_TEMPLATE("adamw: with zero gradients only weight decay moves the weights, and only the first n_decay", T,
                        float, bf16) {
         const long n = 300, n_decay = 200;

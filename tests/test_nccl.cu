@@ -5,10 +5,13 @@
 #include <doctest/doctest.h>
 
 #include <array>
+#include <cstring>
 #include <map>
 #include <numeric>
 
+#include "../model.cuh"
 #include "../nccl.cuh"
+#include "model_reference.h"
 
 namespace {
 
@@ -171,11 +174,67 @@ void check_collectives(int gpus) {
     }
 }
 
+// What a few optimizer steps of the tiny MoE model with its MTP module leave: every step's loss, gradient norm,
+// balance loss and MTP loss, the master weights and the Adam moments.
+struct Trained {
+    std::vector<float> scalars, master;
+    std::vector<bf16> m, v;
+};
+
+constexpr int DP_ROWS = 8, DP_T = 11, DP_STEPS = 3;
+
+// Trains on the global batches of DP_ROWS rows; with comm, this rank's rows of each, data parallel.
+Trained train_tiny(Comm* comm) {
+    const Config c = model_ref::tiny_moe_config();
+    const RowRange rows = rows_of_rank(DP_ROWS, comm ? comm->ranks : Ranks{});
+    Model<float> model(c, rows.count(), DP_T);
+    model.init_weights(21);
+    if (comm) model.distribute(*comm, float(rows.count()) / DP_ROWS);
+    Trained out;
+    for (int step = 1; step <= DP_STEPS; step++) {
+        Rng rng(uint64_t(100 + step));
+        std::vector<int> global(size_t(DP_ROWS) * (DP_T + 1)), inputs, targets;
+        for (int& t : global) t = int(rng.range(0, c.vocab_size - 1));
+        const long row_length = DP_T + 1;
+        std::vector<int> mine(global.begin() + rows.begin * row_length, global.begin() + rows.end * row_length);
+        split_rows(mine, rows.count(), DP_T, inputs, targets);
+        model.train_step(inputs, targets, rows.count(), DP_T, AdamW{1e-2f}, 1.0f, step, 7, 0.3f);
+        const StepScalars s = model.read_scalars();
+        out.scalars.insert(out.scalars.end(), {s.loss_sum, s.grad_norm, s.balance_loss, s.mtp_loss});
+    }
+    out.master = model.master.download();
+    out.master.resize(size_t(model.layout.total));
+    model.moments(out.m, out.v);
+    return out;
+}
+
+double relative_change_error(const std::vector<float>& got, const std::vector<float>& want,
+                             const std::vector<float>& start) {
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < want.size(); i++) {
+        const double d = double(got[i]) - want[i], change = double(want[i]) - start[i];
+        num += d * d, den += change * change;
+    }
+    return std::sqrt(num / std::max(den, 1e-30));
+}
+
 }  // namespace
 
 TEST_SUITE("gpu") {
     TEST_CASE("NCCL with one rank: the shards' collectives, the counts' all-gather, dispatch and combine") {
         check_collectives(1);
+    }
+
+    TEST_CASE("data parallel through NCCL with one rank trains exactly as one GPU alone") {
+        const Trained alone = train_tiny(nullptr);
+        const std::string folder = (std::filesystem::temp_directory_path() / "test_nccl_dp1").string();
+        Comm comm(Ranks{}, folder, 60.0);
+        const Trained one_rank = train_tiny(&comm);
+        CHECK(one_rank.scalars == alone.scalars);
+        CHECK(one_rank.master == alone.master);
+        REQUIRE(one_rank.m.size() == alone.m.size());
+        CHECK(std::memcmp(one_rank.m.data(), alone.m.data(), alone.m.size() * sizeof(bf16)) == 0);
+        CHECK(std::memcmp(one_rank.v.data(), alone.v.data(), alone.v.size() * sizeof(bf16)) == 0);
     }
 }
 
@@ -184,6 +243,32 @@ TEST_SUITE("multi-gpu") {
         int gpus = 0;
         CUDA_CHECK(cudaGetDeviceCount(&gpus));
         check_collectives(gpus);
+    }
+
+    TEST_CASE("data parallel over every GPU trains as one GPU on the whole batch, up to the order of sums") {
+        int gpus = 0;
+        CUDA_CHECK(cudaGetDeviceCount(&gpus));
+        gpus = std::min(gpus, DP_ROWS);
+        const Trained alone = train_tiny(nullptr);
+        Model<float> start(model_ref::tiny_moe_config(), 1, DP_T);
+        start.init_weights(21);
+        const std::vector<float> initial = start.master.download();
+        const std::string folder = (std::filesystem::temp_directory_path() / "test_nccl_dp").string();
+        std::vector<Trained> ranks(gpus);
+        std::vector<std::thread> threads;
+        for (int r = 0; r < gpus; r++)
+            threads.emplace_back([&, r] {
+                Comm comm(Ranks{r, gpus, r}, folder, 60.0);
+                ranks[r] = train_tiny(&comm);
+            });
+        for (std::thread& t : threads) t.join();
+        CUDA_CHECK(cudaSetDevice(0));
+        for (const Trained& got : ranks) {  // every rank holds the same model
+            CHECK(got.master == ranks[0].master);
+            for (size_t i = 0; i < alone.scalars.size(); i++)
+                CHECK(got.scalars[i] == doctest::Approx(alone.scalars[i]).epsilon(1e-4));
+            CHECK(relative_change_error(got.master, alone.master, initial) < 1e-3);
+        }
     }
 }
 
