@@ -18,6 +18,10 @@ RUNS ?= runs
 # Flags for every stage, e.g. COMMON_ARGS="--precision bf16", or the pipeline without multi-token prediction (the
 # MTP module neither trained nor drafting): COMMON_ARGS="--mtp-lambda 0 --mtp-lambda-late 0 --no-speculative".
 COMMON_ARGS ?=
+# GPUs of this machine for pretraining, one process each (data parallel with ZeRO-1, nccl.cuh); the later stages
+# run on one.
+NGPU ?= 1
+LAUNCH = $(if $(filter-out 1,$(NGPU)),tools/launch.sh $(NGPU) )
 PRETRAIN_ARGS ?=
 SFT_ARGS ?= --steps 300 --batch 64 --seq 320 --lr 5e-4 --warmup 20 --samples 0
 # GRPO on countdown at difficulty 2, one policy update per batch of samples; a quarter of the prompts come from
@@ -65,7 +69,7 @@ test: $(BUILD)/run_tests
 # baseline, then one table of every model on the same held-out problems (RUNS/eval/eval.md); the RL curves go to
 # RUNS/rl_curves.png where matplotlib is installed.
 train: $(BUILD)/train
-	./$(BUILD)/train pretrain --out $(RUNS)/pretrain --seed $(SEED) $(PRETRAIN_ARGS) $(COMMON_ARGS)
+	$(LAUNCH)./$(BUILD)/train pretrain --out $(RUNS)/pretrain --seed $(SEED) $(PRETRAIN_ARGS) $(COMMON_ARGS)
 	./$(BUILD)/train r1zero --init $(BASE) --out $(RUNS)/r1zero --seed $(SEED) $(RL_ARGS) $(R1ZERO_ARGS) $(COMMON_ARGS)
 	./$(BUILD)/train sft --init $(BASE) --out $(RUNS)/sft --seed $(SEED) $(SFT_ARGS) $(COMMON_ARGS)
 	./$(BUILD)/train grpo --init $(RUNS)/sft/checkpoint --out $(RUNS)/r1 --seed $(SEED) $(RL_ARGS) $(R1_ARGS) \
@@ -84,7 +88,7 @@ demo: $(BUILD)/train
 bench: $(BUILD)/bench_step $(BUILD)/bench_sampler $(BUILD)/bench_fp8 $(BUILD)/bench_experts
 	./$(BUILD)/bench_step --precision fp8
 	./$(BUILD)/bench_step --precision bf16
-	./$(BUILD)/bench_sampler 256 256
+	./$(BUILD)/bench_sampler --prompts 256 --new 256
 	./$(BUILD)/bench_fp8
 
 clean:

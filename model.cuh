@@ -393,6 +393,7 @@ struct Model : Architecture {
     // parameters updated here; null: this GPU alone.
     Comm* comm = nullptr;
     Shards shards{};
+    float batch_share = 1.0f;  // this rank's rows over the global batch's
 
     Model(const Config& c, int B, int T_) : Architecture(c, B * T_), cfg(c), max_B(B), max_T(T_) {
         if (T_ > cfg.max_position_embeddings)
@@ -521,7 +522,7 @@ struct Model : Architecture {
     // shards, the Adam moments of this rank's shard alone (zero: call before loading a checkpoint). This rank's share
     // of the global batch (its rows over all rows) weighs its sequence-wise balance loss, so that the ranks' sum is
     // the loss of the global batch.
-    void distribute(Comm& c, float batch_share) {
+    void distribute(Comm& c, float share) {
         comm = &c, shards = shards_of(layout.total, c.ranks.world);
         DeviceBuffer<float> padded(size_t(shards.padded()));
         CUDA_CHECK(cudaMemsetAsync(padded.data(), 0, padded.bytes(), stream));
@@ -533,7 +534,15 @@ struct Model : Architecture {
         CUDA_CHECK(cudaMemsetAsync(grads.data(), 0, grads.bytes(), stream));  // the padding stays zero
         adam_m.resize(size_t(shards.per_rank)), adam_v.resize(size_t(shards.per_rank));
         reset_optimizer();
-        balancing.alpha *= batch_share;
+        batch_share = share;
+    }
+
+    // The balancing of this rank's rows: its sequence-wise loss weighed by its share of the batch, so that the ranks'
+    // losses add up to the global batch's.
+    Balancing rank_balancing() const {
+        Balancing b = balancing;
+        b.alpha *= batch_share;
+        return b;
     }
 
     // This rank's slice of the trained parameters: [first, first + count) (all of them on one GPU).
@@ -545,6 +554,11 @@ struct Model : Architecture {
 
     // A count over the global batch (targets, tokens): summed over the ranks.
     long over_ranks(long local) { return comm ? comm->sum(local, stream) : local; }
+
+    // Scalars of the global batch (loss sums, balance losses, hits) from the ranks' own, where each is made.
+    void sum_over_ranks(float* values, int n) {
+        if (comm) comm->all_reduce_sum(values, n, stream);
+    }
 
     // The Adam moments of every trained parameter, for a checkpoint (data parallel: every rank calls, the shards are
     // gathered).
@@ -647,7 +661,7 @@ struct Model : Architecture {
         if (x_out != A.x_mid)
             CUDA_CHECK(cudaMemcpyAsync(x_out, A.x_mid, sizeof(T) * N * d, cudaMemcpyDeviceToDevice, c.stream));
         if (L.moe)
-            L.routed.forward(c, A.moe, x_out, A.h2, N, seq_len, balancing, balance_loss);
+            L.routed.forward(c, A.moe, x_out, A.h2, N, seq_len, rank_balancing(), balance_loss);
         else
             L.mlp.forward(c, x_out, A.h2, A.mlp, RowGroups::all(N), true);
     }
@@ -696,6 +710,7 @@ struct Model : Architecture {
         head(logits, xf, rstd_final, x_final, N, cx, final_norm);
         final_sum_kernel<<<1, REDUCE_THREADS, 0, stream>>>(scalars + 2, balance_losses, c.num_hidden_layers);
         CUDA_CHECK_LAUNCH();
+        sum_over_ranks(scalars + 2, 1);
     }
 
     void layer_forward(Layer& L, BlockActs<T>& A, T* x_out, int B, int T_, const Ctx<T>& c, float* balance_loss) {
@@ -715,6 +730,7 @@ struct Model : Architecture {
         cross_entropy(losses, d_logits, logits, targets_buf, int(N), cfg.vocab_size,
                       counted ? 1.0f / float(counted) : 0.0f, stream);
         sum_reduce(scalars, reduce_scratch, losses, N, false, stream);
+        sum_over_ranks(scalars, 1);
         return counted;
     }
 
@@ -748,7 +764,7 @@ struct Model : Architecture {
 
         // FFN: x_out = x_mid + FFN(RMSNorm(x_mid))
         if (L.moe)
-            L.routed.backward(c, A.moe, d_moe, d_h, d_resid, A.h2, N, balancing);
+            L.routed.backward(c, A.moe, d_moe, d_h, d_resid, A.h2, N, rank_balancing());
         else
             L.mlp.backward(c, d_h, d_resid, A.h2, A.mlp, d_mlp, rows, false);
         rmsnorm_backward(d_resid, c.g(L.post_norm), norm_scratch, d_h, A.x_mid, d, c.w(L.post_norm), A.rstd2, N, d,
@@ -799,6 +815,7 @@ struct Model : Architecture {
         }
         final_sum_kernel<<<1, REDUCE_THREADS, 0, stream>>>(scalars + 2, balance_losses, block_count());
         CUDA_CHECK_LAUNCH();
+        sum_over_ranks(scalars + 2, 1 + 2 * D);
         mtp_ran = true;
     }
 
@@ -853,7 +870,7 @@ struct Model : Architecture {
 
     // Squared global gradient norm into scalars[1], then AdamW with clipping on the trained parameters (step counts
     // from 1), then the router biases by the last forward pass's loads. Data parallel (ZeRO-1): the gradients are
-    // summed into each shard's owner, the norm and the step's scalars summed over the ranks, a step skipped on one
+    // summed into each shard's owner, the squared norm from the shards summed over the ranks, a step skipped on one
     // rank skipped on all, each rank updates its shard, every rank moves the biases by the global loads, and the
     // updated shards are gathered.
     void optimizer_step(const AdamW& opt, float max_grad_norm, int step, uint64_t seed) {
@@ -864,7 +881,7 @@ struct Model : Architecture {
             if (skip) comm->all_reduce_max(skip, 1, stream);
         }
         sum_reduce(scalars + 1, reduce_scratch, grads.data() + first, count, true, stream);
-        if (comm) comm->all_reduce_sum(scalars, scalar_count(), stream);
+        sum_over_ranks(scalars + 1, 1);
         if (count > 0)
             adamw_update(master.data() + first, weights + first, adam_m.data(), adam_v.data(), grads.data() + first,
                          scalars + 1, count, layout.decayed, opt, max_grad_norm, step, seed, stream, skip, first);

@@ -285,13 +285,14 @@ struct Comm {
     Watchdog watchdog;
     DeviceBuffer<long> scalar;  // sum()'s, allocated on this rank's GPU at first use
 
-    // The ranks meet through the file `folder`/nccl_id<job token>; timeout_s bounds the wait for the others, at the
+    // The ranks meet through the file `folder`/nccl_id.<job token>; timeout_s bounds the wait for the others, at the
     // start and at every step after.
     Comm(const Ranks& r, const std::string& folder, double timeout_s) : ranks(r) {
         CUDA_CHECK(cudaSetDevice(r.local_rank));
         ncclUniqueId id;
         if (r.is_root()) NCCL_CHECK(ncclGetUniqueId(&id));
-        const std::string path = folder + "/nccl_id" + job_token(std::getenv);
+        const std::string token = job_token(std::getenv);
+        const std::string path = folder + "/nccl_id" + (token.empty() ? "" : "." + token);
         std::filesystem::create_directories(folder);
         share_through_file(path, r, &id, sizeof id, timeout_s);
         std::atomic<bool> joined{false};
@@ -325,13 +326,15 @@ struct Comm {
     void all_reduce_max(T* values, long n, cudaStream_t s) {
         NCCL_CHECK(ncclAllReduce(values, values, size_t(n), nccl_type<T>(), ncclMax, comm, s));
     }
-    // The sum over the ranks of a host value (a count of targets, of tokens): waits for the stream.
+    // The sum over the ranks of a host value (a count of targets, of tokens): waits for the stream. Every step makes
+    // one, so its return is the watchdog's sign of progress.
     long sum(long value, cudaStream_t s) {
         if (!scalar.data()) scalar.resize(1);
         CUDA_CHECK(cudaMemcpyAsync(scalar.data(), &value, sizeof value, cudaMemcpyHostToDevice, s));
         all_reduce_sum(scalar.data(), 1, s);
         CUDA_CHECK(cudaMemcpyAsync(&value, scalar.data(), sizeof value, cudaMemcpyDeviceToHost, s));
         CUDA_CHECK(cudaStreamSynchronize(s));
+        watchdog.progress();
         return value;
     }
     // In place, over a buffer of shards.padded() values: this rank's shard becomes the sum of every rank's.

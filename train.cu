@@ -196,8 +196,14 @@ inline std::string run_name(const std::string& checkpoint) {
 // Stages
 // ---------------------------------------------------------------------------------------------------------------
 
+// Data parallel (nccl.cuh): every rank writes its own copy of a run's files but rank 0's go nowhere.
+inline std::string rank_path(const Comm* comm, const std::string& path) {
+    return comm && !comm->ranks.is_root() ? "/dev/null" : path;
+}
+
+// With comm, data parallel: this rank trains on its rows of each batch, ZeRO-1 shares the optimizer.
 template <typename T>
-int pretrain(const Options& o) {
+int pretrain(const Options& o, Comm* comm) {
     data::Tokenizer tok;
     data::CorpusConfig corpus = corpus_for(o);
     std::string ckpt = o.out + "/checkpoint";
@@ -205,7 +211,12 @@ int pretrain(const Options& o) {
     Config cfg = !source.empty() ? load_config(source + "/config.json")
                                  : (o.config_path.empty() ? Config() : load_config(o.config_path));
     check_vocabulary(cfg, source.empty() ? (o.config_path.empty() ? "the default config" : o.config_path) : source);
-    Model<T> model(cfg, o.batch, o.seq);
+    const RowRange rows_mine = rows_of_rank(o.batch, comm ? comm->ranks : Ranks{});
+    if (o.precision == "fp8" && long(rows_mine.count()) * o.seq % 16 != 0)
+        throw std::invalid_argument("--precision fp8 needs each GPU's rows (" + std::to_string(rows_mine.count()) +
+                                    ") x --seq to be a multiple of 16");
+    Model<T> model(cfg, rows_mine.count(), o.seq);
+    if (comm) model.distribute(*comm, float(rows_mine.count()) / float(o.batch));
     int start = 0;
     if (!source.empty()) load_weights(source, model);
     if (o.resume) {
@@ -221,7 +232,7 @@ int pretrain(const Options& o) {
     }
     configure(o, model);
     fs::create_directories(o.out);
-    JsonlLog log(o.out + "/log.jsonl", o.resume);
+    JsonlLog log(rank_path(comm, o.out + "/log.jsonl"), o.resume);
 
     long tokens_per_step = long(o.batch) * o.seq;
     const bool with_mtp = mtp_lambda_at(o, cfg, 1) > 0.0f || mtp_lambda_at(o, cfg, o.steps) > 0.0f;
@@ -234,7 +245,8 @@ int pretrain(const Options& o) {
         flops_per_step / 1e12);
 
     std::vector<int> rows, next_rows, inputs, targets;
-    data::pretrain_batch(tok, corpus, start + 1, o.batch, o.seq, rows);
+    const int B = rows_mine.count();
+    data::pretrain_batch(tok, corpus, start + 1, B, o.seq, rows, rows_mine.begin);
     WallTimer run_clock;
     SkippedSteps skipped_steps;
     double timed_seconds = 0.0;
@@ -242,9 +254,10 @@ int pretrain(const Options& o) {
         WallTimer step_clock;
         AdamW opt = adamw_at(o, step);
         float lr = opt.lr, mtp_lambda = mtp_lambda_at(o, cfg, step);
-        split_rows(rows, o.batch, o.seq, inputs, targets);
-        model.train_step(inputs, targets, o.batch, o.seq, opt, o.grad_clip, step, uint64_t(o.seed), mtp_lambda);
-        if (step < o.steps) data::pretrain_batch(tok, corpus, step + 1, o.batch, o.seq, next_rows);  // overlaps the GPU
+        split_rows(rows, B, o.seq, inputs, targets);
+        model.train_step(inputs, targets, B, o.seq, opt, o.grad_clip, step, uint64_t(o.seed), mtp_lambda);
+        if (step < o.steps)  // overlaps the GPU
+            data::pretrain_batch(tok, corpus, step + 1, B, o.seq, next_rows, rows_mine.begin);
         const StepScalars scalars = model.read_scalars();
         const float loss = scalars.loss_sum / float(tokens_per_step), grad_norm = scalars.grad_norm;
         const bool skipped = skipped_steps.check(model, step);
@@ -276,7 +289,7 @@ int pretrain(const Options& o) {
             std::fflush(stdout);
         }
         if (step % o.eval_every == 0 || step == o.steps) {
-            float heldout = heldout_loss(model, tok, corpus, o.eval_batches);
+            float heldout = heldout_loss(model, tok, corpus, o.eval_batches, rows_mine.begin);
             std::printf("step %5d | held-out loss %.4f\n", step, heldout);
             Json eval = Json::object();
             eval["step"] = step, eval["heldout_loss"] = double(heldout);
@@ -292,7 +305,8 @@ int pretrain(const Options& o) {
                     format_duration(run_clock.seconds()).c_str(),
                     tokens_per_step * (o.steps - start - 1) / timed_seconds);
     EvalSettings e = eval_settings(o, false);
-    if (o.samples > 0) report_eval(evaluate_tasks(model, tok, corpus, e, 2), e, &log);
+    if (o.samples > 0 && (!comm || comm->ranks.is_root()))  // the others are done
+        report_eval(evaluate_tasks(model, tok, corpus, e, 2), e, &log);
     return 0;
 }
 
@@ -571,9 +585,26 @@ int write_logits(const Options& o) {
     return 0;
 }
 
+// One process per GPU (nccl.cuh): where the launcher started several, they meet in the run folder and rank 0
+// alone prints. Pretraining runs data parallel; the other stages run on one GPU.
+std::unique_ptr<Comm> join_ranks(const Options& o, const Ranks& ranks) {
+    if (ranks.world == 1) return nullptr;
+    if (o.stage != "pretrain")
+        throw std::invalid_argument("stage " + o.stage + " runs on one GPU (" + std::to_string(ranks.world) +
+                                    " processes were started); pretrain runs on several");
+    int gpus = 0;
+    CUDA_CHECK(cudaGetDeviceCount(&gpus));
+    if (ranks.local_rank >= gpus)
+        throw std::invalid_argument("local rank " + std::to_string(ranks.local_rank) +
+                                    " has no GPU: this machine has " + std::to_string(gpus));
+    if (!ranks.is_root() && !std::freopen("/dev/null", "w", stdout))
+        throw std::runtime_error("cannot silence the output of rank " + std::to_string(ranks.rank));
+    return std::make_unique<Comm>(ranks, o.out, o.nccl_timeout);
+}
+
 template <typename T>
-int run_stage(const Options& o) {
-    if (o.stage == "pretrain") return pretrain<T>(o);
+int run_stage(const Options& o, Comm* comm) {
+    if (o.stage == "pretrain") return pretrain<T>(o, comm);
     if (o.stage == "sft") return cold_start<T>(o);
     if (o.stage == "r1zero" || o.stage == "grpo") return reinforce<T>(o);
     if (o.stage == "eval") return evaluate<T>(o);
@@ -594,9 +625,13 @@ int main(int argc, char** argv) {
         return 0;
     }
     if (!require_gpu()) return 1;
+    Ranks ranks;
     try {
-        return o.precision == "fp32" ? run_stage<float>(o) : run_stage<bf16>(o);
+        ranks = ranks_from_environment(std::getenv);
+        std::unique_ptr<Comm> comm = join_ranks(o, ranks);
+        return o.precision == "fp32" ? run_stage<float>(o, comm.get()) : run_stage<bf16>(o, comm.get());
     } catch (const std::exception& e) {
+        if (ranks.world > 1) std::fprintf(stderr, "rank %d: ", ranks.rank);
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;
     }

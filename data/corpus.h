@@ -138,15 +138,16 @@ inline std::string corpus_document(const CorpusConfig& cfg, Rng& rng, bool heldo
     return format_prompt(p) + think_then_answer(with_reasoning ? corpus_reasoning(p, cfg, rng) : "", p.answer);
 }
 
-// B rows of T+1 ids (inputs are the first T, targets the last T). A row is documents end to end, the last one cut
-// where the row ends; it is drawn from its own generator, Rng(rng_hash(seed, step, row), stream).
+// Rows first_row .. first_row + B - 1 of a batch, T+1 ids each (inputs are the first T, targets the last T). A row is
+// documents end to end, the last one cut where the row ends; it is drawn from its own generator,
+// Rng(rng_hash(seed, step, row), stream), so a data-parallel rank draws its rows of the batch alone.
 inline void corpus_batch(const Tokenizer& tok, const CorpusConfig& cfg, long step, int B, int T,
-                         std::vector<int32_t>& tokens, bool heldout) {
+                         std::vector<int32_t>& tokens, bool heldout, int first_row) {
     check_config(cfg);
     const size_t row_length = size_t(T) + 1;
     tokens.resize(size_t(B) * row_length);
     for (int row = 0; row < B; ++row) {
-        Rng rng(rng_hash(cfg.seed, uint64_t(step), uint64_t(row)), heldout ? 1 : 0);
+        Rng rng(rng_hash(cfg.seed, uint64_t(step), uint64_t(first_row + row)), heldout ? 1 : 0);
         int32_t* out = tokens.data() + size_t(row) * row_length;
         for (size_t filled = 0; filled < row_length;) {
             std::vector<int> ids = tok.encode(corpus_document(cfg, rng, heldout));
@@ -155,16 +156,16 @@ inline void corpus_batch(const Tokenizer& tok, const CorpusConfig& cfg, long ste
     }
 }
 
-// The pretraining batch of a step: training problems only.
+// The pretraining batch of a step (its B rows from first_row): training problems only.
 inline void pretrain_batch(const Tokenizer& tok, const CorpusConfig& cfg, long step, int B, int T,
-                           std::vector<int32_t>& tokens) {
-    corpus_batch(tok, cfg, step, B, T, tokens, false);
+                           std::vector<int32_t>& tokens, int first_row = 0) {
+    corpus_batch(tok, cfg, step, B, T, tokens, false, first_row);
 }
 
-// Batch k of the held-out loss: the same mix and format, from held-out problems only.
+// Batch k of the held-out loss (its B rows from first_row): the same mix and format, from held-out problems only.
 inline void heldout_batch(const Tokenizer& tok, const CorpusConfig& cfg, long k, int B, int T,
-                          std::vector<int32_t>& tokens) {
-    corpus_batch(tok, cfg, k, B, T, tokens, true);
+                          std::vector<int32_t>& tokens, int first_row = 0) {
+    corpus_batch(tok, cfg, k, B, T, tokens, true, first_row);
 }
 
 // n held-out problems of one kind and difficulty, deterministic in the seed. They are distinct while the problem

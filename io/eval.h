@@ -13,13 +13,16 @@
 #include "../sampler.cuh"
 #include "json.h"
 
+// The mean loss over `batches` held-out batches of the model's rows (data parallel: this rank's rows, from
+// first_row; the loss is the global batch's).
 template <typename T>
-float heldout_loss(Model<T>& model, const data::Tokenizer& tok, const data::CorpusConfig& corpus, int batches) {
+float heldout_loss(Model<T>& model, const data::Tokenizer& tok, const data::CorpusConfig& corpus, int batches,
+                   int first_row = 0) {
     int B = model.max_B, T_ = model.max_T;
     std::vector<int> rows, inputs, targets;
     double sum = 0.0;
     for (int k = 0; k < batches; k++) {
-        data::heldout_batch(tok, corpus, k, B, T_, rows);
+        data::heldout_batch(tok, corpus, k, B, T_, rows, first_row);
         split_rows(rows, B, T_, inputs, targets);
         model.forward(inputs, B, T_);
         long counted = model.loss(targets);

@@ -102,6 +102,8 @@ struct Options {
     float mtp_lambda = 0.3f, mtp_lambda_late = 0.1f, mtp_late_from = 10.0f / 14.8f;
     bool no_speculative = false;
     int speculative_max_batch = 0;
+    // Several GPUs (nccl.cuh): how long a rank waits for the others before it gives up
+    float nccl_timeout = 300.0f;
     // Cold start and reinforcement learning
     int sft_examples = 4000, prompts = 32, group = 8, updates = 2, max_new = 320, difficulty = 2;
     std::string task = "mix", template_name = "auto";
@@ -148,6 +150,8 @@ struct Options {
         f.add("speculative-max-batch", &speculative_max_batch,
               "the largest batch of sequences that drafts; larger batches decode plainly, as a speculative step then "
               "costs more than it gains (0: 4 sequences per SM of the GPU)");
+        f.add("nccl-timeout", &nccl_timeout,
+              "several GPUs: seconds a rank waits for the others (to start, or in a step) before all of them stop");
         f.add("eval-every", &eval_every, "steps between held-out loss evaluations");
         f.add("eval-batches", &eval_batches, "batches in a held-out loss evaluation");
         f.add("ckpt-every", &ckpt_every, "steps between checkpoints (and one at the end)");
@@ -218,6 +222,7 @@ struct Options {
         if (!(lr > 0.0f)) throw std::invalid_argument("--lr must be positive");
         if (warmup < 0) throw std::invalid_argument("--warmup must not be negative");
         if (speculative_max_batch < 0) throw std::invalid_argument("--speculative-max-batch must not be negative");
+        if (!(nccl_timeout > 0.0f)) throw std::invalid_argument("--nccl-timeout must be positive");
         if (!(min_lr_frac >= 0.0f && min_lr_frac <= 1.0f))
             throw std::invalid_argument("--min-lr-frac must be in [0, 1]");
         if (!(beta2 > 0.0f && beta2 < 1.0f)) throw std::invalid_argument("--beta2 must be in (0, 1)");

@@ -511,6 +511,12 @@ TEST_SUITE("data") {
         heldout_batch(tok, cfg, 5, B, T, heldout);
         CHECK(heldout.size() == batch.size());
         CHECK(heldout != batch);
+        // a data-parallel rank's rows 1..2 of the batch are the batch's rows 1..2
+        std::vector<int32_t> middle, middle_heldout;
+        pretrain_batch(tok, cfg, 5, 2, T, middle, 1);
+        CHECK(middle == std::vector<int32_t>(batch.begin() + (T + 1), batch.begin() + 3 * (T + 1)));
+        heldout_batch(tok, cfg, 5, 2, T, middle_heldout, 1);
+        CHECK(middle_heldout == std::vector<int32_t>(heldout.begin() + (T + 1), heldout.begin() + 3 * (T + 1)));
         for (int32_t id : batch) CHECK((id >= 0 && id < Tokenizer::vocab_size && !Tokenizer::is_reserved(id)));
 
         std::set<std::string> rows;

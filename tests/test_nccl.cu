@@ -3,11 +3,14 @@
 // (every row reaches its expert's rank, grouped by expert in a fixed order, and the reverse exchange brings it back).
 // On the GPU, the same through NCCL: one rank on one GPU, and a rank per GPU (a thread each) where there are more.
 #include <doctest/doctest.h>
+#include <sys/wait.h>
 
 #include <array>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <numeric>
+#include <set>
 
 #include "../model.cuh"
 #include "../nccl.cuh"
@@ -323,6 +326,31 @@ TEST_SUITE("nccl") {
             error = e.what();
         }
         CHECK(error.find("waited 0 s for rank 0's") != std::string::npos);
+    }
+
+    TEST_CASE("tools/launch.sh starts a process per rank, and stops them all when one fails") {
+        const std::filesystem::path root = std::filesystem::path(__FILE__).parent_path().parent_path();
+        const std::string script = (root / "tools/launch.sh").string();
+        const std::string out = (std::filesystem::temp_directory_path() / "test_nccl_launch").string();
+        std::filesystem::remove(out);
+        auto launch = [&](const std::string& body) {
+            const std::string command = "bash " + script + " 3 bash -c '" + body + "' 2>/dev/null";
+            const int status = std::system(command.c_str());
+            return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        };
+        CHECK(launch("echo $RANK $WORLD_SIZE $LOCAL_RANK $MINI_DEEPSEEK_JOB >> " + out) == 0);
+        std::ifstream in(out);
+        std::multiset<std::string> seen;
+        std::set<std::string> jobs;
+        for (std::string rank, world, local, job; in >> rank >> world >> local >> job;)
+            seen.insert(rank + world + local), jobs.insert(job);
+        CHECK(seen == std::multiset<std::string>{"030", "131", "232"});
+        CHECK(jobs.size() == 1);
+        const auto start = std::chrono::steady_clock::now();
+        CHECK(launch("[ $RANK != 1 ] || exit 3; sleep 30") == 3);
+        CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(10));
+        CHECK(launch("true") == 0);
+        std::filesystem::remove(out);
     }
 
     TEST_CASE("the ranks' rows partition the global batch in order, as evenly as it allows") {

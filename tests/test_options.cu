@@ -53,6 +53,8 @@ TEST_SUITE("options") {
         CHECK(parse_error({"pretrain", "--lr", "-1"}).find("--lr must be positive") != std::string::npos);
         CHECK(parse_error({"eval", "--init", "x", "--speculative-max-batch", "-1"}).find("must not be negative") !=
               std::string::npos);
+        CHECK(parse_error({"pretrain", "--nccl-timeout", "0"}).find("--nccl-timeout must be positive") !=
+              std::string::npos);
         CHECK(parse_error({"pretrain", "extra"}).find("unexpected argument 'extra'") != std::string::npos);
         CHECK(parse_error({"eval"}).find("needs --init") != std::string::npos);
         CHECK(parse_error({"logits", "--init", "x"}).find("needs --text") != std::string::npos);
