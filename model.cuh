@@ -393,7 +393,7 @@ struct Model : Architecture {
     // parameters updated here; null: this GPU alone.
     Comm* comm = nullptr;
     Shards shards{};
-    float batch_share = 1.0f;  // this rank's rows over the global batch's
+    int rows_mine = 1, rows_total = 1;  // data parallel: this rank's rows of the global batch's
 
     Model(const Config& c, int B, int T_) : Architecture(c, B * T_), cfg(c), max_B(B), max_T(T_) {
         if (T_ > cfg.max_position_embeddings)
@@ -522,7 +522,7 @@ struct Model : Architecture {
     // shards, the Adam moments of this rank's shard alone (zero: call before loading a checkpoint). This rank's share
     // of the global batch (its rows over all rows) weighs its sequence-wise balance loss, so that the ranks' sum is
     // the loss of the global batch.
-    void distribute(Comm& c, float share) {
+    void distribute(Comm& c, int rows, int all_rows) {
         comm = &c, shards = shards_of(layout.total, c.ranks.world);
         DeviceBuffer<float> padded(size_t(shards.padded()));
         CUDA_CHECK(cudaMemsetAsync(padded.data(), 0, padded.bytes(), stream));
@@ -534,14 +534,14 @@ struct Model : Architecture {
         CUDA_CHECK(cudaMemsetAsync(grads.data(), 0, grads.bytes(), stream));  // the padding stays zero
         adam_m.resize(size_t(shards.per_rank)), adam_v.resize(size_t(shards.per_rank));
         reset_optimizer();
-        batch_share = share;
+        rows_mine = rows, rows_total = all_rows;
     }
 
     // The balancing of this rank's rows: its sequence-wise loss weighed by its share of the batch, so that the ranks'
     // losses add up to the global batch's.
     Balancing rank_balancing() const {
         Balancing b = balancing;
-        b.alpha *= batch_share;
+        if (comm) b.alpha *= float(rows_mine) / float(rows_total);
         return b;
     }
 
@@ -885,7 +885,7 @@ struct Model : Architecture {
         if (count > 0)
             adamw_update(master.data() + first, weights + first, adam_m.data(), adam_v.data(), grads.data() + first,
                          scalars + 1, count, layout.decayed, opt, max_grad_norm, step, seed, stream, skip, first);
-        const long tokens = over_ranks(last_tokens);
+        const long tokens = comm ? long(last_tokens) / rows_mine * rows_total : last_tokens;  // every rank's
         auto update_bias = [&](const Layer& L, const BlockActs<T>& A) {
             if (!L.moe || balancing.bias_rate <= 0.0f) return;
             if (comm) comm->all_reduce_sum(A.moe.counts, cfg.n_routed_experts, stream);

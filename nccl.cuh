@@ -26,6 +26,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -92,7 +93,8 @@ inline std::string job_token(const Environment& env) {
 }
 
 // Rank 0 writes n bytes to path through a temporary file and a rename (no rank reads half of them); every other rank
-// waits for the file, up to timeout_s, and reads them. A stale file of that name is removed first by rank 0.
+// waits for the file, up to timeout_s, and reads them. Rank 0 removes the file once every rank has joined (Comm), so
+// an old one is left only by a start that failed; without a job token a rank could read it and time out.
 inline void share_through_file(const std::string& path, const Ranks& ranks, void* bytes, size_t n, double timeout_s) {
     namespace fs = std::filesystem;
     if (ranks.is_root()) {
@@ -240,8 +242,8 @@ inline ncclDataType_t nccl_type<long>() { return ncclInt64; }
 
 // A rank that stops hearing from the others must not wait forever: a thread watches the communicator's asynchronous
 // error (a peer's network connection lost) and the time since the last sign of progress (a peer dead on NVLink
-// gives no error, only silence), and past either it names the rank and the cause, aborts the communicator and ends
-// the process with status 1; the launcher then ends the others.
+// gives no error, only silence), and past either it names the rank and the cause and ends the process with status 1
+// at once (aborting the communicator could itself wait for the peers); the launcher then ends the others.
 struct Watchdog {
     std::atomic<double> last_progress{0.0};
     std::atomic<bool> stop{false};
@@ -260,12 +262,11 @@ struct Watchdog {
                 const double silent = now() - last_progress;
                 if (!error && silent < timeout_s) continue;
                 if (error)
-                    std::fprintf(stderr, "error: rank %d: NCCL failed (%s); aborting\n", rank,
+                    std::fprintf(stderr, "error: rank %d: NCCL failed (%s); exiting\n", rank,
                                  ncclGetErrorString(async));
                 else
-                    std::fprintf(stderr, "error: rank %d: no progress for %.0f s (a rank died or hangs); aborting\n",
+                    std::fprintf(stderr, "error: rank %d: no progress for %.0f s (a rank died or hangs); exiting\n",
                                  rank, silent);
-                ncclCommAbort(comm);
                 std::_Exit(1);
             }
         });
@@ -283,12 +284,13 @@ struct Comm {
     Ranks ranks;
     ncclComm_t comm = nullptr;
     Watchdog watchdog;
-    DeviceBuffer<long> scalar;  // sum()'s, allocated on this rank's GPU at first use
+    DeviceBuffer<long> scalar;  // sum()'s, on this rank's GPU
 
     // The ranks meet through the file `folder`/nccl_id.<job token>; timeout_s bounds the wait for the others, at the
     // start and at every step after.
     Comm(const Ranks& r, const std::string& folder, double timeout_s) : ranks(r) {
         CUDA_CHECK(cudaSetDevice(r.local_rank));
+        scalar.resize(1);
         ncclUniqueId id;
         if (r.is_root()) NCCL_CHECK(ncclGetUniqueId(&id));
         const std::string token = job_token(std::getenv);
@@ -315,7 +317,10 @@ struct Comm {
     Comm& operator=(const Comm&) = delete;
     ~Comm() {
         watchdog.halt();
-        ncclCommDestroy(comm);
+        if (std::uncaught_exceptions() > 0)
+            ncclCommAbort(comm);  // this rank is failing: its peers may never reach the collective a destroy waits on
+        else
+            ncclCommDestroy(comm);
     }
 
     template <typename T>
@@ -329,7 +334,6 @@ struct Comm {
     // The sum over the ranks of a host value (a count of targets, of tokens): waits for the stream. Every step makes
     // one, so its return is the watchdog's sign of progress.
     long sum(long value, cudaStream_t s) {
-        if (!scalar.data()) scalar.resize(1);
         CUDA_CHECK(cudaMemcpyAsync(scalar.data(), &value, sizeof value, cudaMemcpyHostToDevice, s));
         all_reduce_sum(scalar.data(), 1, s);
         CUDA_CHECK(cudaMemcpyAsync(&value, scalar.data(), sizeof value, cudaMemcpyDeviceToHost, s));

@@ -211,12 +211,16 @@ int pretrain(const Options& o, Comm* comm) {
     Config cfg = !source.empty() ? load_config(source + "/config.json")
                                  : (o.config_path.empty() ? Config() : load_config(o.config_path));
     check_vocabulary(cfg, source.empty() ? (o.config_path.empty() ? "the default config" : o.config_path) : source);
-    const RowRange rows_mine = rows_of_rank(o.batch, comm ? comm->ranks : Ranks{});
-    if (o.precision == "fp8" && long(rows_mine.count()) * o.seq % 16 != 0)
-        throw std::invalid_argument("--precision fp8 needs each GPU's rows (" + std::to_string(rows_mine.count()) +
-                                    ") x --seq to be a multiple of 16");
+    const Ranks ranks = comm ? comm->ranks : Ranks{};
+    for (int r = 0; r < ranks.world; r++) {  // every rank refuses alike
+        const int rows = rows_of_rank(o.batch, Ranks{r, ranks.world, r}).count();
+        if (o.precision == "fp8" && long(rows) * o.seq % 16 != 0)
+            throw std::invalid_argument("--precision fp8 needs each GPU's rows (" + std::to_string(rows) +
+                                        ") x --seq to be a multiple of 16");
+    }
+    const RowRange rows_mine = rows_of_rank(o.batch, ranks);
     Model<T> model(cfg, rows_mine.count(), o.seq);
-    if (comm) model.distribute(*comm, float(rows_mine.count()) / float(o.batch));
+    if (comm) model.distribute(*comm, rows_mine.count(), o.batch);
     int start = 0;
     if (!source.empty()) load_weights(source, model);
     if (o.resume) {
@@ -270,7 +274,7 @@ int pretrain(const Options& o, Comm* comm) {
         double seconds = step_clock.seconds();
         if (step > start + 1) timed_seconds += seconds;  // the first step pays for cuBLAS planning
         double tokens_per_s = tokens_per_step / seconds;
-        double mfu = flops_per_step / seconds / BF16_PEAK_FLOPS;
+        double mfu = flops_per_step / seconds / (BF16_PEAK_FLOPS * (comm ? comm->ranks.world : 1));
 
         Json record = Json::object();
         record["step"] = step;
@@ -305,7 +309,8 @@ int pretrain(const Options& o, Comm* comm) {
                     format_duration(run_clock.seconds()).c_str(),
                     tokens_per_step * (o.steps - start - 1) / timed_seconds);
     EvalSettings e = eval_settings(o, false);
-    if (o.samples > 0 && (!comm || comm->ranks.is_root()))  // the others are done
+    if (comm) comm->watchdog.halt();  // the collectives are over: rank 0 samples alone
+    if (o.samples > 0 && (!comm || comm->ranks.is_root()))
         report_eval(evaluate_tasks(model, tok, corpus, e, 2), e, &log);
     return 0;
 }
@@ -592,6 +597,8 @@ std::unique_ptr<Comm> join_ranks(const Options& o, const Ranks& ranks) {
     if (o.stage != "pretrain")
         throw std::invalid_argument("stage " + o.stage + " runs on one GPU (" + std::to_string(ranks.world) +
                                     " processes were started); pretrain runs on several");
+    if (o.balancing == "aux-loss")  // its batch-wise loss would be each rank's batch, not the global one
+        throw std::invalid_argument("--balancing aux-loss runs on one GPU");
     int gpus = 0;
     CUDA_CHECK(cudaGetDeviceCount(&gpus));
     if (ranks.local_rank >= gpus)

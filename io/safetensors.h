@@ -439,7 +439,7 @@ inline void recover_directory(const std::string& final_dir) {
     std::error_code ec;
     if (fs::exists(final_path, ec) || !fs::is_directory(aside, ec)) return;
     fs::rename(aside, final_path, ec);
-    if (ec)
+    if (ec && !fs::exists(final_path))  // another rank of a data-parallel run may have put it back first
         throw std::runtime_error("cannot rename '" + aside + "' back to '" + final_path.string() +
                                  "': " + ec.message());
 }

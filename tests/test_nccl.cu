@@ -18,6 +18,11 @@
 
 namespace {
 
+// A path of its own for this run of the tests (two runs at once must not meet through an id file).
+std::string scratch_path(const std::string& name) {
+    return (std::filesystem::temp_directory_path() / (name + "." + std::to_string(getpid()))).string();
+}
+
 Environment table(std::map<std::string, std::string> vars) {
     return [vars = std::move(vars)](const char* name) -> const char* {
         auto it = vars.find(name);
@@ -139,8 +144,8 @@ std::vector<std::string> collectives_on_rank(const Ranks& ranks, const std::stri
     const std::vector<std::vector<Row>> local = rows_by_expert(all_counts, R, E);
     const Dispatch d = dispatch_plan(all_counts, E, ranks);
     const std::vector<float> sent = encode(local[r]);
-    DeviceBuffer<float> send(sent.size() + 1), recv(size_t(d.received()) * WIDTH + 1),
-        grouped(size_t(d.received()) * WIDTH + 1);
+    // every buffer at its size before the first exchange: no allocation while a peer's NCCL kernels wait
+    DeviceBuffer<float> send(sent.size()), recv(size_t(d.received()) * WIDTH), grouped(size_t(d.received()) * WIDTH);
     send.upload(sent);
     comm.exchange(send.data(), d.send_count, d.send_offset, recv.data(), d.recv_count, d.recv_offset, WIDTH, s);
     move_segments(d.regroup, recv.data(), grouped.data(), WIDTH, false, s);
@@ -164,7 +169,7 @@ std::vector<std::string> collectives_on_rank(const Ranks& ranks, const std::stri
 
 // The collectives test on `gpus` GPUs, a rank per GPU and thread.
 void check_collectives(int gpus) {
-    const std::string folder = (std::filesystem::temp_directory_path() / "test_nccl_comm").string();
+    const std::string folder = scratch_path("test_nccl_comm");
     std::vector<std::vector<std::string>> failures(gpus);
     std::vector<std::thread> threads;
     for (int r = 0; r < gpus; r++)
@@ -192,7 +197,7 @@ Trained train_tiny(Comm* comm) {
     const RowRange rows = rows_of_rank(DP_ROWS, comm ? comm->ranks : Ranks{});
     Model<float> model(c, rows.count(), DP_T);
     model.init_weights(21);
-    if (comm) model.distribute(*comm, float(rows.count()) / DP_ROWS);
+    if (comm) model.distribute(*comm, rows.count(), DP_ROWS);
     Trained out;
     for (int step = 1; step <= DP_STEPS; step++) {
         Rng rng(uint64_t(100 + step));
@@ -230,7 +235,7 @@ TEST_SUITE("gpu") {
 
     TEST_CASE("data parallel through NCCL with one rank trains exactly as one GPU alone") {
         const Trained alone = train_tiny(nullptr);
-        const std::string folder = (std::filesystem::temp_directory_path() / "test_nccl_dp1").string();
+        const std::string folder = scratch_path("test_nccl_dp1");
         Comm comm(Ranks{}, folder, 60.0);
         const Trained one_rank = train_tiny(&comm);
         CHECK(one_rank.scalars == alone.scalars);
@@ -256,7 +261,7 @@ TEST_SUITE("multi-gpu") {
         Model<float> start(model_ref::tiny_moe_config(), 1, DP_T);
         start.init_weights(21);
         const std::vector<float> initial = start.master.download();
-        const std::string folder = (std::filesystem::temp_directory_path() / "test_nccl_dp").string();
+        const std::string folder = scratch_path("test_nccl_dp");
         std::vector<Trained> ranks(gpus);
         std::vector<std::thread> threads;
         for (int r = 0; r < gpus; r++)
@@ -300,7 +305,7 @@ TEST_SUITE("nccl") {
     }
 
     TEST_CASE("rank 0's bytes reach the other ranks through a file; a rank without rank 0 gives up in time") {
-        const std::string path = (std::filesystem::temp_directory_path() / "test_nccl_share").string();
+        const std::string path = scratch_path("test_nccl_share");
         std::filesystem::remove(path);
         const int R = 4;
         std::vector<std::array<char, 128>> got(R);
@@ -331,7 +336,7 @@ TEST_SUITE("nccl") {
     TEST_CASE("tools/launch.sh starts a process per rank, and stops them all when one fails") {
         const std::filesystem::path root = std::filesystem::path(__FILE__).parent_path().parent_path();
         const std::string script = (root / "tools/launch.sh").string();
-        const std::string out = (std::filesystem::temp_directory_path() / "test_nccl_launch").string();
+        const std::string out = scratch_path("test_nccl_launch");
         std::filesystem::remove(out);
         auto launch = [&](const std::string& body) {
             const std::string command = "bash " + script + " 3 bash -c '" + body + "' 2>/dev/null";

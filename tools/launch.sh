@@ -1,7 +1,8 @@
 #!/bin/bash
 # Starts a command once per GPU of this machine, as torchrun does: RANK, WORLD_SIZE and LOCAL_RANK set for each
 # process, and one job token for all of them (the ranks meet through a file that it names). When a process fails,
-# the others are stopped and the launcher exits with the failed process's status.
+# the others are stopped (each process group: what a command started too) and the launcher exits with the failed
+# process's status.
 #   tools/launch.sh N ./build/train pretrain --out runs/pretrain
 set -u
 if [ $# -lt 2 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
@@ -12,10 +13,10 @@ n=$1
 shift
 export WORLD_SIZE=$n MINI_DEEPSEEK_JOB="$(hostname)_$$_$(date +%s)"
 pids=()
-stop_all() { kill "${pids[@]}" 2>/dev/null; }
+stop_all() { for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null; done; }
 trap 'stop_all; exit 130' INT TERM
 for ((r = 0; r < n; r++)); do
-    RANK=$r LOCAL_RANK=$r "$@" &
+    RANK=$r LOCAL_RANK=$r setsid "$@" &  # a process group of its own
     pids+=($!)
 done
 status=0
