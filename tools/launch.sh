@@ -13,7 +13,8 @@ n=$1
 shift
 export WORLD_SIZE=$n MINI_DEEPSEEK_JOB="$(hostname)_$$_$(date +%s)"
 pids=()
-stop_all() { for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null; done; }
+# a rank's group, and the rank itself in case it has not yet made its group
+stop_all() { for pid in "${pids[@]}"; do kill -- "-$pid" "$pid" 2>/dev/null; done; }
 trap 'stop_all; exit 130' INT TERM
 for ((r = 0; r < n; r++)); do
     RANK=$r LOCAL_RANK=$r setsid "$@" &  # a process group of its own
