@@ -48,7 +48,7 @@ struct Ranks {
 
 using Environment = std::function<const char*(const char*)>;  // getenv, or a table in the tests
 
-// The first launcher whose variables are set names the process's place: torchrun's (and `train --launch`'s), then
+// The first launcher whose variables are set names the process's place: torchrun's (and tools/launch.sh's), then
 // OpenMPI's, then Slurm's; none of them: one process. A family set in part, or a value that is not a rank, is an
 // error that names the variable.
 inline Ranks ranks_from_environment(const Environment& env) {
@@ -142,8 +142,8 @@ inline RowRange rows_of_rank(int B, const Ranks& r) {
 }
 
 // ZeRO-1's shards of n values: R equal shards of `per_rank` values (NCCL's reduce-scatter and all-gather move equal
-// counts), a multiple of SHARD_ALIGN so that every shard starts 512 bytes into an FP32 buffer; the buffers are
-// padded to R * per_rank, and the last shards may hold padding alone.
+// counts), a multiple of SHARD_ALIGN so that every shard of an FP32 buffer starts on a 512-byte boundary; the buffers
+// are padded to R * per_rank, and the last shards may hold padding alone.
 constexpr long SHARD_ALIGN = 128;
 
 struct Shards {

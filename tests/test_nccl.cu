@@ -92,12 +92,12 @@ std::vector<T> download_vector(const T* p, size_t n) {
 
 // Each rank's part of the collectives test, on its own GPU and communicator; returns the failures it saw (doctest's
 // checks are made on the main thread).
-std::vector<std::string> collectives_on_rank(const Ranks& ranks, const std::string& folder) {
+std::vector<std::string> collectives_on_rank(Comm& comm) {
+    const Ranks& ranks = comm.ranks;
     std::vector<std::string> failures;
     auto expect = [&](bool ok, const std::string& what) {
         if (!ok) failures.push_back("rank " + std::to_string(ranks.rank) + ": " + what);
     };
-    Comm comm(ranks, folder, 60.0);
     cudaStream_t s;
     CUDA_CHECK(cudaStreamCreate(&s));
     const int R = ranks.world, r = ranks.rank, E = 2 * R;
@@ -167,15 +167,26 @@ std::vector<std::string> collectives_on_rank(const Ranks& ranks, const std::stri
     return failures;
 }
 
-// The collectives test on `gpus` GPUs, a rank per GPU and thread.
-void check_collectives(int gpus) {
-    const std::string folder = scratch_path("test_nccl_comm");
-    std::vector<std::vector<std::string>> failures(gpus);
+// on_rank(comm) on `gpus` GPUs, a rank per GPU and thread, each with its communicator (they meet in a scratch
+// folder named `name`); every rank's result, GPU 0 current again.
+template <typename Result>
+std::vector<Result> on_every_gpu(int gpus, const std::string& name, const std::function<Result(Comm&)>& on_rank) {
+    const std::string folder = scratch_path(name);
+    std::vector<Result> results(gpus);
     std::vector<std::thread> threads;
     for (int r = 0; r < gpus; r++)
-        threads.emplace_back([&, r] { failures[r] = collectives_on_rank(Ranks{r, gpus, r}, folder); });
+        threads.emplace_back([&, r] {
+            Comm comm(Ranks{r, gpus, r}, folder, 60.0);
+            results[r] = on_rank(comm);
+        });
     for (std::thread& t : threads) t.join();
     CUDA_CHECK(cudaSetDevice(0));
+    return results;
+}
+
+// The collectives test on `gpus` GPUs.
+void check_collectives(int gpus) {
+    const auto failures = on_every_gpu<std::vector<std::string>>(gpus, "test_nccl_comm", collectives_on_rank);
     for (const auto& rank : failures) {
         CHECK(rank.size() == 0);
         for (size_t i = 0; i < std::min<size_t>(rank.size(), 5); i++) MESSAGE(rank[i]);
@@ -261,16 +272,8 @@ TEST_SUITE("multi-gpu") {
         Model<float> start(model_ref::tiny_moe_config(), 1, DP_T);
         start.init_weights(21);
         const std::vector<float> initial = start.master.download();
-        const std::string folder = scratch_path("test_nccl_dp");
-        std::vector<Trained> ranks(gpus);
-        std::vector<std::thread> threads;
-        for (int r = 0; r < gpus; r++)
-            threads.emplace_back([&, r] {
-                Comm comm(Ranks{r, gpus, r}, folder, 60.0);
-                ranks[r] = train_tiny(&comm);
-            });
-        for (std::thread& t : threads) t.join();
-        CUDA_CHECK(cudaSetDevice(0));
+        const std::vector<Trained> ranks =
+            on_every_gpu<Trained>(gpus, "test_nccl_dp", [](Comm& comm) { return train_tiny(&comm); });
         for (const Trained& got : ranks) {  // every rank holds the same model
             CHECK(got.master == ranks[0].master);
             for (size_t i = 0; i < alone.scalars.size(); i++)
