@@ -18,8 +18,8 @@ RUNS ?= runs
 # Flags for every stage, e.g. COMMON_ARGS="--precision bf16", or the pipeline without multi-token prediction (the
 # MTP module neither trained nor drafting): COMMON_ARGS="--mtp-lambda 0 --mtp-lambda-late 0 --no-speculative".
 COMMON_ARGS ?=
-# GPUs of this machine for pretraining, one process each (data parallel with ZeRO-1, nccl.cuh); the later stages
-# run on one.
+# GPUs of this machine for the training stages, one process each (data parallel with ZeRO-1, nccl.cuh; with
+# COMMON_ARGS=--expert-parallel the routed experts spread over them too); the final table runs on one.
 NGPU ?= 1
 LAUNCH = $(if $(filter-out 1,$(NGPU)),tools/launch.sh $(NGPU) )
 PRETRAIN_ARGS ?=
@@ -70,11 +70,12 @@ test: $(BUILD)/run_tests
 # RUNS/rl_curves.png where matplotlib is installed.
 train: $(BUILD)/train
 	$(LAUNCH)./$(BUILD)/train pretrain --out $(RUNS)/pretrain --seed $(SEED) $(PRETRAIN_ARGS) $(COMMON_ARGS)
-	./$(BUILD)/train r1zero --init $(BASE) --out $(RUNS)/r1zero --seed $(SEED) $(RL_ARGS) $(R1ZERO_ARGS) $(COMMON_ARGS)
-	./$(BUILD)/train sft --init $(BASE) --out $(RUNS)/sft --seed $(SEED) $(SFT_ARGS) $(COMMON_ARGS)
-	./$(BUILD)/train grpo --init $(RUNS)/sft/checkpoint --out $(RUNS)/r1 --seed $(SEED) $(RL_ARGS) $(R1_ARGS) \
+	$(LAUNCH)./$(BUILD)/train r1zero --init $(BASE) --out $(RUNS)/r1zero --seed $(SEED) $(RL_ARGS) $(R1ZERO_ARGS) \
 		$(COMMON_ARGS)
-	./$(BUILD)/train sft --init $(RUNS)/sft/checkpoint --out $(RUNS)/sft_more --same-flops-as $(RUNS)/r1 \
+	$(LAUNCH)./$(BUILD)/train sft --init $(BASE) --out $(RUNS)/sft --seed $(SEED) $(SFT_ARGS) $(COMMON_ARGS)
+	$(LAUNCH)./$(BUILD)/train grpo --init $(RUNS)/sft/checkpoint --out $(RUNS)/r1 --seed $(SEED) $(RL_ARGS) $(R1_ARGS) \
+		$(COMMON_ARGS)
+	$(LAUNCH)./$(BUILD)/train sft --init $(RUNS)/sft/checkpoint --out $(RUNS)/sft_more --same-flops-as $(RUNS)/r1 \
 		--seed $(SEED) $(BASELINE_ARGS) $(COMMON_ARGS)
 	./$(BUILD)/train eval --init $(EVAL_MODELS) --out $(RUNS)/eval $(COMMON_ARGS)
 	-$(PYTHON) tools/plots.py $(RUNS)

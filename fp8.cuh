@@ -891,8 +891,8 @@ inline Fp8Tensor fp8_operand(int rows, int cols) {
     return Fp8Tensor(long(rows) * cols, fp8_operand_scales(rows, cols));
 }
 
-// The rows of a Linear's input, in groups: group g, rows [offsets[g], offsets[g + 1]), meets weight g (the routed
-// experts: group g is the tokens routed to expert g). With more than one group, every group's size is a multiple of
+// The rows of a Linear's input, in groups: group g, rows [offsets[g], offsets[g + 1]), meets weight first_weight + g
+// (the routed experts: group g is the tokens routed to expert g; with expert parallelism, to this rank's g-th). With more than one group, every group's size is a multiple of
 // 128, so that no FP8 tile spans two groups, and the offsets are on the device: the quantizer and the grouped FP8
 // GEMMs read them there, launched for `bound` rows, so that the host need not wait for the routing. The GEMMs in the
 // model's precision run group by group, sized on the host: they need the offsets there too.
@@ -901,13 +901,16 @@ struct RowGroups {
     const int* device_offsets = nullptr;  // on the device, with several groups
     int count = 1;                        // groups
     int bound = 0;                        // rows in all, or at most where only the device has the offsets
+    int first_weight = 0;                 // the weight that group 0 meets
 
     static RowGroups all(int rows) { return {{0, rows}, nullptr, 1, rows}; }
-    static RowGroups known(std::vector<int> host, const int* device) {
+    static RowGroups known(std::vector<int> host, const int* device, int first_weight = 0) {
         const int groups = int(host.size()) - 1, rows = host.back();
-        return {std::move(host), device, groups, rows};
+        return {std::move(host), device, groups, rows, first_weight};
     }
-    static RowGroups on_device(const int* device, int groups, int max_rows) { return {{}, device, groups, max_rows}; }
+    static RowGroups on_device(const int* device, int groups, int max_rows) {
+        return {{}, device, groups, max_rows};
+    }
     int groups() const { return count; }
     int rows() const { return bound; }
     int first(int g) const { return offsets.at(g); }
@@ -920,33 +923,37 @@ template <typename T>
 void fp8_linear_forward(Fp8Backend backend, Blas& blas, cudaStream_t s, T* y, const T* x, const Fp8Weight& W,
                         Fp8Tensor& x_q, Fp8Tensor& x_saved, const RowGroups& rows, int* nonfinite,
                         bool accumulate = false) {
+    const int g0 = rows.first_weight;
     quantize_rows_and_transposed(x_q.q.data(), x_q.scales.data(), x_saved.q.data(), x_saved.scales.data(), nonfinite,
                                  x, rows.rows(), W.K, s, rows.device_offsets, rows.groups());
     if (rows.device_offsets)
-        fp8_gemm_grouped_rows(y, x_q.q.data(), W.q(0), x_q.scales.data(), W.scales(0), rows.device_offsets,
+        fp8_gemm_grouped_rows(y, x_q.q.data(), W.q(g0), x_q.scales.data(), W.scales(g0), rows.device_offsets,
                               rows.groups(), rows.rows(), W.N, W.K, accumulate, s);
     else
-        fp8_matmul(backend, blas, s, y, x_q.q.data(), W.q(0), x_q.scales.data(), W.scales(0), rows.rows(), W.N, W.K,
+        fp8_matmul(backend, blas, s, y, x_q.q.data(), W.q(g0), x_q.scales.data(), W.scales(g0), rows.rows(), W.N, W.K,
                    BScales::Block, accumulate);
 }
 
 // dx = dy W (+ dx), dW = dy^T x (FP32), from x^T saved by the forward pass; dy_q and dy_t are scratch. A group
-// without rows gets a zero weight gradient.
+// without rows gets a zero weight gradient. W and dW hold every group's weights, the rows' groups meet those from
+// rows.first_weight on.
 template <typename T>
 void fp8_linear_backward(Fp8Backend backend, Blas& blas, cudaStream_t s, T* dx, float* dW, const T* dy,
                          const Fp8Tensor& x_saved, const Fp8Weight& W, Fp8Tensor& dy_q, Fp8Tensor& dy_t,
                          const RowGroups& rows, int* nonfinite, bool accumulate_dx = false) {
+    const int g0 = rows.first_weight;
+    dW += long(g0) * W.N * W.K;
     quantize_rows_and_transposed(dy_q.q.data(), dy_q.scales.data(), dy_t.q.data(), dy_t.scales.data(), nonfinite, dy,
                                  rows.rows(), W.N, s, rows.device_offsets, rows.groups());
     if (rows.device_offsets) {
-        fp8_gemm_grouped_rows(dx, dy_q.q.data(), W.qT(0), dy_q.scales.data(), W.scalesT(0), rows.device_offsets,
+        fp8_gemm_grouped_rows(dx, dy_q.q.data(), W.qT(g0), dy_q.scales.data(), W.scalesT(g0), rows.device_offsets,
                               rows.groups(), rows.rows(), W.K, W.N, accumulate_dx, s);
         fp8_gemm_grouped_reduction(dW, dy_t.q.data(), x_saved.q.data(), dy_t.scales.data(), x_saved.scales.data(),
                                    rows.device_offsets, rows.groups(), W.N, W.K, s);
         return;
     }
     const int M = rows.rows();
-    fp8_matmul(backend, blas, s, dx, dy_q.q.data(), W.qT(0), dy_q.scales.data(), W.scalesT(0), M, W.K, W.N,
+    fp8_matmul(backend, blas, s, dx, dy_q.q.data(), W.qT(g0), dy_q.scales.data(), W.scalesT(g0), M, W.K, W.N,
                BScales::Block, accumulate_dx);
     fp8_matmul(backend, blas, s, dW, dy_t.q.data(), x_saved.q.data(), dy_t.scales.data(), x_saved.scales.data(), W.N,
                W.K, M, BScales::Row, false);
@@ -1017,29 +1024,39 @@ struct Linear {
             return;
         }
         for (int g = 0; g < rows.groups(); g++) {
-            const long first = rows.first(g);
+            const long first = rows.first(g), w = rows.first_weight + g;
             if (rows.size(g) > 0)
-                linear_forward(c.blas, c.stream, y + first * out, x + first * in, c.w(weight) + long(g) * out * in,
+                linear_forward(c.blas, c.stream, y + first * out, x + first * in, c.w(weight) + w * out * in,
                                rows.size(g), out, in, accumulate);
         }
     }
 
-    // dx (+ dx) and the weight gradient (written), for the input x of the last forward pass.
+    // dx (+ dx) and the weight gradient (written), for the input x of the last forward pass. Weights that none of
+    // the rows' groups meet (expert parallel: the experts of the other ranks) get a zero gradient here; their own
+    // ranks' gradients reach them in the optimizer's reduce-scatter.
     template <typename T>
     void backward(const Ctx<T>& c, T* dx, const T* dy, const T* x, const RowGroups& rows, bool accumulate_dx = false) {
+        auto zero_grads = [&](long first, long count) {
+            if (count > 0)
+                CUDA_CHECK(cudaMemsetAsync(c.g(weight) + first * out * in, 0, sizeof(float) * count * out * in,
+                                           c.stream));
+        };
+        const long mine_end = rows.first_weight + rows.groups();
+        zero_grads(0, rows.first_weight);
+        zero_grads(mine_end, groups - mine_end);
         if (c.fp8) {
             fp8_linear_backward(c.fp8->backend, c.blas, c.stream, dx, c.g(weight), dy, *x_saved, *w8, c.fp8->dy_q,
                                 c.fp8->dy_t, rows, c.fp8->nonfinite.data(), accumulate_dx);
             return;
         }
         for (int g = 0; g < rows.groups(); g++) {
-            const long first = rows.first(g);
-            float* dW = c.g(weight) + long(g) * out * in;
+            const long first = rows.first(g), w = rows.first_weight + g;
+            float* dW = c.g(weight) + w * out * in;
             if (rows.size(g) == 0)
                 CUDA_CHECK(cudaMemsetAsync(dW, 0, sizeof(float) * out * in, c.stream));
             else
                 linear_backward(c.blas, c.stream, dx + first * in, dW, dy + first * out, x + first * in,
-                                c.w(weight) + long(g) * out * in, rows.size(g), out, in, accumulate_dx);
+                                c.w(weight) + w * out * in, rows.size(g), out, in, accumulate_dx);
         }
     }
 

@@ -7,9 +7,14 @@
 //   KL_it = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1       (the k3 estimator: unbiased, always >= 0)
 // averaged per response (1/|o_i|, GRPO), over all tokens of the batch (DAPO), or with a constant normalizer
 // (Dr. GRPO). No value network: the group is the baseline.
+//
+// Data parallel (nccl.cuh): each rank samples, scores and trains on its own prompts, a prompt's whole group on one
+// rank, so that the advantages need nothing from the others; the normalizers count over every rank's responses, and
+// the gradients meet in the optimizer step.
 #pragma once
 
 #include <cmath>
+#include <functional>
 #include <vector>
 
 #include "data/corpus.h"
@@ -165,16 +170,20 @@ struct GrpoStats {
 // The prompts, responses and per-token arrays of one batch of samples, laid out [S, T] for the training forward.
 struct SampleBatch {
     int S = 0, T = 0;
-    long weighted_tokens = 0;  // response tokens that carry weight
+    long weighted_tokens = 0, all_weighted_tokens = 0;  // response tokens that carry weight: this rank's, every rank's
     std::vector<int> tokens, targets;
     std::vector<float> weight, advantage;
 };
 
+// Counts of this rank's samples -> the counts over every rank's, in place (data parallel; else nothing to do).
+using OverRanks = std::function<void(std::vector<double>&)>;
+
 // Token rows of prompt + response (T at most max_T), targets on the response tokens only, each weighted by its
-// normalizer; with skip_uniform_groups, the responses of equal-reward groups carry no weight.
+// normalizer (the responses, tokens and sequences counted over_ranks); with skip_uniform_groups, the responses of
+// equal-reward groups carry no weight.
 inline SampleBatch grpo_batch(const std::vector<std::vector<int>>& prompts,
                               const std::vector<std::vector<int>>& responses, const GroupAdvantages& adv,
-                              const GrpoOptions& o, int max_T) {
+                              const GrpoOptions& o, int max_T, const OverRanks& over_ranks = [](std::vector<double>&) {}) {
     SampleBatch b;
     b.S = int(prompts.size());
     size_t longest = 0, response_tokens = 0, kept = 0;
@@ -190,7 +199,13 @@ inline SampleBatch grpo_batch(const std::vector<std::vector<int>>& prompts,
         }
         kept += keep[s];
         response_tokens += keep[s] * responses[s].size();
+        const long in_row = std::min(long(prompts[s].size() + responses[s].size()), long(b.T));
+        b.weighted_tokens += keep[s] * std::max(0L, in_row - long(prompts[s].size()));
     }
+    std::vector<double> counts = {double(kept), double(response_tokens), double(b.S), double(b.weighted_tokens)};
+    over_ranks(counts);
+    const double all_kept = counts[0], all_response_tokens = counts[1], sequences = counts[2];
+    b.all_weighted_tokens = long(counts[3]);
     b.tokens.assign(size_t(b.S) * b.T, data::PAD), b.targets.assign(size_t(b.S) * b.T, -1);
     b.weight.assign(size_t(b.S) * b.T, 0.0f), b.advantage.assign(size_t(b.S) * b.T, 0.0f);
     for (int s = 0; s < b.S; s++) {
@@ -198,15 +213,14 @@ inline SampleBatch grpo_batch(const std::vector<std::vector<int>>& prompts,
         seq.insert(seq.end(), responses[s].begin(), responses[s].end());
         seq.resize(std::min(seq.size(), size_t(b.T)));
         std::copy(seq.begin(), seq.end(), b.tokens.begin() + long(s) * b.T);
-        double w = o.norm == Normalization::Sequence ? 1.0 / (double(responses[s].size()) * double(kept))
-                   : o.norm == Normalization::Token  ? 1.0 / double(response_tokens)
-                                                     : 1.0 / (double(b.S) * o.max_new);
+        double w = o.norm == Normalization::Sequence ? 1.0 / (double(responses[s].size()) * all_kept)
+                   : o.norm == Normalization::Token  ? 1.0 / all_response_tokens
+                                                     : 1.0 / (sequences * o.max_new);
         for (size_t t = prompts[s].size() - 1; t + 1 < seq.size(); t++) {
             size_t n = size_t(s) * b.T + t;
             b.targets[n] = seq[t + 1];
             b.weight[n] = keep[s] ? float(w) : 0.0f;
             b.advantage[n] = adv.advantage[s];
-            b.weighted_tokens += keep[s];
         }
     }
     return b;
@@ -225,7 +239,8 @@ struct GrpoTrainer {
     GrpoTrainer(Model<T>& p, Model<T>& ref, int max_sequences, int max_len)
         : policy(p), reference(ref), sampler(p, max_sequences, max_len) {}
 
-    // Samples G responses per problem, scores them, updates the policy `updates` times on them.
+    // Samples G responses per problem, scores them, updates the policy `updates` times on them. Data parallel: the
+    // problems are this rank's, the statistics every rank's.
     GrpoStats step(const std::vector<data::Problem>& problems, const GrpoOptions& o, const AdamW& opt,
                    float max_grad_norm, int& optimizer_step, uint64_t seed, int rl_step) {
         std::vector<std::vector<int>> prompts;
@@ -233,7 +248,7 @@ struct GrpoTrainer {
             prompts.insert(prompts.end(), o.group, tok.encode(data::prompt_text(p, o.r1zero_template)));
         SamplingOptions sampling;
         sampling.temperature = o.loss.temperature;
-        sampling.seed = rng_hash(seed, 0x67727030ull, uint64_t(rl_step));
+        sampling.seed = rng_hash(seed, 0x67727030ull + uint64_t(policy.rank()), uint64_t(rl_step));  // a rank's own
         sampling.stop_a = data::ANSWER_END, sampling.stop_b = data::EOS, sampling.max_new = o.max_new;
         sampling.speculative = o.speculative, sampling.speculative_max_batch = o.speculative_max_batch;
         std::vector<std::vector<int>> responses = sampler.generate(prompts, sampling);
@@ -251,19 +266,29 @@ struct GrpoTrainer {
         }
         GroupAdvantages adv = group_advantages(totals, o.group, o.scale_by_std);
         stats.samples = int(responses.size()), stats.uniform_groups = adv.uniform_groups;
-        for (double* x :
-             {&stats.reward, &stats.accuracy, &stats.format, &stats.language, &stats.mixing, &stats.response_tokens})
-            *x /= stats.samples;
-
         for (size_t i = 0; i < responses.size(); i++)
             stats.forward_tokens += double(prompts[i].size() + responses[i].size());
-        SampleBatch batch = grpo_batch(prompts, responses, adv, o, policy.max_T);
-        if (batch.weighted_tokens > 0) {
+        const OverRanks over_ranks = [this](std::vector<double>& v) { policy.over_ranks(v); };
+        SampleBatch batch = grpo_batch(prompts, responses, adv, o, policy.max_T, over_ranks);
+        if (batch.all_weighted_tokens > 0) {  // every rank updates, or none
             update(batch, o, opt, max_grad_norm, optimizer_step, seed, stats);
             // reference and old-policy forwards, the first update's backward, a forward and backward per further one
             stats.forward_tokens += double(batch.S) * batch.T * (1 + 1 + 2 + 3 * (o.updates - 1));
         }
+        sum_over_ranks(stats);
         return stats;
+    }
+
+    // Every rank's statistics (this rank's sums in): the counts summed, the means over every rank's samples.
+    void sum_over_ranks(GrpoStats& st) {
+        std::vector<double> v = {st.reward, st.accuracy, st.format, st.language, st.mixing, st.response_tokens,
+                                 st.forward_tokens, double(st.samples), double(st.uniform_groups),
+                                 double(st.drafts.drafted), double(st.drafts.accepted)};
+        policy.over_ranks(v);
+        st.samples = int(v[7]), st.uniform_groups = int(v[8]), st.forward_tokens = v[6];
+        st.drafts = {long(v[9]), long(v[10])};
+        double* rates[] = {&st.reward, &st.accuracy, &st.format, &st.language, &st.mixing, &st.response_tokens};
+        for (int i = 0; i < 6; i++) *rates[i] = v[i] / st.samples;
     }
 
     void update(const SampleBatch& b, const GrpoOptions& o, const AdamW& opt, float max_grad_norm, int& optimizer_step,
@@ -291,8 +316,11 @@ struct GrpoTrainer {
         sum_reduce(sums.data(), policy.reduce_scratch, token_loss.data(), N, false, s);
         sum_reduce(sums.data() + 1, policy.reduce_scratch, token_kl.data(), N, false, s);
         sum_reduce(sums.data() + 2, policy.reduce_scratch, token_clipped.data(), N, false, s);
-        std::vector<float> h = sums.download();
-        stats.objective = -h[0];
-        stats.kl = h[1] / double(b.weighted_tokens), stats.clip_fraction = h[2] / double(b.weighted_tokens);
+        const std::vector<float> h = sums.download();
+        std::vector<double> every_rank(h.begin(), h.end());
+        policy.over_ranks(every_rank);
+        stats.objective = -every_rank[0];
+        stats.kl = every_rank[1] / double(b.all_weighted_tokens);
+        stats.clip_fraction = every_rank[2] / double(b.all_weighted_tokens);
     }
 };

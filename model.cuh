@@ -386,7 +386,6 @@ struct Model : Architecture {
     float* norm_scratch;
     float* reduce_scratch;
     int *tokens_buf, *targets_buf;
-    int last_tokens = 0;  // of the last forward pass: the expert loads are its
     DeviceArena arena;
     std::unique_ptr<Fp8Scratch> fp8;  // set by enable_fp8: the projections' GEMMs in FP8
     // Data parallel (nccl.cuh), set by distribute: every rank's gradients summed, this rank's ZeRO-1 shard of the
@@ -521,8 +520,9 @@ struct Model : Architecture {
     // Data parallel over comm's ranks with ZeRO-1 (nccl.cuh): the master weights and gradients padded to R equal
     // shards, the Adam moments of this rank's shard alone (zero: call before loading a checkpoint). This rank's share
     // of the global batch (its rows over all rows) weighs its sequence-wise balance loss, so that the ranks' sum is
-    // the loss of the global batch.
-    void distribute(Comm& c, int rows, int all_rows) {
+    // the loss of the global batch. With expert_parallel, the routed experts spread over the ranks too.
+    void distribute(Comm& c, int rows, int all_rows, bool expert_parallel = false) {
+        if (expert_parallel) spread_experts(c, long(all_rows) * max_T);
         comm = &c, shards = shards_of(layout.total, c.ranks.world);
         DeviceBuffer<float> padded(size_t(shards.padded()));
         CUDA_CHECK(cudaMemsetAsync(padded.data(), 0, padded.bytes(), stream));
@@ -535,6 +535,20 @@ struct Model : Architecture {
         adam_m.resize(size_t(shards.per_rank)), adam_v.resize(size_t(shards.per_rank));
         reset_optimizer();
         rows_mine = rows, rows_total = all_rows;
+    }
+
+    // Expert parallel (moe.cuh): every MoE layer's routed experts spread over comm's ranks, with the buffers of the
+    // rows that the global batch of all_tokens tokens sends them; before enable_fp8, which sizes its own by them.
+    void spread_experts(Comm& c, long all_tokens) {
+        if (fp8) throw std::logic_error("spread_experts must come before enable_fp8");
+        auto spread = [&](Layer& L, BlockActs<T>& A) {
+            if (!L.moe) return;
+            L.routed.spread_experts(c, all_tokens);
+            L.routed.allocate_expert_side(arena, A.moe, all_tokens);
+        };
+        for (int l = 0; l < cfg.num_hidden_layers; l++) spread(layers[l], acts[l]);
+        for (size_t k = 0; k < mtp.size(); k++) spread(mtp[k].block, mtp_acts[k].block);
+        if (cfg.has_moe()) layers[cfg.first_k_dense_replace].routed.allocate_expert_side(arena, d_moe, all_tokens);
     }
 
     // The balancing of this rank's rows: its sequence-wise loss weighed by its share of the batch, so that the ranks'
@@ -554,6 +568,11 @@ struct Model : Architecture {
 
     // A count over the global batch (targets, tokens): summed over the ranks.
     long over_ranks(long local) { return comm ? comm->sum(local, stream) : local; }
+    // Host values of the global batch (a step's statistics), summed over the ranks in place.
+    void over_ranks(std::vector<double>& values) {
+        if (comm) comm->sum(values.data(), int(values.size()), stream);
+    }
+    int rank() const { return comm ? comm->ranks.rank : 0; }
 
     // Scalars of the global batch (loss sums, balance losses, hits) from the ranks' own, where each is made.
     void sum_over_ranks(float* values, int n) {
@@ -699,7 +718,7 @@ struct Model : Architecture {
         if (long(tokens.size()) != long(B) * T_) throw std::invalid_argument("forward: tokens do not fill B x T");
         const Config& c = cfg;
         int N = B * T_, d = c.hidden_size;
-        last_tokens = N, mtp_ran = false;
+        mtp_ran = false;
         Ctx<T> cx = ctx(stream, false);
         CUDA_CHECK(cudaMemcpyAsync(tokens_buf, tokens.data(), sizeof(int) * N, cudaMemcpyHostToDevice, stream));
         embedding_forward(acts[0].x_in, tokens_buf, cx.w(embed), N, d, stream);
@@ -885,12 +904,12 @@ struct Model : Architecture {
         if (count > 0)
             adamw_update(master.data() + first, weights + first, adam_m.data(), adam_v.data(), grads.data() + first,
                          scalars + 1, count, layout.decayed, opt, max_grad_norm, step, seed, stream, skip, first);
-        const long tokens = comm ? long(last_tokens) / rows_mine * rows_total : last_tokens;  // every rank's
-        auto update_bias = [&](const Layer& L, const BlockActs<T>& A) {
-            if (!L.moe || balancing.bias_rate <= 0.0f) return;
-            if (comm) comm->all_reduce_sum(A.moe.counts, cfg.n_routed_experts, stream);
-            L.routed.update_bias(master.data() + layout.offset(L.routed.bias), A.moe.counts, int(tokens),
-                                 balancing.bias_rate, skip, scalars + 1, stream);
+        auto update_bias = [&](const Layer& L, BlockActs<T>& A) {
+            if (!L.moe) return;
+            if (comm) L.routed.sum_loads(*comm, A.moe, stream);
+            if (balancing.bias_rate > 0.0f)
+                L.routed.update_bias(master.data() + layout.offset(L.routed.bias), A.moe.counts, balancing.bias_rate,
+                                     skip, scalars + 1, stream);
         };
         for (int l = 0; l < cfg.num_hidden_layers; l++) update_bias(layers[l], acts[l]);
         if (mtp_ran)
@@ -905,14 +924,15 @@ struct Model : Architecture {
 
     // One optimizer step on inputs [B, T] and targets [B*T] (negative: no loss), with the MTP modules' loss
     // weighted mtp_lambda (0: they do not run). The loss and gradient norm are read afterwards with
-    // read_scalars(), so the host can prepare the next batch meanwhile.
-    void train_step(const std::vector<int>& inputs, const std::vector<int>& targets, int B, int T_, const AdamW& opt,
+    // read_scalars(), so the host can prepare the next batch meanwhile. Returns the targets counted (every rank's).
+    long train_step(const std::vector<int>& inputs, const std::vector<int>& targets, int B, int T_, const AdamW& opt,
                     float max_grad_norm, int step, uint64_t seed, float mtp_lambda) {
         forward(inputs, B, T_);
-        loss(targets);
+        const long counted = loss(targets);
         if (mtp_lambda > 0.0f && !mtp.empty()) mtp_forward(inputs, targets, B, T_, mtp_lambda);
         backward(B, T_);
         optimizer_step(opt, max_grad_norm, step, seed);
+        return counted;
     }
 
     // The last step's scalars: one small copy, which waits for the step to finish.

@@ -29,6 +29,14 @@
 // by one, and the counts come to the host once per layer, to size them, while the shared experts run. The sampler's
 // decode step, which replays as a CUDA graph and must not wait for the host, runs every expert on its few tokens
 // instead, and combines the chosen ones the same way.
+//
+// Expert parallel (V3 §3.2; nccl.cuh): with R ranks, rank r runs experts [r E/R, (r+1) E/R) for every rank's tokens.
+// After the grouping, each rank's loads reach every rank; each rank sends the rows grouped for a peer's experts (one
+// contiguous block, padding included, so that every expert's rows stay whole FP8 tiles on the other side) and
+// regroups what it receives by local expert, sources in rank order; the outputs go back the same way before the
+// combine, and the backward pass exchanges d_out and d_x alike. The experts' GEMMs then need the loads on the host.
+// Every rank still holds every expert's weights (ZeRO-1 gathers them all): what spreads is the experts' compute and
+// their activations.
 #pragma once
 
 #include <algorithm>
@@ -38,6 +46,7 @@
 #include "fp8.cuh"
 #include "kernels/layers.cuh"
 #include "kernels/params.h"
+#include "nccl.cuh"
 
 constexpr int MOE_MAX_EXPERTS = 256, MOE_MAX_GROUPS = 32, MOE_MAX_TOP_K = 16;  // V3: 256 experts, 8 groups, top 8
 constexpr int MOE_ROW_ALIGN = N_C;  // each expert's rows padded to whole FP8 tiles
@@ -620,10 +629,14 @@ static __global__ void every_expert_dest_kernel(int* dest, const int* expert, in
 }
 
 // Auxiliary-loss-free balancing: b_i += rate * sign(mean load - load_i), after the optimizer step; nothing where the
-// step was skipped (skip, as AdamW reads it).
-static __global__ void bias_update_kernel(float* bias, const int* counts, int E, float mean_load, float rate,
-                                          const int* skip, const float* grad_norm) {
+// step was skipped (skip, as AdamW reads it). The mean is the loads' own (every token chooses K experts), so that
+// loads summed over several GPUs' batches need no count of their tokens.
+static __global__ void bias_update_kernel(float* bias, const int* counts, int E, float rate, const int* skip,
+                                          const float* grad_norm) {
     if (skip && (*skip || !isfinite(*grad_norm))) return;
+    long total = 0;
+    for (int e = 0; e < E; e++) total += counts[e];
+    const float mean_load = float(total) / float(E);
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
         const float load = float(counts[e]);
         bias[e] += rate * float((load < mean_load) - (load > mean_load));
@@ -676,6 +689,13 @@ struct MoeActs {
     int* seq_counts;      // per sequence and expert: its tokens' top-K counts on s alone
     float *seq_P, *coef;  // per sequence and expert: the sum of s'; per segment and expert: dL/ds'
     RowGroups rows;       // the groups of the last forward pass
+    // The experts' side: their input and output rows, grouped by this rank's experts; with expert parallelism, the
+    // rows that every rank sent them (and the exchange's buffer, its rows peer by peer), else x_g and out_g.
+    T *x_e, *out_e, *peer = nullptr;
+    RowGroups expert_groups;
+    Dispatch plan;  // expert parallel: the last forward pass's exchange
+    int *all_counts = nullptr, *host_all_counts = nullptr;  // every rank's loads [R, E], on the device and pinned
+    int *expert_offsets = nullptr, *host_expert_offsets = nullptr;  // the offsets of expert_groups [E / R + 1]
     int* host_counts;     // page-locked: where its counts arrive
     cudaEvent_t counts_ready;
     int seq_len = 0;
@@ -685,6 +705,7 @@ struct MoeActs {
 template <typename T>
 struct MoeGrads {
     T *d_out, *d_x;
+    T *d_out_e, *d_x_e;  // on the experts' side (expert parallel; else d_out and d_x)
     SwiGluActs<T> routed, shared;
     float *d_gate, *d_logits, *partial;
 };
@@ -694,6 +715,7 @@ struct Moe {
     int d = 0;
     int gate = -1, bias = -1;  // the router: W_g [E, d] (`mlp.gate.weight`), b [E] (`e_score_correction_bias`)
     SwiGlu shared, experts;
+    Comm* ep = nullptr;  // expert parallel over its ranks (spread_experts); null: every expert here
 
     // Rows of the grouped buffers for N tokens: every pair, and each expert's padding at most.
     static long grouped_rows(const MoeConfig& m, long N) { return N * m.top_k + long(m.n_routed) * MOE_ROW_ALIGN; }
@@ -724,6 +746,7 @@ struct Moe {
         const long chunks = ceil_div(long(N) * K, DISPATCH_CHUNK);
         A.chunk_counts = arena.take<int>(chunks * E), A.chunk_first = arena.take<int>(chunks * E);
         A.x_g = decoding ? nullptr : arena.take<T>(rows * d), A.out_g = arena.take<T>(rows * d);
+        A.x_e = A.x_g, A.out_e = A.out_g;
         A.routed = experts.allocate<T>(arena, rows), A.shared = shared.allocate<T>(arena, N);
         A.seq_counts = arena.take<int>(long(N) * E), A.seq_P = arena.take<float>(long(N) * E);
         A.coef = arena.take<float>(long(N) * E);
@@ -736,10 +759,41 @@ struct Moe {
         const long rows = grouped_rows(cfg, N);
         MoeGrads<T> G;
         G.d_out = arena.take<T>(rows * d), G.d_x = arena.take<T>(rows * d);
+        G.d_out_e = G.d_out, G.d_x_e = G.d_x;
         G.routed = experts.allocate<T>(arena, rows), G.shared = shared.allocate<T>(arena, N);
         G.d_gate = arena.take<float>(long(N) * cfg.top_k), G.d_logits = arena.take<float>(long(N) * cfg.n_routed);
         G.partial = arena.take<float>(partial_scratch_size(N, cfg.n_routed * d));
         return G;
+    }
+
+    // Expert parallel over comm's ranks: this rank runs experts [r E/R, (r+1) E/R) on the rows that every rank routes
+    // to them, from a global batch of all_tokens tokens at most (the bound of the experts' side, also of their FP8
+    // buffers: call before enable_fp8).
+    void spread_experts(Comm& comm, long all_tokens) {
+        if (cfg.n_routed % comm.ranks.world != 0)
+            throw std::invalid_argument("expert parallelism: " + std::to_string(cfg.n_routed) +
+                                        " routed experts do not split evenly over " +
+                                        std::to_string(comm.ranks.world) + " GPUs");
+        ep = &comm;
+        experts.gate_up.max_rows = experts.down.max_rows = int(grouped_rows(cfg, all_tokens));
+    }
+
+    // The experts' side of a layer's buffers, after spread_experts: every pair of the global batch and each expert's
+    // padding from every rank at most.
+    template <typename T>
+    void allocate_expert_side(DeviceArena& arena, MoeActs<T>& A, long all_tokens) const {
+        const long rows = grouped_rows(cfg, all_tokens), R = ep->ranks.world, local = cfg.n_routed / R;
+        A.x_e = arena.take<T>(rows * d), A.out_e = arena.take<T>(rows * d), A.peer = arena.take<T>(rows * d);
+        A.routed = experts.allocate<T>(arena, rows);
+        A.all_counts = arena.take<int>(R * cfg.n_routed), A.host_all_counts = arena.take_pinned<int>(R * cfg.n_routed);
+        A.expert_offsets = arena.take<int>(local + 1), A.host_expert_offsets = arena.take_pinned<int>(local + 1);
+    }
+
+    template <typename T>
+    void allocate_expert_side(DeviceArena& arena, MoeGrads<T>& G, long all_tokens) const {
+        const long rows = grouped_rows(cfg, all_tokens);
+        G.d_out_e = arena.take<T>(rows * d), G.d_x_e = arena.take<T>(rows * d);
+        G.routed = experts.allocate<T>(arena, rows);
     }
 
     // s, the chosen experts and their gates for N tokens; with plain, also the top K of s alone.
@@ -779,11 +833,11 @@ struct Moe {
 
     // After dispatch: the groups of rows, and each pair's row of u gathered into them. In FP8 the grouped GEMMs size
     // themselves from the offsets on the device, so nothing waits for the routing; in the model's precision the
-    // experts' GEMMs run one by one, sized on the host, which waits for the loads.
+    // experts' GEMMs run one by one, sized on the host, which waits for the loads (as expert parallelism does).
     template <typename T>
     void gather(const Ctx<T>& c, MoeActs<T>& A, const T* u, int N) const {
         const int E = cfg.n_routed;
-        if (c.fp8) {
+        if (c.fp8 && !ep) {
             A.rows = RowGroups::on_device(A.offsets, E, int(grouped_rows(cfg, N)));
         } else {
             const std::vector<int> counts = loads(A);
@@ -794,6 +848,46 @@ struct Moe {
         gather_rows_kernel<<<pack_blocks(A.rows.rows(), d, PACK<T>), 256, 0, c.stream>>>(A.x_g, u, A.source,
                                                                                          A.rows.rows(), cfg.top_k, d);
         CUDA_CHECK_LAUNCH();
+        if (!ep) A.expert_groups = A.rows;
+    }
+
+    // Expert parallel: every rank's loads, each padded to whole tiles as its grouped buffer holds them, reach every
+    // rank (the host waits for them), and the exchange's plan and the local experts' groups follow.
+    template <typename T>
+    void plan_exchange(const Ctx<T>& c, MoeActs<T>& A) const {
+        const int E = cfg.n_routed, R = ep->ranks.world;
+        ep->all_gather(A.counts, A.all_counts, E, c.stream);
+        CUDA_CHECK(cudaMemcpyAsync(A.host_all_counts, A.all_counts, sizeof(int) * R * E, cudaMemcpyDeviceToHost,
+                                   c.stream));
+        CUDA_CHECK(cudaStreamSynchronize(c.stream));
+        std::vector<long> padded(size_t(R) * E);
+        for (size_t i = 0; i < padded.size(); i++) padded[i] = padded_rows(A.host_all_counts[i]);
+        A.plan = dispatch_plan(padded, E, ep->ranks);
+        const int local = A.plan.local_experts;
+        std::vector<int> offsets(local + 1, 0);
+        for (int j = 0; j < local; j++) offsets[j + 1] = offsets[j] + int(A.plan.expert_rows[j]);
+        std::copy(offsets.begin(), offsets.end(), A.host_expert_offsets);  // its last copy has ended: synchronized
+        CUDA_CHECK(cudaMemcpyAsync(A.expert_offsets, A.host_expert_offsets, sizeof(int) * (local + 1),
+                                   cudaMemcpyHostToDevice, c.stream));
+        A.expert_groups = RowGroups::known(offsets, A.expert_offsets, A.plan.first_expert);
+    }
+
+    // Expert parallel: rows of this rank's grouped buffer (`mine`) to their experts' ranks, regrouped there by local
+    // expert (`experts_side`); from_experts is the way back. Without it the two sides are one buffer.
+    template <typename T>
+    void to_experts(const Ctx<T>& c, const MoeActs<T>& A, const T* mine, T* experts_side) const {
+        if (!ep) return;
+        const Dispatch& p = A.plan;
+        ep->exchange(mine, p.send_count, p.send_offset, A.peer, p.recv_count, p.recv_offset, d, c.stream);
+        move_segments(p.regroup, A.peer, experts_side, d, false, c.stream);
+    }
+
+    template <typename T>
+    void from_experts(const Ctx<T>& c, const MoeActs<T>& A, const T* experts_side, T* mine) const {
+        if (!ep) return;
+        const Dispatch& p = A.plan;
+        move_segments(p.regroup, experts_side, A.peer, d, true, c.stream);
+        ep->exchange(A.peer, p.recv_count, p.recv_offset, mine, p.send_count, p.send_offset, d, c.stream);
     }
 
     template <typename T>
@@ -816,8 +910,11 @@ struct Moe {
             CUDA_CHECK_LAUNCH();
             experts.forward_every_group(c, A.out_g, u, A.routed, N);
         } else {
+            if (ep) plan_exchange(c, A);
             gather(c, A, u, N);
-            experts.forward(c, A.out_g, A.x_g, A.routed, A.rows, false);
+            to_experts(c, A, A.x_g, A.x_e);
+            experts.forward(c, A.out_e, A.x_e, A.routed, A.expert_groups, false);
+            from_experts(c, A, A.out_e, A.out_g);
         }
         combine(y, A.out_g, A.gate, A.dest, N, K, d, c.stream);
         if (c.decoding) return;
@@ -843,7 +940,9 @@ struct Moe {
                   const Balancing& balancing) {
         const int E = cfg.n_routed, K = cfg.top_k;
         combine_backward(G.d_out, G.d_gate, dy, A.out_g, A.gate, A.source, A.rows.rows(), K, d, c.stream);
-        experts.backward(c, G.d_x, G.d_out, A.x_g, A.routed, G.routed, A.rows, false);
+        to_experts(c, A, G.d_out, G.d_out_e);
+        experts.backward(c, G.d_x_e, G.d_out_e, A.x_e, A.routed, G.routed, A.expert_groups, false);
+        from_experts(c, A, G.d_x_e, G.d_x);
         gather_backward(du, G.d_x, A.dest, N, K, d, c.stream);
         shared.backward(c, du, dy, u, A.shared, G.shared, RowGroups::all(N), true);
         router_backward_kernel<<<ceil_div(N, WARPS_PER_BLOCK * ROUTER_WARP_TOKENS), WARPS_PER_BLOCK * 32,
@@ -858,12 +957,19 @@ struct Moe {
         sum_partials(c.g(gate), G.partial, blocks, E * d, false, c.stream);
     }
 
+    // Data parallel: the loads of every rank's tokens, in place of this rank's, for the bias update and for loads().
+    template <typename T>
+    void sum_loads(Comm& comm, MoeActs<T>& A, cudaStream_t s) const {
+        comm.all_reduce_sum(A.counts, cfg.n_routed, s);
+        CUDA_CHECK(cudaMemcpyAsync(A.host_counts, A.counts, sizeof(int) * cfg.n_routed, cudaMemcpyDeviceToHost, s));
+        CUDA_CHECK(cudaEventRecord(A.counts_ready, s));
+    }
+
     // After the optimizer step: the bias b (FP32, in the master weights) moves by the loads of the last forward
-    // pass of N tokens.
-    void update_bias(float* b, const int* counts, int N, float rate, const int* skip, const float* grad_norm,
+    // pass (data parallel: every rank's).
+    void update_bias(float* b, const int* counts, float rate, const int* skip, const float* grad_norm,
                      cudaStream_t s) const {
-        const float mean_load = float(N) * cfg.top_k / cfg.n_routed;
-        bias_update_kernel<<<1, 256, 0, s>>>(b, counts, cfg.n_routed, mean_load, rate, skip, grad_norm);
+        bias_update_kernel<<<1, 256, 0, s>>>(b, counts, cfg.n_routed, rate, skip, grad_norm);
         CUDA_CHECK_LAUNCH();
     }
 };

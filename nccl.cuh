@@ -239,6 +239,8 @@ template <>
 inline ncclDataType_t nccl_type<int>() { return ncclInt32; }
 template <>
 inline ncclDataType_t nccl_type<long>() { return ncclInt64; }
+template <>
+inline ncclDataType_t nccl_type<double>() { return ncclFloat64; }
 
 // A rank that stops hearing from the others must not wait forever: a thread watches the communicator's asynchronous
 // error (a peer's network connection lost) and the time since the last sign of progress (a peer dead on NVLink
@@ -284,13 +286,14 @@ struct Comm {
     Ranks ranks;
     ncclComm_t comm = nullptr;
     Watchdog watchdog;
-    DeviceBuffer<long> scalar;  // sum()'s, on this rank's GPU
+    static constexpr int HOST_SUMS = 32;
+    DeviceBuffer<double> host_sums;  // sum()'s, on this rank's GPU
 
     // The ranks meet through the file `folder`/nccl_id.<job token>; timeout_s bounds the wait for the others, at the
     // start and at every step after.
     Comm(const Ranks& r, const std::string& folder, double timeout_s) : ranks(r) {
         CUDA_CHECK(cudaSetDevice(r.local_rank));
-        scalar.resize(1);
+        host_sums.resize(HOST_SUMS);
         ncclUniqueId id;
         if (r.is_root()) NCCL_CHECK(ncclGetUniqueId(&id));
         const std::string token = job_token(std::getenv);
@@ -331,15 +334,20 @@ struct Comm {
     void all_reduce_max(T* values, long n, cudaStream_t s) {
         NCCL_CHECK(ncclAllReduce(values, values, size_t(n), nccl_type<T>(), ncclMax, comm, s));
     }
-    // The sum over the ranks of a host value (a count of targets, of tokens): waits for the stream. Every step makes
-    // one, so its return is the watchdog's sign of progress.
-    long sum(long value, cudaStream_t s) {
-        CUDA_CHECK(cudaMemcpyAsync(scalar.data(), &value, sizeof value, cudaMemcpyHostToDevice, s));
-        all_reduce_sum(scalar.data(), 1, s);
-        CUDA_CHECK(cudaMemcpyAsync(&value, scalar.data(), sizeof value, cudaMemcpyDeviceToHost, s));
+    // The sums over the ranks of n host values in place (a count of targets, a step's statistics; counts stay exact
+    // below 2^53): waits for the stream. Every step makes one, so its return is the watchdog's sign of progress.
+    void sum(double* values, int n, cudaStream_t s) {
+        if (n > HOST_SUMS) throw std::logic_error("Comm::sum takes at most 32 values");
+        CUDA_CHECK(cudaMemcpyAsync(host_sums.data(), values, sizeof(double) * n, cudaMemcpyHostToDevice, s));
+        all_reduce_sum(host_sums.data(), n, s);
+        CUDA_CHECK(cudaMemcpyAsync(values, host_sums.data(), sizeof(double) * n, cudaMemcpyDeviceToHost, s));
         CUDA_CHECK(cudaStreamSynchronize(s));
         watchdog.progress();
-        return value;
+    }
+    long sum(long value, cudaStream_t s) {
+        double v = double(value);
+        sum(&v, 1, s);
+        return long(v);
     }
     // In place, over a buffer of shards.padded() values: this rank's shard becomes the sum of every rank's.
     void reduce_scatter_sum(float* values, const Shards& sh, cudaStream_t s) {

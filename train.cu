@@ -201,6 +201,25 @@ inline std::string rank_path(const Comm* comm, const std::string& path) {
     return comm && !comm->ranks.is_root() ? "/dev/null" : path;
 }
 
+// This rank's rows of each batch of --batch rows x --seq tokens (all of them on one GPU); every rank refuses a split
+// that FP8 cannot take alike.
+inline RowRange rows_of_batch(const Options& o, const Comm* comm) {
+    const Ranks ranks = comm ? comm->ranks : Ranks{};
+    for (int r = 0; r < ranks.world; r++) {
+        const int rows = rows_of_rank(o.batch, Ranks{r, ranks.world, r}).count();
+        if (o.precision == "fp8" && long(rows) * o.seq % 16 != 0)
+            throw std::invalid_argument("--precision fp8 needs each GPU's rows (" + std::to_string(rows) +
+                                        ") x --seq to be a multiple of 16");
+    }
+    return rows_of_rank(o.batch, ranks);
+}
+
+// The collectives are over: rank 0 samples the held-out problems alone (the others' watchdogs stop waiting).
+inline bool samples_after_training(const Options& o, Comm* comm) {
+    if (comm) comm->watchdog.halt();
+    return o.samples > 0 && (!comm || comm->ranks.is_root());
+}
+
 // With comm, data parallel: this rank trains on its rows of each batch, ZeRO-1 shares the optimizer.
 template <typename T>
 int pretrain(const Options& o, Comm* comm) {
@@ -211,16 +230,9 @@ int pretrain(const Options& o, Comm* comm) {
     Config cfg = !source.empty() ? load_config(source + "/config.json")
                                  : (o.config_path.empty() ? Config() : load_config(o.config_path));
     check_vocabulary(cfg, source.empty() ? (o.config_path.empty() ? "the default config" : o.config_path) : source);
-    const Ranks ranks = comm ? comm->ranks : Ranks{};
-    for (int r = 0; r < ranks.world; r++) {  // every rank refuses alike
-        const int rows = rows_of_rank(o.batch, Ranks{r, ranks.world, r}).count();
-        if (o.precision == "fp8" && long(rows) * o.seq % 16 != 0)
-            throw std::invalid_argument("--precision fp8 needs each GPU's rows (" + std::to_string(rows) +
-                                        ") x --seq to be a multiple of 16");
-    }
-    const RowRange rows_mine = rows_of_rank(o.batch, ranks);
+    const RowRange rows_mine = rows_of_batch(o, comm);
     Model<T> model(cfg, rows_mine.count(), o.seq);
-    if (comm) model.distribute(*comm, rows_mine.count(), o.batch);
+    if (comm) model.distribute(*comm, rows_mine.count(), o.batch, o.expert_parallel);
     int start = 0;
     if (!source.empty()) load_weights(source, model);
     if (o.resume) {
@@ -309,9 +321,7 @@ int pretrain(const Options& o, Comm* comm) {
                     format_duration(run_clock.seconds()).c_str(),
                     tokens_per_step * (o.steps - start - 1) / timed_seconds);
     EvalSettings e = eval_settings(o, false);
-    if (comm) comm->watchdog.halt();  // the collectives are over: rank 0 samples alone
-    if (o.samples > 0 && (!comm || comm->ranks.is_root()))
-        report_eval(evaluate_tasks(model, tok, corpus, e, 2), e, &log);
+    if (samples_after_training(o, comm)) report_eval(evaluate_tasks(model, tok, corpus, e, 2), e, &log);
     return 0;
 }
 
@@ -374,13 +384,15 @@ inline double run_flops(const std::string& run) {
 
 // Supervised fine-tuning: the cold start (R1 §2.3.1) on single-language chains of thought with a summary, the
 // loss on the assistant's tokens only. With --same-flops-as RUN it takes as many steps as RUN's model compute:
-// the supervised baseline of an RL run.
+// the supervised baseline of an RL run. With comm, data parallel as pretraining.
 template <typename T>
-int cold_start(const Options& given) {
+int cold_start(const Options& given, Comm* comm) {
     data::Tokenizer tok;
     data::CorpusConfig corpus = corpus_for(given);
-    auto loaded = load_model<T>(given.init, given.batch, given.seq);
+    const RowRange rows_mine = rows_of_batch(given, comm);
+    auto loaded = load_model<T>(given.init, rows_mine.count(), given.seq);
     Model<T>& model = *loaded;
+    if (comm) model.distribute(*comm, rows_mine.count(), given.batch, given.expert_parallel);
     model.reset_optimizer();
     configure(given, model);
     const bool with_mtp = mtp_lambda_at(given, model.cfg, 1) > 0.0f;
@@ -396,21 +408,20 @@ int cold_start(const Options& given) {
     for (const data::Problem& p : data::cold_start_set(o.sft_examples, corpus, problem_mix(o), uint64_t(o.seed)))
         examples.push_back(data::sft_example(tok, p, o.seq));
     fs::create_directories(o.out);
-    JsonlLog log(o.out + "/log.jsonl", false);
+    JsonlLog log(rank_path(comm, o.out + "/log.jsonl"), false);
     std::vector<int> inputs, targets;
     WallTimer clock;
     SkippedSteps skipped_steps;
     for (int step = 1; step <= o.steps; step++) {
         inputs.clear(), targets.clear();
-        for (int b = 0; b < o.batch; b++) {
+        for (int b = rows_mine.begin; b < rows_mine.end; b++) {
             const data::SftExample& e = examples[(size_t(step - 1) * o.batch + b) % examples.size()];
             inputs.insert(inputs.end(), e.tokens.begin(), e.tokens.end());
             targets.insert(targets.end(), e.targets.begin(), e.targets.end());
         }
-        long counted = count_targets(targets);
         float lr = learning_rate(o, step), mtp_lambda = mtp_lambda_at(o, model.cfg, step);
-        model.train_step(inputs, targets, o.batch, o.seq, adamw_at(o, step), o.grad_clip, step, uint64_t(o.seed),
-                         mtp_lambda);
+        const long counted = model.train_step(inputs, targets, rows_mine.count(), o.seq, adamw_at(o, step),
+                                              o.grad_clip, step, uint64_t(o.seed), mtp_lambda);
         const StepScalars scalars = model.read_scalars();
         const float loss = scalars.loss_sum / float(std::max(counted, 1L)), grad_norm = scalars.grad_norm;
         const bool skipped = skipped_steps.check(model, step);
@@ -434,19 +445,22 @@ int cold_start(const Options& given) {
     save_checkpoint(o.out + "/checkpoint", model, {o.steps, uint64_t(o.seed), o.precision, schedule_flags(o), "chat"},
                     tok);
     EvalSettings e = eval_settings(o, false);
-    if (o.samples > 0) report_eval(evaluate_tasks(model, tok, corpus, e, 2), e, &log);
+    if (samples_after_training(o, comm)) report_eval(evaluate_tasks(model, tok, corpus, e, 2), e, &log);
     return 0;
 }
 
 // GRPO with rule-based rewards: `r1zero` from the base model with the R1-Zero prompt, `grpo` from the cold-start
-// model with the chat prompt. The initial model is also the frozen reference of the KL term.
+// model with the chat prompt. The initial model is also the frozen reference of the KL term. With comm, data parallel:
+// each rank samples and trains on its share of the prompts (grpo.cuh).
 template <typename T>
-int reinforce(const Options& o) {
+int reinforce(const Options& o, Comm* comm) {
     data::Tokenizer tok;
     data::CorpusConfig corpus = corpus_for(o);
-    int S = o.prompts * o.group;
+    const RowRange prompts_mine = rows_of_rank(o.prompts, comm ? comm->ranks : Ranks{});
+    const int S = prompts_mine.count() * o.group;
     auto loaded_policy = load_model<T>(o.init, S, o.seq), reference = load_model<T>(o.init, S, o.seq);
     Model<T>& policy = *loaded_policy;
+    if (comm) policy.distribute(*comm, S, o.prompts * o.group, o.expert_parallel);
     policy.reset_optimizer();
     configure(o, policy);
     GrpoTrainer<T> trainer(policy, *reference, S, o.seq);
@@ -462,7 +476,7 @@ int reinforce(const Options& o) {
     const double flops_per_forward_token = forward_flops_per_token(policy.cfg, o.seq);
 
     fs::create_directories(o.out);
-    JsonlLog log(o.out + "/log.jsonl", false);
+    JsonlLog log(rank_path(comm, o.out + "/log.jsonl"), false);
     int optimizer_step = 0;
     double train_flops = 0;
     WallTimer clock;
@@ -470,7 +484,10 @@ int reinforce(const Options& o) {
     for (int step = 1; step <= o.steps; step++) {
         Rng rng(uint64_t(o.seed), rng_hash(0x726c, uint64_t(step), 0));
         std::vector<data::Problem> problems;
-        for (int i = 0; i < o.prompts; i++) problems.push_back(data::draw_problem(corpus, mix, rng));
+        for (int i = 0; i < o.prompts; i++) {  // every rank draws them all, and keeps its own
+            data::Problem p = data::draw_problem(corpus, mix, rng);
+            if (i >= prompts_mine.begin && i < prompts_mine.end) problems.push_back(std::move(p));
+        }
         float lr = learning_rate(o, step);
         GrpoStats st =
             trainer.step(problems, g, adamw_at(o, step), o.grad_clip, optimizer_step, uint64_t(o.seed), step);
@@ -511,7 +528,7 @@ int reinforce(const Options& o) {
     std::printf("%s: %.3g FLOP of model compute in %s\n", o.stage.c_str(), train_flops,
                 format_duration(clock.seconds()).c_str());
     EvalSettings e = eval_settings(o, g.r1zero_template);
-    if (o.samples > 0) report_eval(evaluate_tasks(policy, tok, corpus, e, 2), e, &log);
+    if (samples_after_training(o, comm)) report_eval(evaluate_tasks(policy, tok, corpus, e, 2), e, &log);
     return 0;
 }
 
@@ -591,12 +608,13 @@ int write_logits(const Options& o) {
 }
 
 // One process per GPU (nccl.cuh): where the launcher started several, they meet in the run folder and rank 0
-// alone prints. Pretraining runs data parallel; the other stages run on one GPU.
+// alone prints. The training stages run data parallel (and expert parallel with --expert-parallel); eval, chat and
+// logits run on one GPU.
 std::unique_ptr<Comm> join_ranks(const Options& o, const Ranks& ranks) {
     if (ranks.world == 1) return nullptr;
-    if (o.stage != "pretrain")
+    if (o.stage == "eval" || o.stage == "chat" || o.stage == "logits")
         throw std::invalid_argument("stage " + o.stage + " runs on one GPU (" + std::to_string(ranks.world) +
-                                    " processes were started); pretrain runs on several");
+                                    " processes were started); pretrain, sft, r1zero and grpo run on several");
     if (o.balancing == "aux-loss")  // its batch-wise loss would be each rank's batch, not the global one
         throw std::invalid_argument("--balancing aux-loss runs on one GPU");
     int gpus = 0;
@@ -612,8 +630,8 @@ std::unique_ptr<Comm> join_ranks(const Options& o, const Ranks& ranks) {
 template <typename T>
 int run_stage(const Options& o, Comm* comm) {
     if (o.stage == "pretrain") return pretrain<T>(o, comm);
-    if (o.stage == "sft") return cold_start<T>(o);
-    if (o.stage == "r1zero" || o.stage == "grpo") return reinforce<T>(o);
+    if (o.stage == "sft") return cold_start<T>(o, comm);
+    if (o.stage == "r1zero" || o.stage == "grpo") return reinforce<T>(o, comm);
     if (o.stage == "eval") return evaluate<T>(o);
     if (o.stage == "chat") return chat<T>(o);
     return write_logits<T>(o);

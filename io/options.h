@@ -102,8 +102,9 @@ struct Options {
     float mtp_lambda = 0.3f, mtp_lambda_late = 0.1f, mtp_late_from = 10.0f / 14.8f;
     bool no_speculative = false;
     int speculative_max_batch = 0;
-    // Several GPUs (nccl.cuh): how long a rank waits for the others before it gives up
+    // Several GPUs (nccl.cuh): how long a rank waits for the others before it gives up, and expert parallelism
     float nccl_timeout = 300.0f;
+    bool expert_parallel = false;
     // Cold start and reinforcement learning
     int sft_examples = 4000, prompts = 32, group = 8, updates = 2, max_new = 320, difficulty = 2;
     std::string task = "mix", template_name = "auto";
@@ -152,6 +153,9 @@ struct Options {
               "costs more than it gains (0: 4 sequences per SM of the GPU)");
         f.add("nccl-timeout", &nccl_timeout,
               "several GPUs: seconds a rank waits for the others (to start, or in a step) before all of them stop");
+        f.add_switch("expert-parallel", &expert_parallel,
+                     "several GPUs: spread the routed experts over them (E / n each) and send each token to its "
+                     "experts' GPUs (V3 §3.2); else every GPU runs every expert on its own rows");
         f.add("eval-every", &eval_every, "steps between held-out loss evaluations");
         f.add("eval-batches", &eval_batches, "batches in a held-out loss evaluation");
         f.add("ckpt-every", &ckpt_every, "steps between checkpoints (and one at the end)");

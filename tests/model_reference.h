@@ -38,6 +38,19 @@ inline Config tiny_moe_config() {
     return c;
 }
 
+// A MoE model whose every projection dimension is a multiple of 16, as FP8 GEMMs need: DeepSeekMoE in its second
+// layer, 8 experts in 4 groups, 2 groups kept, top 2.
+inline Config fp8_moe_config() {
+    Config c;
+    c.vocab_size = 128, c.hidden_size = 64, c.intermediate_size = 96, c.num_hidden_layers = 2;
+    c.num_attention_heads = 2, c.q_lora_rank = 32, c.kv_lora_rank = 32, c.qk_nope_head_dim = 16;
+    c.qk_rope_head_dim = 16, c.v_head_dim = 16, c.max_position_embeddings = 64, c.initializer_range = 0.1f;
+    c.first_k_dense_replace = 1;
+    c.n_routed_experts = 8, c.n_shared_experts = 1, c.num_experts_per_tok = 2, c.n_group = 4, c.topk_group = 2;
+    c.moe_intermediate_size = 32;
+    return c;
+}
+
 // Parameters in the flat layout, read by tensor name.
 struct Params {
     const ParamLayout& layout;

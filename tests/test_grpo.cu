@@ -77,6 +77,34 @@ TEST_SUITE("grpo") {
         CHECK(b.weight[3 * b.T + 2] == doctest::Approx(1.0 / (4 * 10)));
         CHECK(grpo_batch(prompts, responses, adv, o, 6).T == 6);  // sequences cut at the model's length
     }
+
+    TEST_CASE("the sample batch on one of several GPUs: the normalizers count every rank's samples") {
+        std::vector<std::vector<int>> prompts = {{1, 3, 20}, {1, 3, 20}};
+        std::vector<std::vector<int>> responses = {{5, 30, 6}, {5, 31, 32, 33, 6}};
+        GroupAdvantages adv = group_advantages({1, 0}, 2, true);
+        GrpoOptions o;
+        o.group = 2, o.max_new = 10;
+        // three ranks, the other two with samples of their own: 5 kept responses of 17 tokens in 7 sequences
+        const std::vector<double> others = {3, 9, 5, 9};
+        std::vector<double> seen;
+        const OverRanks three_ranks = [&](std::vector<double>& counts) {
+            seen = counts;
+            REQUIRE(counts.size() == others.size());
+            for (size_t i = 0; i < counts.size(); i++) counts[i] += others[i];
+        };
+        for (Normalization norm : {Normalization::Sequence, Normalization::Token, Normalization::Constant}) {
+            CAPTURE(int(norm));
+            o.norm = norm;
+            const SampleBatch b = grpo_batch(prompts, responses, adv, o, 64, three_ranks);
+            CHECK(seen == std::vector<double>{2, 8, 2, 8});  // this rank's: kept, tokens, sequences, weighted tokens
+            CHECK(b.weighted_tokens == 8);
+            CHECK(b.all_weighted_tokens == 17);
+            const double want = norm == Normalization::Sequence ? 1.0 / (5 * 5)
+                                : norm == Normalization::Token  ? 1.0 / 17
+                                                                : 1.0 / (7 * 10);
+            CHECK(b.weight[1 * b.T + 2] == doctest::Approx(want));
+        }
+    }
 }
 
 TEST_SUITE("gpu") {

@@ -56,12 +56,12 @@ double relative_error(const std::vector<float>& got, const model_ref::Vec& want)
     return std::sqrt(num / den);
 }
 
-// The experts a model chose in its last forward pass, per MoE block (the layers', then the MTP modules' where they
-// ran), as the reference takes them.
+// The experts a model chose in its last forward pass of B x T tokens, per MoE block (the layers', then the MTP
+// modules' where they ran), as the reference takes them.
 template <typename T_>
 std::vector<model_ref::Routing> routing_of(Model<T_>& model) {
     std::vector<model_ref::Routing> routing;
-    const int K = model.cfg.num_experts_per_tok, N = model.last_tokens;
+    const int K = model.cfg.num_experts_per_tok, N = B * T;
     auto add = [&](const Layer& L, const BlockActs<T_>& A) {
         if (!L.moe) return;
         std::vector<int> chosen(size_t(N) * K);

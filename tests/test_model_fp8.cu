@@ -8,23 +8,18 @@
 #include <memory>
 
 #include "../model.cuh"
+#include "model_reference.h"
 
 namespace {
 
 constexpr int B = 2, T = 16;  // 32 tokens: the weight gradient's FP8 GEMM reduces over tokens in steps of 16
 
-// A small config whose every projection dimension is a multiple of 16, as FP8 GEMMs need; dense, or with
-// DeepSeekMoE in its second layer.
+// The small FP8 config (model_reference.h): dense, or with DeepSeekMoE in its second layer.
 enum class Ffn { Dense, Moe, EveryExpert };
 
 Config fp8_config(Ffn ffn) {
-    Config c;
-    c.vocab_size = 128, c.hidden_size = 64, c.intermediate_size = 96, c.num_hidden_layers = 2;
-    c.num_attention_heads = 2, c.q_lora_rank = 32, c.kv_lora_rank = 32, c.qk_nope_head_dim = 16;
-    c.qk_rope_head_dim = 16, c.v_head_dim = 16, c.max_position_embeddings = 64, c.initializer_range = 0.1f;
-    c.first_k_dense_replace = ffn == Ffn::Dense ? 2 : 1;
-    c.n_routed_experts = 8, c.n_shared_experts = 1, c.num_experts_per_tok = 2, c.n_group = 4, c.topk_group = 2;
-    c.moe_intermediate_size = 32;
+    Config c = model_ref::fp8_moe_config();
+    if (ffn == Ffn::Dense) c.first_k_dense_replace = 2;
     if (ffn == Ffn::EveryExpert)  // every token takes both experts: FP8 and BF16 cannot route differently
         c.n_routed_experts = 2, c.n_group = 1, c.topk_group = 1;
     return c;

@@ -471,7 +471,7 @@ TEST_SUITE("gpu") {
 
     TEST_CASE("auxiliary-loss-free balancing: a bias moves by gamma against its expert's load; a skipped step not") {
         Config c = model_ref::tiny_moe_config();
-        const int N = 20, E = c.n_routed_experts;  // mean load N * K / E = 5
+        const int N = 20, E = c.n_routed_experts;  // mean load N * K / E = 5, the counts' mean
         MoeLayer<float> L(c, N, 13);
         std::vector<int> counts = {10, 3, 5, 5, 7, 0, 9, 1};
         upload(L.acts.counts, counts);
@@ -480,12 +480,12 @@ TEST_SUITE("gpu") {
         DeviceBuffer<int> skip(1);
         DeviceBuffer<float> grad_norm(1);
         skip.upload({1}), grad_norm.upload({1.0f});
-        L.moe.update_bias(bias, L.acts.counts, N, 0.01f, skip.data(), grad_norm.data(), stream);
+        L.moe.update_bias(bias, L.acts.counts, 0.01f, skip.data(), grad_norm.data(), stream);
         CHECK(download(bias, E) == before);
         skip.upload({0}), grad_norm.upload({NAN});
-        L.moe.update_bias(bias, L.acts.counts, N, 0.01f, skip.data(), grad_norm.data(), stream);
+        L.moe.update_bias(bias, L.acts.counts, 0.01f, skip.data(), grad_norm.data(), stream);
         CHECK(download(bias, E) == before);
-        L.moe.update_bias(bias, L.acts.counts, N, 0.01f, nullptr, nullptr, stream);
+        L.moe.update_bias(bias, L.acts.counts, 0.01f, nullptr, nullptr, stream);
         std::vector<float> after = download(bias, E);
         for (int e = 0; e < E; e++) {
             CAPTURE(e);

@@ -130,6 +130,11 @@ std::vector<std::string> collectives_on_rank(Comm& comm) {
     comm.all_reduce_max(flag.data(), 1, s);
     CUDA_CHECK(cudaStreamSynchronize(s));
     expect(flag.download()[0] == 7, "all-reduce max");
+    std::vector<double> host = {double(r), 0.25, double(1L << 40) + r};  // host values, counts exact past 2^32
+    comm.sum(host.data(), int(host.size()), s);
+    expect(host == std::vector<double>{R * (R - 1) / 2.0, 0.25 * R, double(R) * double(1L << 40) + R * (R - 1) / 2.0},
+           "the host values' sums");
+    expect(comm.sum(long(r + 1), s) == R * (R + 1) / 2, "a host count's sum");
 
     // Expert parallel: the counts all-gathered, the rows dispatched and regrouped, then combined back
     const std::vector<long> all_counts = random_counts(R, E, 17);
@@ -184,6 +189,13 @@ std::vector<Result> on_every_gpu(int gpus, const std::string& name, const std::f
     return results;
 }
 
+// The largest number of ranks, up to `gpus`, that the tiny models' 8 routed experts split evenly over.
+int expert_ranks(int gpus) {
+    int R = std::min(gpus, 8);
+    while (8 % R != 0) R--;
+    return R;
+}
+
 // The collectives test on `gpus` GPUs.
 void check_collectives(int gpus) {
     const auto failures = on_every_gpu<std::vector<std::string>>(gpus, "test_nccl_comm", collectives_on_rank);
@@ -200,15 +212,23 @@ struct Trained {
     std::vector<bf16> m, v;
 };
 
-constexpr int DP_ROWS = 8, DP_T = 11, DP_STEPS = 3;
+constexpr int DP_ROWS = 8, DP_T = 16, DP_STEPS = 3;  // FP8: every rank's tokens a multiple of 16
+
+// How train_tiny trains: the tiny MoE model in FP32, or a MoE model whose sizes FP8 takes in BF16 with FP8 GEMMs;
+// data parallel alone or with the experts spread over the ranks.
+struct TinyRun {
+    bool fp8 = false, expert_parallel = false;
+};
 
 // Trains on the global batches of DP_ROWS rows; with comm, this rank's rows of each, data parallel.
-Trained train_tiny(Comm* comm) {
-    const Config c = model_ref::tiny_moe_config();
+template <typename T>
+Trained train_tiny(Comm* comm, TinyRun run = {}) {
+    const Config c = run.fp8 ? model_ref::fp8_moe_config() : model_ref::tiny_moe_config();
     const RowRange rows = rows_of_rank(DP_ROWS, comm ? comm->ranks : Ranks{});
-    Model<float> model(c, rows.count(), DP_T);
+    Model<T> model(c, rows.count(), DP_T);
     model.init_weights(21);
-    if (comm) model.distribute(*comm, rows.count(), DP_ROWS);
+    if (comm) model.distribute(*comm, rows.count(), DP_ROWS, run.expert_parallel);
+    if (run.fp8) model.enable_fp8(Fp8Backend::Own);
     Trained out;
     for (int step = 1; step <= DP_STEPS; step++) {
         Rng rng(uint64_t(100 + step));
@@ -225,6 +245,14 @@ Trained train_tiny(Comm* comm) {
     out.master.resize(size_t(model.layout.total));
     model.moments(out.m, out.v);
     return out;
+}
+
+void check_identical(const Trained& got, const Trained& want) {
+    CHECK(got.scalars == want.scalars);
+    CHECK(got.master == want.master);
+    REQUIRE(got.m.size() == want.m.size());
+    CHECK(std::memcmp(got.m.data(), want.m.data(), want.m.size() * sizeof(bf16)) == 0);
+    CHECK(std::memcmp(got.v.data(), want.v.data(), want.v.size() * sizeof(bf16)) == 0);
 }
 
 double relative_change_error(const std::vector<float>& got, const std::vector<float>& want,
@@ -245,15 +273,20 @@ TEST_SUITE("gpu") {
     }
 
     TEST_CASE("data parallel through NCCL with one rank trains exactly as one GPU alone") {
-        const Trained alone = train_tiny(nullptr);
         const std::string folder = scratch_path("test_nccl_dp1");
         Comm comm(Ranks{}, folder, 60.0);
-        const Trained one_rank = train_tiny(&comm);
-        CHECK(one_rank.scalars == alone.scalars);
-        CHECK(one_rank.master == alone.master);
-        REQUIRE(one_rank.m.size() == alone.m.size());
-        CHECK(std::memcmp(one_rank.m.data(), alone.m.data(), alone.m.size() * sizeof(bf16)) == 0);
-        CHECK(std::memcmp(one_rank.v.data(), alone.v.data(), alone.v.size() * sizeof(bf16)) == 0);
+        check_identical(train_tiny<float>(&comm), train_tiny<float>(nullptr));
+    }
+
+    TEST_CASE("expert parallel through NCCL with one rank trains exactly as one GPU alone, in FP32 and in FP8") {
+        const std::string folder = scratch_path("test_nccl_ep1");
+        Comm comm(Ranks{}, folder, 60.0);
+        SUBCASE("fp32") {
+            check_identical(train_tiny<float>(&comm, {false, true}), train_tiny<float>(nullptr));
+        }
+        SUBCASE("fp8") {
+            check_identical(train_tiny<bf16>(&comm, {true, true}), train_tiny<bf16>(nullptr, {true, false}));
+        }
     }
 }
 
@@ -267,13 +300,15 @@ TEST_SUITE("multi-gpu") {
     TEST_CASE("data parallel over every GPU trains as one GPU on the whole batch, up to the order of sums") {
         int gpus = 0;
         CUDA_CHECK(cudaGetDeviceCount(&gpus));
-        gpus = std::min(gpus, DP_ROWS);
-        const Trained alone = train_tiny(nullptr);
+        TinyRun run;
+        SUBCASE("data parallel") { gpus = std::min(gpus, DP_ROWS); }
+        SUBCASE("data and expert parallel") { gpus = expert_ranks(gpus), run.expert_parallel = true; }
+        const Trained alone = train_tiny<float>(nullptr);
         Model<float> start(model_ref::tiny_moe_config(), 1, DP_T);
         start.init_weights(21);
         const std::vector<float> initial = start.master.download();
-        const std::vector<Trained> ranks =
-            on_every_gpu<Trained>(gpus, "test_nccl_dp", [](Comm& comm) { return train_tiny(&comm); });
+        const std::vector<Trained> ranks = on_every_gpu<Trained>(
+            gpus, "test_nccl_dp", [run](Comm& comm) { return train_tiny<float>(&comm, run); });
         for (const Trained& got : ranks) {  // every rank holds the same model
             CHECK(got.master == ranks[0].master);
             for (size_t i = 0; i < alone.scalars.size(); i++)
