@@ -72,6 +72,8 @@ struct Config {
     // Fields that a config.json written before them lacks, and what such a config meant: a model without MTP.
     static constexpr std::pair<const char*, int> absent_means[] = {{"num_nextn_predict_layers", 0}};
 
+    static constexpr int MAX_CONFIG_SIZE = 1 << 15, MAX_CONFIG_LAYERS = 256;
+
     // The one list of the fields: config.json is read, written and checked through it.
     template <typename Self, typename Visit>
     static void each_field(Self& c, Visit&& visit) {
@@ -132,9 +134,19 @@ struct Config {
                                                 (std::is_floating_point_v<V> ? " and finite" : ""));
             }
         });
+        // Sizes beyond these are no model one GPU trains, and the int arithmetic of shapes multiplies two of them.
+        fields([](const char* name, const auto& value, Bound) {
+            if constexpr (std::is_same_v<std::decay_t<decltype(value)>, int>)
+                if (value > MAX_CONFIG_SIZE)
+                    throw std::invalid_argument(std::string("invalid model config: ") + name + " must be at most " +
+                                                std::to_string(MAX_CONFIG_SIZE) + " (the product of two sizes must "
+                                                "fit an int)");
+        });
         auto require = [](bool ok, const char* what) {
             if (!ok) throw std::invalid_argument(std::string("invalid model config: ") + what);
         };
+        require(num_hidden_layers <= MAX_CONFIG_LAYERS, "num_hidden_layers must be at most 256");
+        require(num_nextn_predict_layers <= MAX_CONFIG_LAYERS, "num_nextn_predict_layers must be at most 256");
         require(qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)");
         if (!has_moe()) return;
         const int group_size = n_routed_experts / n_group;

@@ -644,6 +644,9 @@ int main(int argc, char** argv) {
     } catch (const std::invalid_argument& e) {
         std::fprintf(stderr, "error: %s\n%s", e.what(), Options::usage().c_str());
         return 2;
+    } catch (const std::exception& e) {  // a path the filesystem refuses, memory
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 2;
     }
     if (o.help) {
         std::printf("%s", Options::usage().c_str());

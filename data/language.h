@@ -1,6 +1,6 @@
 // data/language.h: the corpus' two "languages", the mapping between them, and the share of a text written in one.
 //
-// DeepSeek-R1 (§2.3.2-2.3.3) found that pure RL (R1-Zero) mixes languages in its chains of thought, and that
+// DeepSeek-R1 (§2.3.1-2.3.2) found that pure RL (R1-Zero) mixes languages in its chains of thought, and that
 // cold-start data plus a language-consistency reward (the share of target-language words in the thinking) fixes it.
 // To see this in miniature the corpus holds the same material in two languages that can be told apart character
 // by character:
@@ -101,27 +101,33 @@ struct LanguageCounts {
     size_t en = 0, alt = 0;
 };
 
-// Characters of each language in `text`; special tokens are skipped, so a tag's letters never count as En.
-inline LanguageCounts count_language_chars(const std::string& text) {
+// Characters, or words (maximal runs of one language's characters), of each language in `text`; special tokens are
+// skipped, so a tag's letters never count as En.
+inline LanguageCounts count_language(const std::string& text, bool words) {
     LanguageCounts counts;
+    enum Kind { None, En, Alt } previous = None;
     for (size_t pos = 0; pos < text.size();) {
         if (const size_t special = named_special_length(text, pos)) {
-            pos += special;
+            pos += special, previous = None;
             continue;
         }
         const unsigned char c = text[pos++];
-        counts.en += is_en_char(c);
-        counts.alt += is_alt_char(c);
+        const Kind kind = is_en_char(c) ? En : is_alt_char(c) ? Alt : None;
+        if (kind != None && !(words && kind == previous)) ++(kind == En ? counts.en : counts.alt);
+        previous = kind;
     }
     return counts;
 }
+inline LanguageCounts count_language_chars(const std::string& text) { return count_language(text, false); }
+inline LanguageCounts count_language_words(const std::string& text) { return count_language(text, true); }
 
-// The share of `target`-language characters among the language characters of `text` (R1's language-consistency
-// reward, per character rather than per word); 1.0 for a text with none, which cannot be inconsistent.
+// The share of `target`-language words among the words of `text`: R1 §2.3.2's language-consistency reward, "the
+// proportion of target language words in the CoT". 0 for a text without words: no reasoning is not consistent
+// reasoning, and paying for it would reward empty thinking.
 inline double language_share(const std::string& text, Language target) {
-    const LanguageCounts counts = count_language_chars(text);
+    const LanguageCounts counts = count_language_words(text);
     const size_t total = counts.en + counts.alt;
-    if (total == 0) return 1.0;
+    if (total == 0) return 0.0;
     return double(target == Language::En ? counts.en : counts.alt) / double(total);
 }
 

@@ -1,5 +1,5 @@
 // rewards.h: the rule-based rewards of DeepSeek-R1 for a sampled response: accuracy and format (R1 §2.2.2), and the
-// language-consistency reward that R1 adds after the cold start (§2.3.3). Host code, run on every sample of every
+// language-consistency reward that R1 adds after the cold start (§2.3.2). Host code, run on every sample of every
 // GRPO step.
 //
 // R1 uses rules rather than a neural reward model because a learned reward can be hacked and must be retrained;
@@ -20,7 +20,7 @@ struct RewardConfig {
     // Small beside accuracy, so that no format can pay for a wrong answer; not zero, so that in a group whose
     // answers are all wrong the well-formed samples still stand out and GRPO has an advantage to learn from.
     double w_format = 0.1;
-    // R1 adds language consistency only in the RL stage after the cold start (§2.3.3), directly summed with the
+    // R1 adds language consistency only in the RL stage after the cold start (§2.3.2), directly summed with the
     // accuracy reward; 0 leaves it out, as in R1-Zero.
     double w_language = 0.0;
 };
@@ -97,15 +97,16 @@ inline Reward score(const data::Problem& p, const std::string& response, const R
     if (response.size() > kMaxResponseBytes) return r;
     const Block think = only_block(response, "<think>", "</think>");
     const Block answer = only_block(response, "<answer>", "</answer>");
-    if (think.found) {
-        r.thinking = content(response, think);
-        r.language = data::language_share(r.thinking, p.language);
-    }
+    if (think.found) r.thinking = content(response, think);
     if (answer.found) {
         r.has_answer = true;
         r.answer = content(response, answer);
         r.accuracy = data::verify(p, r.answer) ? 1.0 : 0.0;
     }
+    // R1 §2.3.2 measures the language of the chain of thought of an attempt: a response without an answer earns
+    // nothing from it, or in a group whose answers are all wrong, thinking without answering would pay better
+    // than a wrong answer (and an empty think block, with no words, earns nothing either).
+    if (think.found && answer.found) r.language = data::language_share(r.thinking, p.language);
     r.format = well_formed(response, think, answer) ? 1.0 : 0.0;
     r.total = cfg.w_accuracy * r.accuracy + cfg.w_format * r.format + cfg.w_language * r.language;
     return r;

@@ -355,12 +355,21 @@ inline bool parse_integer(const std::string& text, long& value) {
     return true;
 }
 
+// A number as the corpus writes it: 1..18 digits, no sign, no leading zero ("0" itself excepted). The model's answers
+// are held to it: "+0046" names 46 but is not how anything writes it, and every variant accepted is one more way for
+// a policy to be paid for text that is not the answer.
+inline bool parse_written_number(const std::string& text, long& value) {
+    if (text.empty() || text.size() > 18 || (text[0] == '0' && text.size() > 1)) return false;
+    if (!std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; })) return false;
+    return parse_integer(text, value);
+}
+
 // Recursive descent over
 //   expression := term (('+' | '-') term)*     term := factor (('*' | '/') factor)*
 //   factor := number | '(' expression ')'
 // where every number must be one of the available ones, each used at most once. A failure (a number not
-// available, an inexact division, a value out of range, nesting too deep, text left over) sets `failed_`, and
-// every step returns at once after it.
+// available, an inexact division, a value out of range, nesting too deep, text left over, any byte the grammar does
+// not allow) sets `failed_`, and every step returns at once after it.
 class ExpressionEvaluator {
    public:
     ExpressionEvaluator(const std::string& text, std::vector<long> available)
@@ -368,7 +377,8 @@ class ExpressionEvaluator {
 
     bool evaluate(long& value) {
         value = expression();
-        return !failed_ && peek() == '\0';
+        skip_spaces();
+        return !failed_ && pos_ == text_.size();  // the whole text read: a NUL byte is a byte like any other
     }
 
    private:
@@ -427,7 +437,7 @@ class ExpressionEvaluator {
         const size_t start = pos_;
         while (pos_ < text_.size() && text_[pos_] >= '0' && text_[pos_] <= '9') ++pos_;
         long value = 0;
-        if (pos_ == start || !parse_integer(text_.substr(start, pos_ - start), value)) return fail();
+        if (!parse_written_number(text_.substr(start, pos_ - start), value)) return fail();
         auto it = std::find(available_.begin(), available_.end(), value);
         if (it == available_.end()) return fail();
         available_.erase(it);
@@ -452,7 +462,7 @@ inline bool verify(const Problem& p, const std::string& answer_text) {
     if (counts.en > 0 && counts.alt > 0) return false;
     const std::string text = strip_spaces(to_language(answer_text, Language::En));
     long value = 0;
-    if (p.kind != TaskKind::Countdown) return parse_integer(text, value) && value == p.target;
+    if (p.kind != TaskKind::Countdown) return parse_written_number(text, value) && value == p.target;
     if (text.empty() || text.size() > kMaxExpressionChars) return false;
     return ExpressionEvaluator(text, p.numbers).evaluate(value) && value == p.target;
 }

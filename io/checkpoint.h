@@ -10,7 +10,9 @@
 // error that names the file and what is wrong.
 #pragma once
 
+#include <algorithm>
 #include <filesystem>
+#include <limits>
 #include <fstream>
 #include <sstream>
 #include <type_traits>
@@ -166,6 +168,7 @@ template <typename T>
 std::string load_weights(const std::string& dir, Model<T>& model) {
     std::string path = dir + "/model.safetensors";
     SafetensorsFile file = SafetensorsFile::load(path);
+    if (file.metadata.count("prompt_template")) file.require_checksum();  // ours: its checksum cannot be left out
     std::vector<float> master(model.layout.total);
     for (const ParamTensor& t : model.layout.tensors)
         file.read(t.name, DType::F32, shape64(t.shape), master.data() + t.offset);
@@ -181,18 +184,31 @@ std::string load_weights(const std::string& dir, Model<T>& model) {
     return it->second;
 }
 
+// A whole decimal count, digits only, at most `max`: "25x", "-25", " 25" and "" are errors, not 25, -25 or 0.
+inline uint64_t parse_count(const std::string& text, uint64_t max) {
+    const bool digits = std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; });
+    if (text.empty() || !digits) throw std::invalid_argument("'" + text + "' is not a count");
+    unsigned long long value = 0;
+    for (char c : text) {
+        if (value > (max - uint64_t(c - '0')) / 10) throw std::invalid_argument("'" + text + "' is too large");
+        value = value * 10 + uint64_t(c - '0');
+    }
+    return value;
+}
+
 template <typename T>
 TrainerState load_trainer_state(const std::string& dir, Model<T>& model) {
     std::string path = dir + "/trainer_state.safetensors";
     SafetensorsFile file = SafetensorsFile::load(path);
+    file.require_checksum();
     int64_t n = model.layout.trained;
     std::vector<bf16> m(n), v(n);
     file.read("adam_m", DType::BF16, {n}, m.data());
     file.read("adam_v", DType::BF16, {n}, v.data());
     TrainerState state;
     try {
-        state.step = std::stoi(file.metadata.at("step"));
-        state.seed = std::stoull(file.metadata.at("seed"));
+        state.step = int(parse_count(file.metadata.at("step"), uint64_t(std::numeric_limits<int>::max())));
+        state.seed = parse_count(file.metadata.at("seed"), std::numeric_limits<uint64_t>::max());
         state.precision = file.metadata.at("precision");
         state.schedule = file.metadata.at("schedule");
     } catch (const std::exception&) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -19,13 +20,13 @@ struct Flag {
     std::string default_text;
 };
 
-// Parses a whole string as a number, or throws naming the flag.
+// Parses a whole string as a number, or throws naming the flag: no space before it or after it.
 template <typename V>
 V parse_number(const std::string& flag, const std::string& text) {
     std::istringstream in(text);
     V value;
     in >> value;
-    if (text.empty() || in.fail() || !in.eof())
+    if (text.empty() || std::isspace(static_cast<unsigned char>(text[0])) || in.fail() || !in.eof())
         throw std::invalid_argument("--" + flag + " expects a number, got '" + text + "'");
     return value;
 }
@@ -223,10 +224,11 @@ struct Options {
         };
         positive(steps, "steps"), positive(batch, "batch"), positive(seq, "seq"), positive(eval_every, "eval-every");
         positive(ckpt_every, "ckpt-every"), positive(log_every, "log-every"), positive(eval_batches, "eval-batches");
-        if (!(lr > 0.0f)) throw std::invalid_argument("--lr must be positive");
+        if (!(lr > 0.0f && std::isfinite(lr))) throw std::invalid_argument("--lr must be positive and finite");
         if (warmup < 0) throw std::invalid_argument("--warmup must not be negative");
         if (speculative_max_batch < 0) throw std::invalid_argument("--speculative-max-batch must not be negative");
-        if (!(nccl_timeout > 0.0f)) throw std::invalid_argument("--nccl-timeout must be positive");
+        if (!(nccl_timeout > 0.0f && std::isfinite(nccl_timeout)))
+            throw std::invalid_argument("--nccl-timeout must be positive and finite");
         if (!(min_lr_frac >= 0.0f && min_lr_frac <= 1.0f))
             throw std::invalid_argument("--min-lr-frac must be in [0, 1]");
         if (!(beta2 > 0.0f && beta2 < 1.0f)) throw std::invalid_argument("--beta2 must be in (0, 1)");
@@ -240,26 +242,33 @@ struct Options {
             throw std::invalid_argument("--group must be at least 2: GRPO compares samples in a group");
         if (rl && !(temperature > 0.0f))
             throw std::invalid_argument("--temperature must be positive for RL: greedy samples of a group are equal");
-        if (!init.empty() && std::filesystem::exists(init) && std::filesystem::exists(out + "/checkpoint") &&
-            std::filesystem::equivalent(init, out + "/checkpoint"))
+        std::error_code ec;  // a path the filesystem cannot take fails later, where it is opened, with its message
+        if (!init.empty() && std::filesystem::equivalent(init, out + "/checkpoint", ec))
             throw std::invalid_argument("--out " + out + " would overwrite its own --init checkpoint");
         positive(updates, "updates"), positive(max_new, "max-new"), positive(difficulty, "difficulty");
         positive(eval_k, "eval-k");
         if (task != "mix" && task != "add" && task != "mul" && task != "countdown")
             throw std::invalid_argument("--task must be mix, add, mul or countdown, got '" + task + "'");
         if (!(replay >= 0.0f && replay <= 1.0f)) throw std::invalid_argument("--replay must be in [0, 1]");
-        if (!(eval_temperature >= 0.0f)) throw std::invalid_argument("--eval-temperature must not be negative");
+        if (!(eval_temperature >= 0.0f && std::isfinite(eval_temperature)))
+            throw std::invalid_argument("--eval-temperature must be a finite number >= 0");
         if (template_name != "auto" && template_name != "chat" && template_name != "r1zero")
             throw std::invalid_argument("--template must be auto, chat or r1zero, got '" + template_name + "'");
-        if (!(temperature >= 0.0f)) throw std::invalid_argument("--temperature must not be negative");
-        if (!(kl >= 0.0f && clip_low > 0.0f && clip_low < 1.0f && clip_high > 0.0f))
-            throw std::invalid_argument("--kl must be >= 0, --clip-low in (0, 1), --clip-high > 0");
+        if (!(temperature >= 0.0f && std::isfinite(temperature)))
+            throw std::invalid_argument("--temperature must be a finite number >= 0");
+        if (!(clip_low > 0.0f && clip_low < 1.0f)) throw std::invalid_argument("--clip-low must be in (0, 1)");
+        if (!(clip_high > 0.0f && clip_high <= 1.0f))  // 1: a ratio up to 2, far past DAPO's 1.28
+            throw std::invalid_argument("--clip-high must be in (0, 1]");
+        if (!(weight_decay >= 0.0f && weight_decay <= 1.0f))  // decoupled: each step takes lr x weight_decay of w
+            throw std::invalid_argument("--weight-decay must be in [0, 1]");
         if (stage == "logits" && text.empty()) throw std::invalid_argument("stage logits needs --text");
         if (balancing != "aux-free" && balancing != "aux-loss" && balancing != "none")
             throw std::invalid_argument("--balancing must be aux-free, aux-loss or none, got '" + balancing + "'");
         for (auto [value, name] : {std::pair{bias_rate, "bias-rate"}, std::pair{balance_alpha, "balance-alpha"},
                                    std::pair{aux_alpha, "aux-alpha"}, std::pair{mtp_lambda, "mtp-lambda"},
-                                   std::pair{mtp_lambda_late, "mtp-lambda-late"}})
+                                   std::pair{mtp_lambda_late, "mtp-lambda-late"}, std::pair{kl, "kl"},
+                                   std::pair{grad_clip, "grad-clip"}, std::pair{w_format, "w-format"},
+                                   std::pair{w_language, "w-language"}})
             if (!(value >= 0.0f && std::isfinite(value)))
                 throw std::invalid_argument(std::string("--") + name + " must be a finite number >= 0");
         if (!(mtp_late_from >= 0.0f && mtp_late_from <= 1.0f))

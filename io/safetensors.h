@@ -3,8 +3,10 @@
 // Layout of a file: 8 bytes little-endian N, then N bytes of JSON header (padded with spaces to a multiple of 8),
 // then the data section. The header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, end]}, offsets
 // relative to the data section, tensors packed without gaps; "__metadata__" maps strings to strings.
-// Files written here carry a "checksum" metadata entry (FNV-1a 64 of the data section), so a corrupted checkpoint
-// fails on load instead of training on garbage. Files without one (from other writers) load unchecked.
+// Files written here carry a "checksum" metadata entry (FNV-1a 64 of everything the header says and of the data
+// section), so a corrupted or edited checkpoint fails on load instead of training on garbage or resuming at a step
+// someone typed. Files without one (from other writers) load unchecked; where a file must be ours (a trainer state,
+// a checkpoint's weights) the caller requires the checksum, so that deleting it turns nothing off.
 //
 // Every write goes to a temporary name, is fsynced, then renamed over the target: a crash at any moment leaves the
 // old complete file or the new complete file, never a half-written one.
@@ -94,6 +96,13 @@ inline size_t tensor_bytes(DType dtype, const std::vector<int64_t>& shape) {
     return bytes;
 }
 
+// Where a tensor lies in the data section, as a header describes it.
+struct TensorEntry {
+    DType dtype;
+    std::vector<int64_t> shape;
+    size_t offset, nbytes;
+};
+
 // A tensor to write: it points at host memory holding product(shape) * dtype_size(dtype) bytes.
 struct TensorRef {
     std::string name;
@@ -121,6 +130,31 @@ struct Fnv1a64 {
         return buf;
     }
 };
+
+// The checksum's start: the count of metadata entries and tensors, then every metadata entry but the checksum and
+// every tensor's name, dtype, shape and place, in name order, each piece after its length; the data section follows.
+// So no byte of a header that means anything can change unseen, whatever the header's spacing or key order.
+inline Fnv1a64 header_digest(const std::map<std::string, TensorEntry>& tensors,
+                             const std::map<std::string, std::string>& metadata) {
+    Fnv1a64 h;
+    auto piece = [&](const void* p, size_t n) {
+        const uint64_t length = n;
+        h.update(&length, sizeof length);
+        h.update(p, n);
+    };
+    auto text = [&](const std::string& s) { piece(s.data(), s.size()); };
+    const uint64_t counts[2] = {metadata.size() - metadata.count("checksum"), tensors.size()};
+    piece(counts, sizeof counts);
+    for (const auto& [key, value] : metadata)
+        if (key != "checksum") text(key), text(value);
+    for (const auto& [name, e] : tensors) {
+        text(name), text(dtype_name(e.dtype));
+        piece(e.shape.data(), e.shape.size() * sizeof(int64_t));
+        const uint64_t place[2] = {e.offset, e.nbytes};
+        piece(place, sizeof place);
+    }
+    return h;
+}
 
 inline std::string parent_directory(const std::string& path) {
     std::string parent = std::filesystem::path(path).parent_path().string();
@@ -245,14 +279,23 @@ inline std::string build_header(const std::vector<TensorRef>& tensors,
 }  // namespace safetensors_detail
 
 // Writes the tensors (in the given order, tightly packed) and the metadata to `path`, atomically. The metadata
-// gains a "checksum" entry computed here, replacing any passed in, so it always describes the data written.
+// gains a "checksum" entry computed here, replacing any passed in, so it always describes the file written.
 inline void write_safetensors(const std::string& path, const std::vector<TensorRef>& tensors,
                               std::map<std::string, std::string> metadata) {
     using namespace safetensors_detail;
-    Fnv1a64 checksum;
+    metadata.erase("checksum");
+    std::string header = build_header(tensors, metadata);  // refuses duplicate names
+    std::map<std::string, TensorEntry> entries;
+    size_t offset = 0;
+    for (const TensorRef& t : tensors) {
+        const size_t bytes = tensor_bytes(t.dtype, t.shape);
+        entries[t.name] = {t.dtype, t.shape, offset, bytes};
+        offset += bytes;
+    }
+    Fnv1a64 checksum = header_digest(entries, metadata);
     for (const TensorRef& t : tensors) checksum.update(t.data, tensor_bytes(t.dtype, t.shape));
     metadata["checksum"] = checksum.hex();
-    std::string header = build_header(tensors, metadata);
+    header = build_header(tensors, metadata);
 
     AtomicFileWriter file(path);
     file.write(little_endian_u64(header.size()));
@@ -263,11 +306,7 @@ inline void write_safetensors(const std::string& path, const std::vector<TensorR
 
 // A loaded safetensors file: the parsed header and the whole data section in memory.
 struct SafetensorsFile {
-    struct Entry {
-        DType dtype;
-        std::vector<int64_t> shape;
-        size_t offset, nbytes;  // within `bytes`
-    };
+    using Entry = TensorEntry;  // its offset within `bytes`
     std::string path;
     std::map<std::string, Entry> tensors;
     std::map<std::string, std::string> metadata;
@@ -314,7 +353,12 @@ struct SafetensorsFile {
             fail("tensor '" + name + "' has dtype " + dtype_name(e.dtype) + ", expected " + dtype_name(dtype));
         if (e.shape != shape)
             fail("tensor '" + name + "' has shape " + shape_string(e.shape) + ", expected " + shape_string(shape));
-        std::memcpy(out, bytes.data() + e.offset, e.nbytes);
+        if (e.nbytes > 0) std::memcpy(out, bytes.data() + e.offset, e.nbytes);
+    }
+
+    // For a file that must be ours: without its checksum it could have been edited unseen.
+    void require_checksum() const {
+        if (!metadata.count("checksum")) fail("no checksum: not a file this program wrote, or its header was edited");
     }
 
    private:
@@ -327,12 +371,17 @@ struct SafetensorsFile {
         } catch (const std::runtime_error& e) {
             fail(std::string("header is not valid JSON: ") + e.what());
         }
-        try {
+        try {  // a name twice is refused: a reader that took the first and one that took the last would disagree
+            bool metadata_seen = false;
             for (const auto& [name, value] : header.as_object()) {
-                if (name == "__metadata__")
-                    for (const auto& [key, v] : value.as_object()) metadata[key] = v.as_string();
-                else
-                    tensors[name] = parse_entry(name, value);
+                if (name == "__metadata__") {
+                    if (std::exchange(metadata_seen, true)) throw std::runtime_error("__metadata__ twice");
+                    for (const auto& [key, v] : value.as_object())
+                        if (!metadata.emplace(key, v.as_string()).second)
+                            throw std::runtime_error("metadata key '" + key + "' twice");
+                } else if (!tensors.emplace(name, parse_entry(name, value)).second) {
+                    throw std::runtime_error("tensor '" + name + "' twice");
+                }
             }
         } catch (const std::runtime_error& e) {
             fail(std::string("bad header: ") + e.what());
@@ -385,10 +434,10 @@ struct SafetensorsFile {
     void check_checksum() const {
         auto it = metadata.find("checksum");
         if (it == metadata.end()) return;
-        safetensors_detail::Fnv1a64 checksum;
+        safetensors_detail::Fnv1a64 checksum = safetensors_detail::header_digest(tensors, metadata);
         checksum.update(bytes.data(), bytes.size());
         if (checksum.hex() != it->second)
-            fail("corrupt: checksum mismatch (header " + it->second + ", data " + checksum.hex() + ")");
+            fail("corrupt or edited: checksum mismatch (recorded " + it->second + ", computed " + checksum.hex() + ")");
     }
 };
 

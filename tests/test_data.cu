@@ -408,6 +408,19 @@ TEST_SUITE("data") {
         }
     }
 
+    TEST_CASE("add and mul: the answer is the number as written, without sign or leading zeros") {
+        const Problem add{TaskKind::Add, 1, {12, 34}, 46, "12+34=", "", "46"};
+        CHECK(verify(add, "46"));
+        CHECK(verify(add, " EG "));  // Alt
+        for (const char* wrong : {"046", "0046", "+46", "+0046", "-46", "4 6", "46.0", "46\n", "AEG"})
+            CHECK_MESSAGE(!verify(add, wrong), wrong);
+        CHECK_FALSE(verify(add, std::string("46\0", 3)));
+        const Problem zero{TaskKind::Mul, 1, {0, 34}, 0, "0*34=", "", "0"};
+        CHECK(verify(zero, "0"));
+        CHECK_FALSE(verify(zero, "00"));
+        CHECK_FALSE(verify(zero, "-0"));
+    }
+
     TEST_CASE("countdown: the verifier accepts any correct expression and nothing else") {
         Problem p{TaskKind::Countdown, 2, {3, 5, 2, 7}, 9, "make 9 from 3 5 2 7", "", "(3+5)*2-7"};
         for (const char* right : {"(3+5)*2-7", "7+2", "2+7", " 5 + 7 - 3 ", "3*(5-2)", "((7))+((2))", "7*2-5"})
@@ -416,8 +429,11 @@ TEST_SUITE("data") {
                                   "9",                       // not a given number
                                   "18/2", "7+2+0", "7/2*3",  // 7/2 is not exact, even though 3*3 = 9
                                   "5+7-3=9", "7+2)", "(7+2", "7++2", "7 2", "-7+16", "7+2 x", "(7+2)()", "3*5-2-7+3",
-                                  "99999999999999999999+1"})
+                                  "99999999999999999999+1", "07+2", "7+02", "7+2\n", "7+2\t"})
             CHECK_MESSAGE(!verify(p, wrong), wrong);
+        // any byte the grammar does not allow makes the answer wrong, a NUL byte too: the text is read to its end
+        CHECK_FALSE(verify(p, std::string("7+2\0*99999+25+25", 17)));
+        CHECK_FALSE(verify(p, std::string("7+2\0", 4)));
 
         Problem zero{TaskKind::Countdown, 2, {4, 4, 9, 2}, 9, "make 9 from 4 4 9 2", "", "9"};
         CHECK_FALSE(verify(zero, "9/(4-4)"));
@@ -607,20 +623,23 @@ TEST_SUITE("data") {
         CHECK(to_language("", Language::Alt).empty());
     }
 
-    TEST_CASE("language: language_share of pure, mixed and empty texts") {
+    TEST_CASE("language: language_share, the share of words, of pure, mixed and empty texts") {
         CHECK(language_share("12+34=46", Language::En) == 1.0);
         CHECK(language_share("12+34=46", Language::Alt) == 0.0);
         CHECK(language_share("BC+DE=EG, YUP", Language::Alt) == 1.0);
         CHECK(language_share("BC+DE=EG, YUP", Language::En) == 0.0);
         CHECK(language_share("BC+34", Language::Alt) == doctest::Approx(0.5));
-        CHECK(language_share("6+15=21, NOP", Language::En) == doctest::Approx(5.0 / 8));
-        CHECK(language_share("", Language::En) == 1.0);
-        CHECK(language_share("", Language::Alt) == 1.0);
-        CHECK(language_share(" +-*/()=,\n", Language::Alt) == 1.0);
+        CHECK(language_share("6+15=21, NOP", Language::En) == doctest::Approx(3.0 / 4));  // 5 of 8 characters
+        CHECK(language_share("", Language::En) == 0.0);  // no words: nothing consistent to pay for
+        CHECK(language_share("", Language::Alt) == 0.0);
+        CHECK(language_share(" +-*/()=,\n", Language::Alt) == 0.0);
         // Special tokens belong to neither language; a broken tag is plain text.
         CHECK(language_share("<think>AB</think><|eos|><|assistant|>", Language::Alt) == 1.0);
         CHECK(count_language_chars("<thinkAB").en == 5);
         CHECK(count_language_chars("<thinkAB").alt == 2);
+        CHECK(count_language_words("<thinkAB").en == 1);
+        CHECK(count_language_words("<thinkAB").alt == 1);
+        CHECK(count_language_words("B2 NOP yes<|eos|>yes").en == 3);  // a special token ends a word
     }
 
     TEST_CASE("language: every problem round-trips between En and Alt and verifies in both") {

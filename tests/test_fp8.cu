@@ -229,6 +229,46 @@ TEST_SUITE("gpu") {
             }
     }
 
+    // V3 §3.5.2: the tensor cores add FP8 products into a partial sum that keeps only about 14 bits aligned to its
+    // largest term, so over a long K the bits each addition drops add up (V3: up to ~2% at K = 4096). The fix
+    // (§3.3.2): every N_c = 128 elements of K the kernel moves the partial sum into FP32 registers and restarts from
+    // zero. Our kernels, with and without that promotion, against the exact sum of the same E4M3 products (errors
+    // relative to sum |a b|, as a sum that cancels would make any error look huge).
+    TEST_CASE("fp8_gemm: promotion every 128 elements of K keeps the bits the tensor cores' sum drops") {
+        Rng rng(86);
+        const int M = 128, N = 128;
+        for (int K : {4096, 16384}) {
+            Fp8Problem p{M, N, K, true};
+            const float scale = 1.0f;  // values in [-4, 4], E4M3 as they are: the scales play no part
+            for (float x : ref::random_uniform(rng, size_t(M) * K, -4.0, 4.0)) p.qA.push_back(ref::e4m3(x, scale));
+            for (float x : ref::random_uniform(rng, size_t(N) * K, -4.0, 4.0)) p.qB.push_back(ref::e4m3(x, scale));
+            p.sA.assign(size_t(ref::tiles(K)) * M, scale);
+            p.sB.assign(size_t(ref::tiles(N)) * ref::padded_tiles(K), scale);
+            p.C = ref::fp8_gemm(p.qA, p.qB, p.sA, p.sB, M, N, K, true);
+            std::vector<double> magnitude(size_t(M) * N, 0.0);
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < N; n++)
+                    for (int k = 0; k < K; k++) {
+                        const double product = double(p.qA[size_t(m) * K + k]) * p.qB[size_t(n) * K + k];
+                        magnitude[size_t(m) * N + n] += std::fabs(product);
+                    }
+            for (Fp8Mma mma : mma_kinds()) {
+                double error[2] = {0.0, 0.0};  // without, with promotion
+                for (bool promote : {false, true}) {
+                    DeviceBuffer<float> C(size_t(M) * N);
+                    run_fp8_gemm(p, C, false, promote, mma);
+                    const std::vector<float> got = ref::download(C);
+                    for (size_t i = 0; i < got.size(); i++)
+                        error[promote] += std::fabs(got[i] - p.C[i]) / magnitude[i] / double(got.size());
+                }
+                MESSAGE("K = ", K, ", mma ", int(mma), ": mean relative error without promotion ", error[0],
+                        ", with promotion every 128 ", error[1]);
+                CHECK(error[1] < 1e-6);  // FP32 accumulation of exact E4M3 products: FP32 rounding alone
+                CHECK(error[0] > 10.0 * error[1]);
+            }
+        }
+    }
+
     // One launch for a GEMM per group, as the routed experts run: every group's part of the result is the single
     // GEMM of that group's operands, computed by the reference. Group 1 is empty, the launch covers rows past the
     // last group (which it must leave alone), N and the groups' K end in partial tiles, and bf16 rows of 100 values

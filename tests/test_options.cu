@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 
 #include "../io/checkpoint.h"
 #include "../io/options.h"
@@ -58,6 +59,40 @@ TEST_SUITE("options") {
         CHECK(parse_error({"pretrain", "extra"}).find("unexpected argument 'extra'") != std::string::npos);
         CHECK(parse_error({"eval"}).find("needs --init") != std::string::npos);
         CHECK(parse_error({"logits", "--init", "x"}).find("needs --text") != std::string::npos);
+        CHECK(parse_error({"pretrain", "--steps", " 5"}).find("expects a number, got ' 5'") != std::string::npos);
+        CHECK(parse_error({"pretrain", "--steps", "5 "}).find("expects a number, got '5 '") != std::string::npos);
+    }
+
+    TEST_CASE("settings that make no sense are refused, each with its range") {
+        const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+            {{"--grad-clip", "-5"}, "--grad-clip must be a finite number >= 0"},
+            {{"--grad-clip", "inf"}, "--grad-clip expects a number, got 'inf'"},
+            {{"--weight-decay", "-1"}, "--weight-decay must be in [0, 1]"},
+            {{"--w-format", "-100"}, "--w-format must be a finite number >= 0"},
+            {{"--w-language", "-0.5"}, "--w-language must be a finite number >= 0"},
+            {{"--clip-high", "1e30"}, "--clip-high must be in (0, 1]"},
+            {{"--clip-low", "1"}, "--clip-low must be in (0, 1)"},
+            {{"--kl", "-1"}, "--kl must be a finite number >= 0"},
+            {{"--lr", "nan"}, "--lr expects a number, got 'nan'"},
+            {{"--temperature", "-1"}, "--temperature must be positive for RL"},
+        };
+        for (const auto& [flags, message] : cases) {
+            std::vector<std::string> args = {"grpo", "--init", "x"};
+            args.insert(args.end(), flags.begin(), flags.end());
+            CHECK_MESSAGE(parse_error(args).find(message) != std::string::npos, flags[0], " ", flags[1]);
+        }
+        CHECK(parse_error({"grpo", "--init", "x", "--grad-clip", "0", "--clip-high", "0.28"}).empty());
+    }
+
+    TEST_CASE("paths the filesystem refuses are no crash: an error later, where they are opened") {
+        const std::string long_name(300, 'a');
+        CHECK(parse_error({"sft", "--init", long_name}).empty());
+        CHECK(parse_error({"sft", "--init", "x", "--out", "/tmp/" + long_name + "/y"}).empty());
+        const auto loop = std::filesystem::temp_directory_path() / "mini_deepseek_loop";
+        std::filesystem::remove(loop);
+        std::filesystem::create_symlink(loop, loop);
+        CHECK(parse_error({"sft", "--init", loop.string(), "--out", loop.string()}).empty());
+        std::filesystem::remove(loop);
     }
 
     TEST_CASE("--help needs no stage and the usage lists every flag") {
@@ -131,6 +166,14 @@ TEST_SUITE("checkpoint") {
         CHECK(error_of("num_experts_per_tok", 9).find("num_experts_per_tok") != std::string::npos);
         CHECK(error_of("n_routed_experts", 512).find("at most 256") != std::string::npos);
         CHECK(error_of("first_k_dense_replace", 8) == "no error");  // a dense model needs no valid MoE fields
+        CHECK(error_of("kv_lora_rank", 2147483647).find("kv_lora_rank must be at most 32768") != std::string::npos);
+        CHECK(error_of("hidden_size", 40000).find("hidden_size must be at most") != std::string::npos);
+        CHECK(error_of("num_hidden_layers", 2147483647).find("num_hidden_layers must be at most") != std::string::npos);
+        CHECK(error_of("num_hidden_layers", 1000).find("num_hidden_layers must be at most 256") != std::string::npos);
+        CHECK(error_of("num_nextn_predict_layers", 1000).find("at most 256") != std::string::npos);
+        CHECK(error_of("rms_norm_eps", std::numeric_limits<double>::infinity()).find("rms_norm_eps must be") !=
+              std::string::npos);
+        CHECK(error_of("rope_theta", 0.0).find("rope_theta must be positive") != std::string::npos);
         Json partial = Json::parse(R"({"model_type": "deepseek_v3", "vocab_size": 128})");
         CHECK_THROWS_WITH_AS(config_from_json(partial, "c"), doctest::Contains("missing key"), std::runtime_error);
 
@@ -140,6 +183,18 @@ TEST_SUITE("checkpoint") {
         std::remove(path.c_str());
         CHECK_THROWS_WITH_AS(load_config("/nonexistent/config.json"), doctest::Contains("cannot open"),
                              std::runtime_error);
+    }
+
+    TEST_CASE("a checkpoint's counts are read strictly") {
+        CHECK(parse_count("25", 100) == 25);
+        CHECK(parse_count("0", 100) == 0);
+        CHECK(parse_count("18446744073709551615", std::numeric_limits<uint64_t>::max()) == UINT64_MAX);
+        for (const char* bad : {"25x", "-25", " 25", "25 ", "", "+25", "0x19", "2.5"})
+            CHECK_THROWS_AS(parse_count(bad, 100), std::invalid_argument);
+        CHECK_THROWS_AS(parse_count("101", 100), std::invalid_argument);
+        CHECK_THROWS_AS(parse_count("18446744073709551616", std::numeric_limits<uint64_t>::max()),
+                        std::invalid_argument);
+        CHECK_THROWS_AS(parse_count("2147483648", uint64_t(std::numeric_limits<int>::max())), std::invalid_argument);
     }
 
     TEST_CASE("parameter layout: Hugging Face names; matrices, then norm weights, then the router biases") {
@@ -227,7 +282,7 @@ TEST_SUITE("options") {
             std::string::npos);
         CHECK(parse_error({"grpo", "--init", "x", "--replay", "1.5"}).find("--replay must be in [0, 1]") !=
               std::string::npos);
-        CHECK(parse_error({"eval", "--init", "x", "--eval-temperature", "-1"}).find("must not be negative") !=
+        CHECK(parse_error({"eval", "--init", "x", "--eval-temperature", "-1"}).find("must be a finite number >= 0") !=
               std::string::npos);
         CHECK(parse_error({"chat", "--init", "x", "--template", "zero"}).find("--template must be auto") !=
               std::string::npos);

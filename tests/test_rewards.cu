@@ -194,12 +194,28 @@ TEST_SUITE("rewards") {
         CHECK(score(alt, respond(en_thinking, "EG"), language_only).total == 0.0);
         CHECK(score(en, respond(mixed, "46"), language_only).language == doctest::Approx(0.5));
         CHECK(score(alt, respond(mixed, "46"), language_only).language == doctest::Approx(0.5));
-        CHECK(score(en, respond("no " + alt_thinking, "46"), language_only).language == doctest::Approx(2.0 / 13));
+        CHECK(score(en, respond("no " + alt_thinking, "46"), language_only).language == doctest::Approx(1.0 / 11));
         // Accuracy does not care which language the answer is in; consistency has its own reward.
         CHECK(score_checked(alt, respond(alt_thinking, "46")).accuracy == 1.0);
         // Without a well-formed think block there is no thinking to be consistent.
         CHECK(score_checked(en, "<answer>46</answer>").language == 0.0);
         CHECK(score_checked(en, "<think>12</think><think>34</think><answer>46</answer>").language == 0.0);
+    }
+
+    TEST_CASE("rewards: the language reward pays only an attempt, and only for words") {
+        const RewardConfig r1{1.0, 0.1, 0.2};  // the R1 stage's weights
+        for (const std::string& no_attempt : {"<think></think>", "<think>12+34=46</think>", "<think>12+34=46",
+                                              "<think>12+34=46</think><|eos|>"}) {
+            const Reward r = score(kAdd, no_attempt, r1);
+            CHECK_MESSAGE(r.language == 0.0, no_attempt);
+            CHECK_MESSAGE(r.total == 0.0, no_attempt);
+        }
+        // an empty think block before a wrong answer: the format, and no language
+        CHECK(score(kAdd, respond("", "45"), r1).total == doctest::Approx(0.1));
+        // so a well-formed wrong attempt with slightly mixed reasoning earns more than thinking without answering
+        const Reward wrong = score(kAdd, respond("12+34=46, NOP", "45"), r1);
+        CHECK(wrong.language == doctest::Approx(0.75));
+        CHECK(wrong.total == doctest::Approx(0.1 + 0.2 * 0.75));
     }
 
     TEST_CASE("rewards: is_mixed") {
@@ -306,7 +322,7 @@ TEST_SUITE("rewards") {
             CHECK(r.format == 0.0);
             CHECK(r.accuracy == 0.0);
         }
-        CHECK(score_checked(kAdd, "<think></think><answer></answer><|eos|>").total == doctest::Approx(0.2));
+        CHECK(score_checked(kAdd, "<think></think><answer></answer><|eos|>").total == 0.0);  // nothing earns nothing
 
         // Pieces of tags repeated many times are text, not tags.
         auto repeated = [](const std::string& piece, int times) {

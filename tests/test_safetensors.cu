@@ -148,7 +148,7 @@ TEST_SUITE("checkpoint") {
         SUBCASE("a trailing byte") { refused(bytes + "x", "1 bytes after the last tensor"); }
         SUBCASE("a flipped data byte") {
             bytes[bytes.size() - 5] ^= 0x10;
-            refused(bytes, "corrupt: checksum mismatch");
+            refused(bytes, "corrupt or edited: checksum mismatch");
         }
         SUBCASE("header length larger than the file") {
             bytes.replace(0, 8, std::string("\0\0\0\0\0\1\0\0", 8));  // 2^40, little-endian
@@ -192,6 +192,53 @@ TEST_SUITE("checkpoint") {
                     ("cannot open '" + (dir / "none.safetensors") + "': No such file or directory").c_str()),
                 std::runtime_error);
         }
+    }
+
+    TEST_CASE("safetensors: the checksum covers the header; an edited or unchecked file of ours is refused") {
+        TempDir dir;
+        SampleTensors sample;
+        std::string path = dir / "state.safetensors";
+        write_safetensors(path, sample.refs(), {{"step", "100"}, {"seed", "7"}});
+        const std::string bytes = read_bytes(path);
+        CHECK_NOTHROW(SafetensorsFile::load(path).require_checksum());
+        auto edited = [&](const std::string& from, const std::string& to) {
+            std::string b = bytes;
+            const size_t at = b.find(from);
+            REQUIRE(at != std::string::npos);
+            b.replace(at, from.size(), to);  // the same length: the header stays well formed
+            write_bytes(path, b);
+        };
+        edited(R"("step":"100")", R"("step":"350")");
+        CHECK_THROWS_WITH_AS(SafetensorsFile::load(path), doctest::Contains("corrupt or edited: checksum mismatch"),
+                             std::runtime_error);
+        edited(R"("shape":[2,3])", R"("shape":[3,2])");  // same bytes, another shape
+        CHECK_THROWS_WITH_AS(SafetensorsFile::load(path), doctest::Contains("checksum mismatch"), std::runtime_error);
+        edited(R"("checksum")", R"("checksuX")");  // the check turned off by a renamed key
+        SafetensorsFile unchecked = SafetensorsFile::load(path);  // loads as another writer's file would
+        CHECK_THROWS_WITH_AS(unchecked.require_checksum(), doctest::Contains("no checksum"), std::runtime_error);
+    }
+
+    TEST_CASE("safetensors: a name twice in a header is refused") {
+        TempDir dir;
+        std::string path = dir / "twice.safetensors";
+        write_raw_safetensors(path,
+                              R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                              R"("w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                              std::string(8, '\0'));
+        CHECK_THROWS_WITH_AS(SafetensorsFile::load(path), doctest::Contains("tensor 'w' twice"), std::runtime_error);
+        write_raw_safetensors(path, R"({"__metadata__":{"step":"1","step":"9"}})", "");
+        CHECK_THROWS_WITH_AS(SafetensorsFile::load(path), doctest::Contains("metadata key 'step' twice"),
+                             std::runtime_error);
+        write_raw_safetensors(path, R"({"__metadata__":{"a":"1"},"__metadata__":{"b":"2"}})", "");
+        CHECK_THROWS_WITH_AS(SafetensorsFile::load(path), doctest::Contains("__metadata__ twice"), std::runtime_error);
+    }
+
+    TEST_CASE("safetensors: a zero-size tensor reads without touching memory") {
+        TempDir dir;
+        std::string path = dir / "empty.safetensors";
+        write_safetensors(path, {{"nothing", DType::F32, {0}, nullptr}}, {});
+        SafetensorsFile file = SafetensorsFile::load(path);
+        CHECK_NOTHROW(file.read("nothing", DType::F32, {0}, nullptr));
     }
 
     TEST_CASE("safetensors: a file from another writer, without a checksum, loads") {
