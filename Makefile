@@ -42,7 +42,7 @@ EVAL_TRAINED = $(RUNS)/r1zero/checkpoint,$(RUNS)/sft/checkpoint,$(RUNS)/sft_more
 EVAL_MODELS = $(EVAL_BASE),$(EVAL_TRAINED)
 PYTHON ?= python3
 
-.PHONY: all test train demo bench clean
+.PHONY: all test train demo bench fuzz sanitize clean
 all: $(BUILD)/train $(BUILD)/run_tests $(BUILD)/bench_sampler $(BUILD)/bench_fp8 $(BUILD)/bench_step \
 	$(BUILD)/bench_experts
 
@@ -91,6 +91,31 @@ bench: $(BUILD)/bench_step $(BUILD)/bench_sampler $(BUILD)/bench_fp8 $(BUILD)/be
 	./$(BUILD)/bench_step --precision bf16
 	./$(BUILD)/bench_sampler --prompts 256 --new 256
 	./$(BUILD)/bench_fp8
+
+# Fuzzing on the host (fuzz/fuzz.cu), under AddressSanitizer and UndefinedBehaviorSanitizer: FUZZ_SECONDS per
+# target, FUZZ_INPUTS inputs per target instead where given.
+FUZZ_SECONDS ?= 8
+FUZZ_INPUTS ?=
+HOST_SANITIZERS = $(foreach f,-fsanitize=address -fsanitize=undefined -fno-sanitize-recover=all \
+	-fno-omit-frame-pointer,-Xcompiler=$(f))
+$(BUILD)/fuzz: fuzz/fuzz.cu $(HEADERS) | $(BUILD)
+	$(NVCC) -std=c++17 -O1 -g $(HOST_SANITIZERS) $(ARCH) -I. -o $@ $< $(LIBS)
+
+fuzz: $(BUILD)/fuzz
+	./$(BUILD)/fuzz $(FUZZ_SECONDS) 1 $(FUZZ_INPUTS)
+
+# compute-sanitizer over the GPU tests (on a machine with a GPU): memcheck and synccheck over all of them;
+# racecheck and initcheck, which run the kernels far slower, over the kernels' own tests (the model and training
+# tests run the same kernels at larger sizes). API errors are not reported: the libraries probe for kernel images
+# this GPU lacks (cudaFuncGetAttributes fails by design). On Hopper initcheck reports cuBLASLt's outputs as never
+# written (the model tests' logits, which those tests poison first and then find equal to the CPU reference).
+SANITIZER = compute-sanitizer --error-exitcode 1 --report-api-errors no
+KERNEL_TESTS = -sf="*test_attention.cu,*test_fp8.cu,*test_layers.cu,*test_moe.cu,*test_mtp.cu,*test_grpo.cu"
+sanitize: $(BUILD)/run_tests
+	$(SANITIZER) --tool memcheck ./$(BUILD)/run_tests -ts=gpu
+	$(SANITIZER) --tool synccheck ./$(BUILD)/run_tests -ts=gpu
+	$(SANITIZER) --tool racecheck ./$(BUILD)/run_tests -ts=gpu $(KERNEL_TESTS)
+	$(SANITIZER) --tool initcheck ./$(BUILD)/run_tests -ts=gpu $(KERNEL_TESTS)
 
 clean:
 	rm -rf $(BUILD)

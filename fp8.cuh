@@ -892,10 +892,11 @@ inline Fp8Tensor fp8_operand(int rows, int cols) {
 }
 
 // The rows of a Linear's input, in groups: group g, rows [offsets[g], offsets[g + 1]), meets weight first_weight + g
-// (the routed experts: group g is the tokens routed to expert g; with expert parallelism, to this rank's g-th). With more than one group, every group's size is a multiple of
-// 128, so that no FP8 tile spans two groups, and the offsets are on the device: the quantizer and the grouped FP8
-// GEMMs read them there, launched for `bound` rows, so that the host need not wait for the routing. The GEMMs in the
-// model's precision run group by group, sized on the host: they need the offsets there too.
+// (the routed experts: group g is the tokens routed to expert g; with expert parallelism, to this rank's g-th). With
+// more than one group, every group's size is a multiple of 128, so that no FP8 tile spans two groups, and the offsets
+// are on the device: the quantizer and the grouped FP8 GEMMs read them there, launched for `bound` rows, so that the
+// host need not wait for the routing (expert parallelism knows them on the host too). The GEMMs in the model's
+// precision run group by group, sized on the host: they need the offsets there too.
 struct RowGroups {
     std::vector<int> offsets;             // on the host, where it has them
     const int* device_offsets = nullptr;  // on the device, with several groups

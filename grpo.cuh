@@ -183,7 +183,8 @@ using OverRanks = std::function<void(std::vector<double>&)>;
 // equal-reward groups carry no weight.
 inline SampleBatch grpo_batch(const std::vector<std::vector<int>>& prompts,
                               const std::vector<std::vector<int>>& responses, const GroupAdvantages& adv,
-                              const GrpoOptions& o, int max_T, const OverRanks& over_ranks = [](std::vector<double>&) {}) {
+                              const GrpoOptions& o, int max_T,
+                              const OverRanks& over_ranks = [](std::vector<double>&) {}) {
     SampleBatch b;
     b.S = int(prompts.size());
     size_t longest = 0, response_tokens = 0, kept = 0;

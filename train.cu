@@ -133,6 +133,12 @@ inline std::string schedule_flags(const Options& o) {
       << " grad_clip=" << o.grad_clip << " balancing=" << o.balancing << " bias_rate=" << o.bias_rate
       << " balance_alpha=" << o.balance_alpha << " aux_alpha=" << o.aux_alpha << " mtp_lambda=" << o.mtp_lambda
       << " mtp_lambda_late=" << o.mtp_lambda_late << " mtp_late_from=" << o.mtp_late_from;
+    if (o.stage == "r1zero" || o.stage == "grpo")
+        s << " task=" << o.task << " difficulty=" << o.difficulty << " replay=" << o.replay << " prompts=" << o.prompts
+          << " group=" << o.group << " updates=" << o.updates << " max_new=" << o.max_new
+          << " temperature=" << o.temperature << " kl=" << o.kl << " clip_low=" << o.clip_low
+          << " clip_high=" << o.clip_high << " w_format=" << o.w_format << " w_language=" << o.w_language
+          << " dr_grpo=" << o.dr_grpo << " token_norm=" << o.token_norm << " skip_uniform=" << o.skip_uniform;
     return s.str();
 }
 
@@ -201,6 +207,19 @@ inline std::string rank_path(const Comm* comm, const std::string& path) {
     return comm && !comm->ranks.is_root() ? "/dev/null" : path;
 }
 
+// The optimizer state and step of the checkpoint `ckpt` that --resume continues from, into model: it must have been
+// trained with the same flags, or the run would not repeat the uninterrupted one.
+template <typename T>
+TrainerState resume_state(const Options& o, const std::string& ckpt, Model<T>& model) {
+    TrainerState state = load_trainer_state(ckpt, model);
+    if (state.seed != uint64_t(o.seed) || state.precision != o.precision || state.schedule != schedule_flags(o))
+        throw std::runtime_error(ckpt + " was trained with --seed " + std::to_string(state.seed) + " --precision " +
+                                 state.precision + " and " + state.schedule +
+                                 ": resume with the same flags, or the run would not repeat itself");
+    std::printf("resuming from %s at step %d\n", ckpt.c_str(), state.step);
+    return state;
+}
+
 // This rank's rows of each batch of --batch rows x --seq tokens (all of them on one GPU); every rank refuses a split
 // that FP8 cannot take alike.
 inline RowRange rows_of_batch(const Options& o, const Comm* comm) {
@@ -236,13 +255,7 @@ int pretrain(const Options& o, Comm* comm) {
     int start = 0;
     if (!source.empty()) load_weights(source, model);
     if (o.resume) {
-        TrainerState state = load_trainer_state(ckpt, model);
-        if (state.seed != uint64_t(o.seed) || state.precision != o.precision || state.schedule != schedule_flags(o))
-            throw std::runtime_error(ckpt + " was trained with --seed " + std::to_string(state.seed) + " --precision " +
-                                     state.precision + " and " + state.schedule +
-                                     ": resume with the same flags, or the run would not repeat itself");
-        start = state.step;
-        std::printf("resuming from %s at step %d\n", ckpt.c_str(), start);
+        start = resume_state(o, ckpt, model).step;
     } else if (source.empty()) {
         model.init_weights(uint64_t(o.seed));
     }
@@ -450,18 +463,22 @@ int cold_start(const Options& given, Comm* comm) {
 }
 
 // GRPO with rule-based rewards: `r1zero` from the base model with the R1-Zero prompt, `grpo` from the cold-start
-// model with the chat prompt. The initial model is also the frozen reference of the KL term. With comm, data parallel:
-// each rank samples and trains on its share of the prompts (grpo.cuh).
+// model with the chat prompt. The initial model (--init) is also the frozen reference of the KL term; --resume
+// continues the policy from OUT/checkpoint. With comm, data parallel: each rank samples and trains on its share of
+// the prompts (grpo.cuh).
 template <typename T>
 int reinforce(const Options& o, Comm* comm) {
     data::Tokenizer tok;
     data::CorpusConfig corpus = corpus_for(o);
     const RowRange prompts_mine = rows_of_rank(o.prompts, comm ? comm->ranks : Ranks{});
     const int S = prompts_mine.count() * o.group;
-    auto loaded_policy = load_model<T>(o.init, S, o.seq), reference = load_model<T>(o.init, S, o.seq);
+    const std::string ckpt = o.out + "/checkpoint";
+    auto loaded_policy = load_model<T>(o.resume ? ckpt : o.init, S, o.seq);
+    auto reference = load_model<T>(o.init, S, o.seq);
     Model<T>& policy = *loaded_policy;
     if (comm) policy.distribute(*comm, S, o.prompts * o.group, o.expert_parallel);
-    policy.reset_optimizer();
+    const TrainerState resumed = o.resume ? resume_state(o, ckpt, policy) : TrainerState{};
+    if (!o.resume) policy.reset_optimizer();
     configure(o, policy);
     GrpoTrainer<T> trainer(policy, *reference, S, o.seq);
     GrpoOptions g;
@@ -476,12 +493,12 @@ int reinforce(const Options& o, Comm* comm) {
     const double flops_per_forward_token = forward_flops_per_token(policy.cfg, o.seq);
 
     fs::create_directories(o.out);
-    JsonlLog log(rank_path(comm, o.out + "/log.jsonl"), false);
-    int optimizer_step = 0;
-    double train_flops = 0;
+    JsonlLog log(rank_path(comm, o.out + "/log.jsonl"), o.resume);
+    int optimizer_step = o.resume ? resumed.optimizer_steps : 0;
+    double train_flops = resumed.train_flops;
     WallTimer clock;
     SkippedSteps skipped_steps;
-    for (int step = 1; step <= o.steps; step++) {
+    for (int step = resumed.step + 1; step <= o.steps; step++) {
         Rng rng(uint64_t(o.seed), rng_hash(0x726c, uint64_t(step), 0));
         std::vector<data::Problem> problems;
         for (int i = 0; i < o.prompts; i++) {  // every rank draws them all, and keeps its own
@@ -521,9 +538,10 @@ int reinforce(const Options& o, Comm* comm) {
                 o.stage.c_str(), step, o.steps, st.reward, st.accuracy, st.format, st.mixing, st.response_tokens, st.kl,
                 st.clip_fraction, st.uniform_groups, drafts, format_duration(clock.seconds()).c_str());
         if (step % o.ckpt_every == 0 || step == o.steps)
-            save_checkpoint(
-                o.out + "/checkpoint", policy,
-                {step, uint64_t(o.seed), o.precision, schedule_flags(o), g.r1zero_template ? "r1zero" : "chat"}, tok);
+            save_checkpoint(ckpt, policy,
+                            {step, uint64_t(o.seed), o.precision, schedule_flags(o),
+                             g.r1zero_template ? "r1zero" : "chat", optimizer_step, train_flops},
+                            tok);
     }
     std::printf("%s: %.3g FLOP of model compute in %s\n", o.stage.c_str(), train_flops,
                 format_duration(clock.seconds()).c_str());

@@ -11,9 +11,13 @@
 #pragma once
 
 #include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
-#include <limits>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <type_traits>
 
@@ -114,7 +118,23 @@ struct TrainerState {
     std::string precision;
     std::string schedule;                  // the flags that shape the data and the learning rate
     std::string prompt_template = "chat";  // how the model was trained to be prompted: chat | r1zero
+    int optimizer_steps = -1;  // AdamW's count where it is not `step` (RL: `updates` a step, none without samples)
+    double train_flops = 0.0;  // RL: the model compute so far, which its log counts up
 };
+
+// A double written so that it reads back to the same bits, and read back strictly.
+inline std::string exact_text(double x) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%.17g", x);
+    return text;
+}
+inline double parse_exact(const std::string& text) {
+    char* end = nullptr;
+    const double x = std::strtod(text.c_str(), &end);
+    if (text.empty() || std::isspace(static_cast<unsigned char>(text[0])) || *end != '\0' || !std::isfinite(x))
+        throw std::invalid_argument("'" + text + "' is not a finite number");
+    return x;
+}
 
 inline std::vector<int64_t> shape64(const std::vector<long>& shape) { return {shape.begin(), shape.end()}; }
 
@@ -158,7 +178,10 @@ void save_checkpoint(const std::string& checkpoint_dir, Model<T>& model, const T
                       {{"step", std::to_string(state.step)},
                        {"seed", std::to_string(state.seed)},
                        {"precision", state.precision},
-                       {"schedule", state.schedule}});
+                       {"schedule", state.schedule},
+                       {"optimizer_steps", std::to_string(state.optimizer_steps < 0 ? state.step
+                                                                                    : state.optimizer_steps)},
+                       {"train_flops", exact_text(state.train_flops)}});
     replace_directory_atomic(tmp, dir);
 }
 
@@ -211,8 +234,13 @@ TrainerState load_trainer_state(const std::string& dir, Model<T>& model) {
         state.seed = parse_count(file.metadata.at("seed"), std::numeric_limits<uint64_t>::max());
         state.precision = file.metadata.at("precision");
         state.schedule = file.metadata.at("schedule");
+        auto it = file.metadata.find("optimizer_steps");  // absent from checkpoints that took a step per step
+        state.optimizer_steps = it == file.metadata.end() ? state.step : int(parse_count(it->second, INT32_MAX));
+        it = file.metadata.find("train_flops");
+        state.train_flops = it == file.metadata.end() ? 0.0 : parse_exact(it->second);
     } catch (const std::exception&) {
-        throw std::runtime_error(path + ": missing or malformed step, seed, precision or schedule metadata");
+        throw std::runtime_error(path + ": missing or malformed step, seed, precision, schedule, optimizer_steps or "
+                                 "train_flops metadata");
     }
     model.set_moments(m, v);
     return state;

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <stdexcept>
 #include <string>
@@ -474,8 +475,20 @@ inline Json Json::parse(const std::string& text) { return Parser{text}.parse_doc
 // A log of one JSON object per line, flushed as each is written, so that a crash loses no finished record.
 struct JsonlLog {
     std::ofstream file;
-    JsonlLog(const std::string& path, bool append) : file(path, append ? std::ios::app : std::ios::trunc) {
+    // Appending (a resumed run), a last line cut short by a kill mid-write is dropped first, so that every line
+    // stays one record.
+    JsonlLog(const std::string& path, bool append) {
+        if (append) drop_partial_line(path);
+        file.open(path, append ? std::ios::app : std::ios::trunc);
         if (!file) throw std::runtime_error("cannot open log file " + path);
+    }
+    static void drop_partial_line(const std::string& path) {
+        std::ifstream in(path, std::ios::binary);
+        if (!in) return;
+        const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        if (text.empty() || text.back() == '\n') return;
+        const size_t last = text.rfind('\n');
+        std::filesystem::resize_file(path, last == std::string::npos ? 0 : last + 1);
     }
     void write(const Json& record) {
         file << record.dump() << "\n";

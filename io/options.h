@@ -188,7 +188,7 @@ struct Options {
         f.add_switch("dr-grpo", &dr_grpo, "r1zero/grpo: Dr. GRPO (no std scaling, constant normalizer)");
         f.add_switch("token-norm", &token_norm, "r1zero/grpo: DAPO's token-level normalization");
         f.add_switch("skip-uniform", &skip_uniform, "r1zero/grpo: drop groups whose rewards are all equal (DAPO)");
-        f.add_switch("resume", &resume, "continue from the checkpoint in --out, bit for bit");
+        f.add_switch("resume", &resume, "pretrain/r1zero/grpo: continue from the checkpoint in --out, bit for bit");
         f.add_switch("help", &help, "print this help");
         return f;
     }
@@ -232,6 +232,8 @@ struct Options {
         if (!(min_lr_frac >= 0.0f && min_lr_frac <= 1.0f))
             throw std::invalid_argument("--min-lr-frac must be in [0, 1]");
         if (!(beta2 > 0.0f && beta2 < 1.0f)) throw std::invalid_argument("--beta2 must be in (0, 1)");
+        if (resume && stage != "pretrain" && stage != "r1zero" && stage != "grpo")
+            throw std::invalid_argument("--resume continues pretrain, r1zero and grpo runs");
         if (stage != "pretrain" && init.empty())
             throw std::invalid_argument("stage " + stage + " needs --init CHECKPOINT");
         positive(sft_examples, "sft-examples"), positive(prompts, "prompts"), positive(group, "group");

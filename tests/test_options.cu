@@ -195,6 +195,14 @@ TEST_SUITE("checkpoint") {
         CHECK_THROWS_AS(parse_count("18446744073709551616", std::numeric_limits<uint64_t>::max()),
                         std::invalid_argument);
         CHECK_THROWS_AS(parse_count("2147483648", uint64_t(std::numeric_limits<int>::max())), std::invalid_argument);
+        // a double (RL's model compute so far) reads back to the same bits
+        Rng rng(5);
+        for (int i = 0; i < 1000; i++) {
+            const double x = std::ldexp(rng.uniform(), int(rng.range(-60, 60)));
+            CHECK(parse_exact(exact_text(x)) == x);
+        }
+        for (const char* bad : {"1e999", "nan", " 1", "1 ", "", "1x"})
+            CHECK_THROWS_AS(parse_exact(bad), std::invalid_argument);
     }
 
     TEST_CASE("parameter layout: Hugging Face names; matrices, then norm weights, then the router biases") {
