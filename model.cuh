@@ -145,6 +145,13 @@ struct Config {
         auto require = [](bool ok, const char* what) {
             if (!ok) throw std::invalid_argument(std::string("invalid model config: ") + what);
         };
+        const long H = num_attention_heads;
+        const long widths[] = {H * qk_head_dim(), H * (qk_nope_head_dim + v_head_dim),
+                               long(kv_lora_rank) + qk_rope_head_dim, long(n_shared_experts) * moe_intermediate_size};
+        for (long width : widths)
+            require(width <= MAX_CONFIG_SIZE, "the projections' widths (num_attention_heads x the head dimensions, "
+                                              "kv_lora_rank + qk_rope_head_dim, n_shared_experts x "
+                                              "moe_intermediate_size) must be at most 32768");
         require(num_hidden_layers <= MAX_CONFIG_LAYERS, "num_hidden_layers must be at most 256");
         require(num_nextn_predict_layers <= MAX_CONFIG_LAYERS, "num_nextn_predict_layers must be at most 256");
         require(qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)");

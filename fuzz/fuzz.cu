@@ -1,5 +1,5 @@
 // fuzz.cu: random and mutated inputs for everything that reads text or bytes from outside: the answer verifier
-// (against an oracle written here from the rules, not from the code), the rewards, the typed-problem parser, JSON,
+// (against tests/answer_oracle.h, written from the rules, not from the code), the rewards, the typed-problem parser, JSON,
 // safetensors, the command line and config.json. Built with AddressSanitizer and UndefinedBehaviorSanitizer
 // (make fuzz), so a memory error or an overflow stops the run; a wrong answer accepted, a right one refused, an
 // exception of the wrong type or a broken invariant is counted and printed, and makes the exit status 1.
@@ -17,120 +17,9 @@
 #include "data/rewards.h"
 #include "io/checkpoint.h"
 #include "io/options.h"
+#include "tests/answer_oracle.h"
 
 namespace {
-
-// ---------------------------------------------------------------------------------------------------------------
-// The oracle: an answer's worth from the rules of the tasks (data/tasks.h's comments), computed another way
-// ---------------------------------------------------------------------------------------------------------------
-
-// The answer in En digits, or "" with ok = false where a byte is not an operator, a space, a digit of one language.
-std::string oracle_digits(const std::string& answer, bool& ok) {
-    bool en = false, alt = false;
-    std::string out;
-    for (unsigned char c : answer) {
-        if (c >= '0' && c <= '9') en = true, out += char(c);
-        else if (c >= 'A' && c <= 'J') alt = true, out += char('0' + (c - 'A'));
-        else if (c == ' ' || c == '+' || c == '-' || c == '*' || c == '/' || c == '(' || c == ')') out += char(c);
-        else return ok = false, "";
-    }
-    ok = !(en && alt);
-    return out;
-}
-
-// Tokens of an expression: numbers as written (no leading zero), operators, parentheses; spaces between them only.
-bool oracle_tokens(const std::string& text, std::vector<std::string>& tokens) {
-    for (size_t i = 0; i < text.size();) {
-        if (text[i] == ' ') {
-            i++;
-            continue;
-        }
-        if (text[i] >= '0' && text[i] <= '9') {
-            size_t j = i;
-            while (j < text.size() && text[j] >= '0' && text[j] <= '9') j++;
-            if ((text[i] == '0' && j - i > 1) || j - i > 18) return false;
-            tokens.push_back(text.substr(i, j - i));
-            i = j;
-        } else {
-            tokens.push_back(std::string(1, text[i++]));
-        }
-    }
-    return true;
-}
-
-// Shunting-yard into postfix, then a stack evaluation in 128-bit integers: every number one of the given ones (each
-// at most once), every division exact, every value within 10^12 in magnitude, parentheses at most 32 deep.
-bool oracle_countdown(const std::string& text, std::vector<long> available, long target) {
-    std::vector<std::string> tokens, output, ops;
-    if (!oracle_tokens(text, tokens) || tokens.empty()) return false;
-    auto precedence = [](const std::string& op) { return op == "+" || op == "-" ? 1 : 2; };
-    int depth = 0;
-    bool expect_operand = true;
-    for (const std::string& t : tokens) {
-        const bool number = t[0] >= '0' && t[0] <= '9';
-        if (number || t == "(") {
-            if (!expect_operand) return false;
-            if (number) output.push_back(t), expect_operand = false;
-            else if (++depth > data::kMaxExpressionDepth) return false;
-            else ops.push_back(t);
-        } else if (t == ")") {
-            if (expect_operand || depth == 0) return false;
-            while (ops.back() != "(") output.push_back(ops.back()), ops.pop_back();
-            ops.pop_back(), depth--;
-        } else {
-            if (expect_operand) return false;
-            while (!ops.empty() && ops.back() != "(" && precedence(ops.back()) >= precedence(t))
-                output.push_back(ops.back()), ops.pop_back();
-            ops.push_back(t), expect_operand = true;
-        }
-    }
-    if (expect_operand || depth != 0) return false;
-    while (!ops.empty()) output.push_back(ops.back()), ops.pop_back();
-    std::vector<__int128> stack;
-    const __int128 bound = data::kMaxExpressionValue;
-    for (const std::string& t : output) {
-        if (t[0] >= '0' && t[0] <= '9') {
-            const long v = std::stol(t);
-            auto it = std::find(available.begin(), available.end(), v);
-            if (it == available.end()) return false;
-            available.erase(it);
-            stack.push_back(v);
-            continue;
-        }
-        const __int128 b = stack.back();
-        stack.pop_back();
-        const __int128 a = stack.back();
-        stack.pop_back();
-        __int128 v;
-        if (t == "+") v = a + b;
-        else if (t == "-") v = a - b;
-        else if (t == "*") v = a * b;
-        else if (b == 0 || a % b != 0) return false;
-        else v = a / b;
-        if (v > bound || v < -bound) return false;
-        stack.push_back(v);
-    }
-    return stack.size() == 1 && stack[0] == target;
-}
-
-// Add and mul: the number as written, spaces around it allowed.
-bool oracle_number(const std::string& text, long target) {
-    std::vector<std::string> tokens;
-    if (!oracle_tokens(text, tokens) || tokens.size() != 1 || !(tokens[0][0] >= '0' && tokens[0][0] <= '9'))
-        return false;
-    return std::stol(tokens[0]) == target;
-}
-
-bool oracle_verify(const data::Problem& p, const std::string& answer) {
-    bool ok = false;
-    const std::string text = oracle_digits(answer, ok);
-    if (!ok) return false;
-    const size_t first = text.find_first_not_of(' '), last = text.find_last_not_of(' ');
-    if (first == std::string::npos) return false;
-    if (p.kind != data::TaskKind::Countdown) return oracle_number(text, p.target);
-    if (last + 1 - first > data::kMaxExpressionChars) return false;
-    return oracle_countdown(text, p.numbers, p.target);
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Inputs
@@ -195,7 +84,7 @@ struct Target {
 std::string fuzz_verify(Rng& rng, long& accepted) {
     const data::Problem p = random_problem(rng);
     const std::string answer = random_answer(p, rng);
-    const bool got = data::verify(p, answer), want = oracle_verify(p, answer);
+    const bool got = data::verify(p, answer), want = oracle::verify(p, answer);
     accepted += got;
     if (got == want) return "";
     return std::string(got ? "accepted" : "refused") + " '" + answer + "' for " + p.question;
@@ -219,7 +108,7 @@ std::string fuzz_rewards(Rng& rng, long& accepted) {
     };
     const size_t open = response.find("<answer>"), close = response.find("</answer>");
     const bool one_answer = count("<answer>") == 1 && count("</answer>") == 1 && close >= open + 8;
-    const bool right = one_answer && oracle_verify(p, response.substr(open + 8, close - open - 8));
+    const bool right = one_answer && oracle::verify(p, response.substr(open + 8, close - open - 8));
     if ((r.accuracy > 0) != right) return "accuracy " + std::to_string(r.accuracy) + " for '" + response + "'";
     if (!(r.total >= 0.0 && r.total <= 1.3 + 1e-12)) return "total out of range for '" + response + "'";
     if (r.language > 0 && !one_answer) return "language paid without an answer: '" + response + "'";

@@ -171,6 +171,8 @@ TEST_SUITE("checkpoint") {
         CHECK(error_of("num_hidden_layers", 2147483647).find("num_hidden_layers must be at most") != std::string::npos);
         CHECK(error_of("num_hidden_layers", 1000).find("num_hidden_layers must be at most 256") != std::string::npos);
         CHECK(error_of("num_nextn_predict_layers", 1000).find("at most 256") != std::string::npos);
+        CHECK(error_of("n_shared_experts", 32768).find("widths") != std::string::npos);  // 2 x width overflowed
+        CHECK(error_of("num_attention_heads", 4096).find("widths") != std::string::npos);
         CHECK(error_of("rms_norm_eps", std::numeric_limits<double>::infinity()).find("rms_norm_eps must be") !=
               std::string::npos);
         CHECK(error_of("rope_theta", 0.0).find("rope_theta must be positive") != std::string::npos);
