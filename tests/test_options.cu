@@ -76,10 +76,10 @@ TEST_SUITE("options") {
             {{"--lr", "nan"}, "--lr expects a number, got 'nan'"},
             {{"--temperature", "-1"}, "--temperature must be positive for RL"},
         };
-        for (const auto& [flags, message] : cases) {
+        for (const auto& c : cases) {
             std::vector<std::string> args = {"grpo", "--init", "x"};
-            args.insert(args.end(), flags.begin(), flags.end());
-            CHECK_MESSAGE(parse_error(args).find(message) != std::string::npos, flags[0], " ", flags[1]);
+            args.insert(args.end(), c.first.begin(), c.first.end());
+            CHECK_MESSAGE(parse_error(args).find(c.second) != std::string::npos, c.first[0], " ", c.first[1]);
         }
         CHECK(parse_error({"grpo", "--init", "x", "--grad-clip", "0", "--clip-high", "0.28"}).empty());
     }

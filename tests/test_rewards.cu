@@ -205,8 +205,8 @@ TEST_SUITE("rewards") {
 
     TEST_CASE("rewards: the language reward pays only an attempt, and only for words") {
         const RewardConfig r1{1.0, 0.1, 0.2};  // the R1 stage's weights
-        for (const std::string& no_attempt : {"<think></think>", "<think>12+34=46</think>", "<think>12+34=46",
-                                              "<think>12+34=46</think><|eos|>"}) {
+        for (const char* no_attempt : {"<think></think>", "<think>12+34=46</think>", "<think>12+34=46",
+                                       "<think>12+34=46</think><|eos|>"}) {
             const Reward r = score(kAdd, no_attempt, r1);
             CHECK_MESSAGE(r.language == 0.0, no_attempt);
             CHECK_MESSAGE(r.total == 0.0, no_attempt);
