@@ -9,6 +9,7 @@
 
 #include "../io/checkpoint.h"
 #include "model_reference.h"
+#include "reference.h"
 
 namespace {
 
@@ -244,6 +245,70 @@ TEST_SUITE("gpu") {
             std::vector<float> g32 = m32->grads.download(), g16 = m16->grads.download();
             model_ref::Vec want(g32.begin(), g32.end());
             CHECK(relative_error(g16, want) < 5e-2);
+        }
+    }
+
+    TEST_CASE("init_weights: every matrix N(0, sigma) from its own stream, o_proj and down_proj / sqrt(2L), norms 1") {
+        const Config c = tiny_moe_config();
+        Model<float> model(c, B, T);
+        const uint64_t seed = 31;
+        model.init_weights(seed);
+        const std::vector<float> w = model.master.download();
+        const double sigma = c.initializer_range, residual = sigma / std::sqrt(2.0 * c.num_hidden_layers);
+        for (const ParamTensor& t : model.layout.tensors) {
+            CAPTURE(t.name);
+            long bad = 0;
+            double sum = 0.0, sum_sq = 0.0;
+            const double std = t.init == Init::ResidualNormal ? residual : sigma;
+            for (long i = 0; i < t.numel(); i++) {
+                const double got = w[size_t(t.offset + i)];
+                if (t.init == Init::Ones || t.init == Init::Zeros) {
+                    bad += got != (t.init == Init::Ones ? 1.0 : 0.0);
+                    continue;
+                }
+                // Box-Muller on the counter RNG's word for (seed, the tensor's place, i), in double: the kernel's
+                // float logf and cospif differ from it by far less than the tolerance, a wrong stream or scale by
+                // far more.
+                const uint64_t h = rng_hash(seed, uint64_t(t.position), uint64_t(i));
+                const double u1 = (double((h >> 40) & 0xFFFFFF) + 1.0) / 16777217.0;
+                const double u2 = double(h & 0xFFFFFF) / 16777216.0;
+                const double z = std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::acos(-1.0) * u2);
+                bad += std::fabs(got / std - z) > 1e-3;
+                sum += got, sum_sq += got * got;
+            }
+            CHECK(bad == 0);
+            if (t.init == Init::Normal || t.init == Init::ResidualNormal) {  // and the sample's spread is sigma's
+                const double n = double(t.numel()), spread = std::sqrt(sum_sq / n - (sum / n) * (sum / n));
+                CHECK(spread == doctest::Approx(std).epsilon(5.0 / std::sqrt(n) + 0.02));
+            }
+        }
+    }
+
+    TEST_CASE("a training step is AdamW on the model's gradients: clipped by their global norm, decay on matrices") {
+        const Config c = tiny_moe_config();
+        auto model = make_model<float>(c, 16);
+        std::vector<int> rows = random_tokens(B * (T + 1), c.vocab_size, 6), inputs, targets;
+        split_rows(rows, B, T, inputs, targets);
+        const long n = model->layout.trained;
+        std::vector<float> want = model->master.download(), m(size_t(n), 0.0f), v(size_t(n), 0.0f);
+        want.resize(size_t(n));
+        const AdamW opt{1e-2f};
+        for (float max_grad_norm : {0.0f, 0.05f}) {  // no clipping, and a limit below the gradients' norm
+            CAPTURE(max_grad_norm);
+            model->reset_optimizer();
+            model->master.upload([&] {
+                std::vector<float> w = model->master.download();
+                std::copy(want.begin(), want.end(), w.begin());
+                return w;
+            }());
+            model->refresh_weights();
+            model->train_step(inputs, targets, B, T, opt, max_grad_norm, 1, 9, 0.3f);
+            std::vector<float> grads = model->grads.download(), after = model->master.download();
+            grads.resize(size_t(n)), after.resize(size_t(n));
+            std::vector<float> expected = want, m_want = m, v_want = v;
+            ref::adamw_step(grads, model->layout.decayed, opt, max_grad_norm, 1, 9, expected, m_want, v_want);
+            CHECK(std::sqrt(ref::sum(grads, true)) > 0.05);
+            CHECK(ref::max_abs_error(after, expected) <= 1e-4 * opt.lr);
         }
     }
 
