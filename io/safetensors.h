@@ -434,10 +434,14 @@ struct SafetensorsFile {
     void check_checksum() const {
         auto it = metadata.find("checksum");
         if (it == metadata.end()) return;
-        safetensors_detail::Fnv1a64 checksum = safetensors_detail::header_digest(tensors, metadata);
+        safetensors_detail::Fnv1a64 checksum = safetensors_detail::header_digest(tensors, metadata), data_only;
         checksum.update(bytes.data(), bytes.size());
-        if (checksum.hex() != it->second)
-            fail("corrupt or edited: checksum mismatch (recorded " + it->second + ", computed " + checksum.hex() + ")");
+        if (checksum.hex() == it->second) return;
+        data_only.update(bytes.data(), bytes.size());
+        if (data_only.hex() == it->second)
+            fail("its checksum covers the data alone, as earlier versions of this program wrote it, so its header "
+                 "cannot be trusted; train it again");
+        fail("corrupt or edited: checksum mismatch (recorded " + it->second + ", computed " + checksum.hex() + ")");
     }
 };
 

@@ -213,6 +213,14 @@ TEST_SUITE("checkpoint") {
                              std::runtime_error);
         edited(R"("shape":[2,3])", R"("shape":[3,2])");  // same bytes, another shape
         CHECK_THROWS_WITH_AS(SafetensorsFile::load(path), doctest::Contains("checksum mismatch"), std::runtime_error);
+        // a file of an earlier version: its checksum of the data alone is refused with a message that says so
+        write_bytes(path, bytes);
+        const SafetensorsFile original = SafetensorsFile::load(path);
+        safetensors_detail::Fnv1a64 data_only;
+        data_only.update(original.bytes.data(), original.bytes.size());
+        edited(original.metadata.at("checksum"), data_only.hex());
+        CHECK_THROWS_WITH_AS(SafetensorsFile::load(path), doctest::Contains("covers the data alone"),
+                             std::runtime_error);
         edited(R"("checksum")", R"("checksuX")");  // the check turned off by a renamed key
         SafetensorsFile unchecked = SafetensorsFile::load(path);  // loads as another writer's file would
         CHECK_THROWS_WITH_AS(unchecked.require_checksum(), doctest::Contains("no checksum"), std::runtime_error);
