@@ -820,8 +820,14 @@ struct Moe {
         CUDA_CHECK_LAUNCH();
         dispatch_kernel<<<chunks, DISPATCH_CHUNK, 0, c.stream>>>(A.dest, A.source, A.chunk_first, A.expert, pairs, E);
         CUDA_CHECK_LAUNCH();
-        CUDA_CHECK(cudaMemcpyAsync(A.host_counts, A.counts, sizeof(int) * E, cudaMemcpyDeviceToHost, c.stream));
-        CUDA_CHECK(cudaEventRecord(A.counts_ready, c.stream));
+        loads_to_host(A, c.stream);
+    }
+
+    // The loads on the device start for the host, where loads() waits for them.
+    template <typename T>
+    void loads_to_host(MoeActs<T>& A, cudaStream_t s) const {
+        CUDA_CHECK(cudaMemcpyAsync(A.host_counts, A.counts, sizeof(int) * cfg.n_routed, cudaMemcpyDeviceToHost, s));
+        CUDA_CHECK(cudaEventRecord(A.counts_ready, s));
     }
 
     // The loads of the last forward pass, on the host (waits for them).
@@ -961,8 +967,7 @@ struct Moe {
     template <typename T>
     void sum_loads(Comm& comm, MoeActs<T>& A, cudaStream_t s) const {
         comm.all_reduce_sum(A.counts, cfg.n_routed, s);
-        CUDA_CHECK(cudaMemcpyAsync(A.host_counts, A.counts, sizeof(int) * cfg.n_routed, cudaMemcpyDeviceToHost, s));
-        CUDA_CHECK(cudaEventRecord(A.counts_ready, s));
+        loads_to_host(A, s);
     }
 
     // After the optimizer step: the bias b (FP32, in the master weights) moves by the loads of the last forward

@@ -49,26 +49,7 @@ for ((attempt = 0; ; attempt++)); do
     break
 done
 
-python3 - "$folder/whole/log.jsonl" "$folder/killed/log.jsonl" <<'PY'
-import json, sys
-clock = {"seconds", "ms", "tokens_per_s", "mfu"}
-def records(path):
-    for line in open(path):
-        r = json.loads(line)
-        yield {k: v for k, v in r.items() if k not in clock}
-whole = {}
-for r in records(sys.argv[1]):
-    whole.setdefault(r.get("step"), []).append(r)
-bad = 0
-for r in records(sys.argv[2]):
-    if r not in whole.get(r.get("step"), []):
-        bad += 1
-        if bad <= 3: print("differs at step", r.get("step"), r)
-steps = {r.get("step") for r in records(sys.argv[2])}
-missing = set(whole) - steps
-if missing: print("steps missing from the killed run:", sorted(missing)[:10])
-sys.exit(1 if bad or missing else 0)
-PY
+python3 "$(dirname "$0")/compare_logs.py" resumed "$folder/whole/log.jsonl" "$folder/killed/log.jsonl"
 status=$?
 verdict=$([ $status -eq 0 ] && echo "equals" || echo "DIFFERS FROM")
 echo "$stage: $killed kills, $resumed resumes; the killed run's log $verdict the uninterrupted run's"
