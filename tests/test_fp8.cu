@@ -379,6 +379,7 @@ TEST_SUITE("gpu") {
                       dy_t = fp8_operand(M, N);
             DeviceBuffer<T> y(size_t(M) * N), dx(size_t(M) * K);
             DeviceBuffer<float> dW(size_t(N) * K);
+            ref::poison(y), ref::poison(dx), ref::poison(dW);
             fp8_linear_forward(shape.backend, blas, stream, y.data(), x.data(), W, x_q, x_saved, RowGroups::all(M),
                                nonfinite.data());
             fp8_linear_backward(shape.backend, blas, stream, dx.data(), dW.data(), dy.data(), x_saved, W, dy_q, dy_t,

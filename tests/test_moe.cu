@@ -310,6 +310,7 @@ TEST_SUITE("gpu") {
         ref::poison(grads);
         ref::Tensor<T> x = ref::input<T>(rng, size_t(R) * in), dy = ref::input<T>(rng, size_t(R) * out);
         DeviceBuffer<T> y(size_t(R) * out), dx(size_t(R) * in);
+        ref::poison(y), ref::poison(dx);
         Blas blas;
         Ctx<T> cx{blas, stream, layout, master.data(), copy.data(), grads.data(), nullptr, false};
         lin.forward(cx, y.data(), x.data(), rows);
@@ -361,6 +362,7 @@ TEST_SUITE("gpu") {
             DeviceBuffer<float> grads(W.size());
             ref::poison(grads);
             DeviceBuffer<T> y(size_t(R) * out), dx(size_t(R) * in);
+            ref::poison(y), ref::poison(dx);
             Blas blas;
             Ctx<T> cx{blas, stream, layout, master.data(), copy.data(), grads.data(), &scratch, false};
             lin.forward(cx, y.data(), x.data(), rows);
