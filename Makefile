@@ -116,10 +116,10 @@ $(BUILD)/initcheck_cublaslt: tools/initcheck_cublaslt.cu $(HEADERS) | $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -o $@ $< $(LIBS)
 
 sanitize: $(BUILD)/run_tests $(BUILD)/initcheck_cublaslt
-	$(SANITIZER) --tool memcheck ./$(BUILD)/run_tests -ts=gpu $(LONG_TESTS)
-	$(SANITIZER) --tool synccheck ./$(BUILD)/run_tests -ts=gpu $(LONG_TESTS)
-	$(SANITIZER) --tool racecheck ./$(BUILD)/run_tests -ts=gpu $(LONG_TESTS)
-	$(SANITIZER) --tool initcheck ./$(BUILD)/run_tests -ts=gpu $(KERNEL_TESTS)
+	$(SANITIZER) --tool memcheck ./$(BUILD)/run_tests -ts=gpu,fp8 $(LONG_TESTS)
+	$(SANITIZER) --tool synccheck ./$(BUILD)/run_tests -ts=gpu,fp8 $(LONG_TESTS)
+	$(SANITIZER) --tool racecheck ./$(BUILD)/run_tests -ts=gpu,fp8 $(LONG_TESTS)
+	$(SANITIZER) --tool initcheck ./$(BUILD)/run_tests -ts=gpu,fp8 $(KERNEL_TESTS)
 	-$(SANITIZER) --tool initcheck --print-limit 1 ./$(BUILD)/initcheck_cublaslt
 
 clean:

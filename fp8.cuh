@@ -24,6 +24,7 @@
 
 #include "kernels/common.cuh"
 #include "kernels/gemm.cuh"
+#include "kernels/gpu.cuh"
 #include "kernels/layers.cuh"
 #include "kernels/params.h"
 
@@ -674,24 +675,8 @@ __device__ void wgmma_tile(const Fp8GemmArgs<OutT>& p, int m0, int n0) {
 #endif
 }
 
-static __global__ void has_wgmma_kernel(int* out) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    *out = 1;
-#else
-    *out = 0;
-#endif
-}
-
 // wgmma where the code running on this GPU was built with it (sm_90a), the portable mma.sync kernel elsewhere.
-inline Fp8Mma default_fp8_mma() {
-    static const Fp8Mma choice = [] {
-        DeviceBuffer<int> flag(1);
-        has_wgmma_kernel<<<1, 1>>>(flag.data());
-        CUDA_CHECK_LAUNCH();
-        return flag.download()[0] ? Fp8Mma::Wgmma : Fp8Mma::Sync;
-    }();
-    return choice;
-}
+inline Fp8Mma default_fp8_mma() { return gpu_info().wgmma ? Fp8Mma::Wgmma : Fp8Mma::Sync; }
 
 // One launch for the GEMMs of every routed expert (the groups of rows of RowGroups, with their offsets on the
 // device, so that the host need not know the groups' sizes):
@@ -740,6 +725,8 @@ void launch_fp8_gemm(Fp8Mma mma, const Fp8GemmArgs<OutT>& p, dim3 grid, const in
     if (p.K % 16 != 0 || pointer_alignment(p.A) < 16 || pointer_alignment(p.B) < 16)
         throw std::invalid_argument("fp8_gemm: K = " + std::to_string(p.K) +
                                     " must be a multiple of 16 and A, B 16-byte aligned");
+    if (!gpu_info().fp8_mma())
+        throw std::invalid_argument("fp8_gemm: FP8 tensor cores need an sm_89 or newer GPU and a build for it");
     if (mma == Fp8Mma::Wgmma && default_fp8_mma() != Fp8Mma::Wgmma)
         throw std::invalid_argument("fp8_gemm: wgmma needs a Hopper GPU and a build for sm_90a");
     if (mma == Fp8Mma::Wgmma) {
@@ -792,9 +779,8 @@ inline void fp8_gemm_grouped_reduction(float* C, const fp8* A, const fp8* B, con
 // name the layouts: VEC128_32F is 1x128 ([ceil(K/128), rows]), BLK128x128_32F 128x128 ([ceil(N/128),
 // ceil(K/128)]), SCALAR_32F one scale per tensor. The library promotes as V3 does unless fast_accum.
 template <typename OutT>
-void fp8_gemm_cublaslt(Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const fp8* B, const float* scale_a,
-                       const float* scale_b, int M, int N, int K, cublasLtMatmulMatrixScale_t mode_a,
-                       cublasLtMatmulMatrixScale_t mode_b, bool accumulate, bool fast_accum) {
+MatmulKey fp8_gemm_key(const OutT* C, const fp8* A, const fp8* B, int M, int N, int K,
+                       cublasLtMatmulMatrixScale_t mode_a, cublasLtMatmulMatrixScale_t mode_b, bool fast_accum) {
     MatmulKey key{M,
                   N,
                   K,
@@ -813,9 +799,16 @@ void fp8_gemm_cublaslt(Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const 
                   pointer_alignment(B),
                   pointer_alignment(C)};
     key.scale_mode_a = mode_a, key.scale_mode_b = mode_b, key.fast_accum = fast_accum;
+    return key;
+}
+
+template <typename OutT>
+void fp8_gemm_cublaslt(Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const fp8* B, const float* scale_a,
+                       const float* scale_b, int M, int N, int K, cublasLtMatmulMatrixScale_t mode_a,
+                       cublasLtMatmulMatrixScale_t mode_b, bool accumulate, bool fast_accum) {
     if (K % 16 != 0)
         throw std::invalid_argument("fp8_gemm_cublaslt: K = " + std::to_string(K) + " is not a multiple of 16");
-    const MatmulPlan& p = blas.plan(key, scale_a, scale_b);
+    const MatmulPlan& p = blas.plan(fp8_gemm_key(C, A, B, M, N, K, mode_a, mode_b, fast_accum), scale_a, scale_b);
     CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale_b, sizeof(scale_b)));
     CUBLAS_CHECK(
@@ -823,6 +816,27 @@ void fp8_gemm_cublaslt(Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const 
     const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     CUBLAS_CHECK(cublasLtMatmul(blas.handle, p.desc, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c, &p.algo,
                                 blas.workspace.data(), blas.workspace.bytes(), s));
+}
+
+// Whether cuBLASLt has V3's block-scaled FP8 GEMM (1x128 tiles times 128x128 blocks) on this GPU: its heuristic is
+// asked once, for a GEMM of one tile. Hopper has it; elsewhere the project's own FP8 kernels run instead.
+inline bool cublaslt_block_scaled_fp8() {
+    static const bool available = [] {
+        if (!gpu_info().fp8_mma()) return false;
+        Blas blas;
+        DeviceBuffer<fp8> A(128 * 128), B(128 * 128);
+        DeviceBuffer<bf16> C(128 * 128);
+        DeviceBuffer<float> scales(1);
+        try {
+            blas.plan(fp8_gemm_key(C.data(), A.data(), B.data(), 128, 128, 128, CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
+                                   CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, false),
+                      scales.data(), scales.data());
+            return true;
+        } catch (const std::runtime_error&) {  // no algorithm
+            return false;
+        }
+    }();
+    return available;
 }
 
 // Which implementation runs the FP8 GEMMs of a Linear of one weight; a Linear's groups of rows (the routed experts)

@@ -120,6 +120,30 @@ __global__ void latent_attention_decode_kernel(T* ctx, const T* q_abs, const T* 
     }
 }
 
+template <typename T>
+void latent_cache_append(T* cache_ckv, T* cache_kr, const T* ckv, const T* kva, int rows, const int* pos, int R,
+                         int max_len, int d_c, int d_rope, float theta, cudaStream_t stream) {
+    const int n = rows * (d_c + d_rope / 2);
+    latent_cache_append_kernel<<<elementwise_blocks(n), 256, 0, stream>>>(cache_ckv, cache_kr, ckv, kva, rows, pos, R,
+                                                                          max_len, d_c, d_rope, theta);
+    CUDA_CHECK_LAUNCH();
+}
+
+// The decode kernel's shared memory: a row's absorbed query and rotated q_rope, and the scores of up to max_len
+// positions, for every head. Beyond 48 KiB the kernel needs the opt-in attribute (set by the Sampler).
+inline size_t latent_decode_smem(const MlaDims& m, int max_len) {
+    return sizeof(float) * m.H * (m.d_c + m.d_rope + max_len);
+}
+
+// m.N() rows: m = model.mla_dims(rows, 1).
+template <typename T>
+void latent_attention_decode(T* ctx, const T* q_abs, const T* q, const T* cache_ckv, const T* cache_kr,
+                             const int* pos, int R, int max_len, const MlaDims& m, cudaStream_t stream) {
+    latent_attention_decode_kernel<<<m.N(), 128, latent_decode_smem(m, max_len), stream>>>(
+        ctx, q_abs, q, cache_ckv, cache_kr, pos, R, max_len, m);
+    CUDA_CHECK_LAUNCH();
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Drawing tokens: a warp per row of logits, every lane ending with the same token
 // ---------------------------------------------------------------------------------------------------------------
@@ -373,7 +397,7 @@ struct Sampler {
             draft = arena.take<int>(S), draft_row = arena.take<int>(S);
         }
         CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-        size_t smem = attention_smem(len);
+        size_t smem = latent_decode_smem(m.mla_dims(1, 1), len);
         if (smem > 48 * 1024)
             CUDA_CHECK(cudaFuncSetAttribute(latent_attention_decode_kernel<T>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
@@ -385,11 +409,6 @@ struct Sampler {
     }
     Sampler(const Sampler&) = delete;
     Sampler& operator=(const Sampler&) = delete;
-
-    size_t attention_smem(int L) const {
-        const Config& c = model.cfg;
-        return sizeof(float) * c.num_attention_heads * (c.kv_lora_rank + c.qk_rope_head_dim + L);
-    }
 
     // Rows per sequence in a step of S sequences with these options: 2 when speculating.
     int rows_per_sequence(int S, const SamplingOptions& opt) const {
@@ -403,18 +422,14 @@ struct Sampler {
         const int dv = c.v_head_dim;
         BlockActs<T>& A = block;
         model.attention_inputs(L, A, rows, cx);
-        int append_n = rows * (dc + c.qk_rope_head_dim / 2);
-        latent_cache_append_kernel<<<elementwise_blocks(append_n), 256, 0, stream>>>(
-            ckv_cache, kr_cache, A.ckv, A.kva, rows, pos, R, max_len, dc, c.qk_rope_head_dim, c.rope_theta);
-        CUDA_CHECK_LAUNCH();
+        latent_cache_append(ckv_cache, kr_cache, A.ckv, A.kva, rows, pos, R, max_len, dc, c.qk_rope_head_dim,
+                            c.rope_theta, stream);
         // q_abs_i = q_nope_i W_uk_i for every head i: one GEMM batched over heads
         const T* W_kvb = cx.w(L.attn.kv_b.weight);
         long w_head = long(dn + dv) * dc;
         matmul(model.blas, stream, q_abs, A.q, W_kvb,
                Matmul{rows, dc, dn, false, false, 1.0f, 0.0f, H, dqk, w_head, dc, H * dqk, dc, H * dc});
-        latent_attention_decode_kernel<<<rows, 128, attention_smem(max_len), stream>>>(
-            ctx, q_abs, A.q, ckv_cache, kr_cache, pos, R, max_len, model.mla_dims(rows, 1));
-        CUDA_CHECK_LAUNCH();
+        latent_attention_decode(ctx, q_abs, A.q, ckv_cache, kr_cache, pos, R, max_len, model.mla_dims(rows, 1), stream);
         // o_i = ctx_i W_uv_i^T for every head i
         matmul(model.blas, stream, A.o, ctx, W_kvb + long(dn) * dc,
                Matmul{rows, dv, dc, false, true, 1.0f, 0.0f, H, dc, w_head, dv, H * dc, dc, H * dv});

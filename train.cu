@@ -21,8 +21,6 @@
 
 namespace fs = std::filesystem;
 
-constexpr double BF16_PEAK_FLOPS = 989e12;  // H100/H200 SXM dense BF16: the reference for MFU in every precision
-
 // The corpus of a run: the default mix, drawn from the run's seed.
 inline data::CorpusConfig corpus_for(const Options& o) {
     data::CorpusConfig corpus;
@@ -299,7 +297,7 @@ int pretrain(const Options& o, Comm* comm) {
         double seconds = step_clock.seconds();
         if (step > start + 1) timed_seconds += seconds;  // the first step pays for cuBLAS planning
         double tokens_per_s = tokens_per_step / seconds;
-        double mfu = flops_per_step / seconds / (BF16_PEAK_FLOPS * (comm ? comm->ranks.world : 1));
+        double mfu = flops_per_step / seconds / (gpu_info().bf16_peak_flops() * (comm ? comm->ranks.world : 1));
 
         Json record = Json::object();
         record["step"] = step;
@@ -645,6 +643,25 @@ std::unique_ptr<Comm> join_ranks(const Options& o, const Ranks& ranks) {
     return std::make_unique<Comm>(ranks, o.out, o.nccl_timeout);
 }
 
+// V3's FP8 training needs FP8 tensor cores (sm_89 and newer), and cuBLASLt's block-scaled FP8 GEMM exists on Hopper
+// alone: on other GPUs the run takes what the GPU has (BF16, or the project's FP8 kernels), and says so. MFU is
+// measured against the GPU's own BF16 peak, in every precision.
+void fit_to_gpu(Options& o) {
+    const GpuInfo& g = gpu_info();
+    std::printf("GPU: %s (sm_%d, running code built for sm_%d%s), %d SMs, %.0f GB, dense BF16 peak %.0f TFLOP/s\n",
+                g.name.c_str(), g.capability, g.code_arch, g.wgmma ? "a" : "", g.sms, g.memory / 1e9,
+                g.bf16_peak_flops() / 1e12);
+    if (o.precision == "fp8" && !g.fp8_mma()) {
+        std::printf("note: no FP8 tensor cores here (they need an sm_89 or newer GPU and a build for it): "
+                    "training in BF16, as --precision bf16\n");
+        o.precision = "bf16";
+    } else if (o.precision == "fp8" && o.fp8_gemm == "cublaslt" && !cublaslt_block_scaled_fp8()) {
+        std::printf("note: cuBLASLt has no block-scaled FP8 GEMM for this GPU: the project's FP8 kernels run every "
+                    "FP8 GEMM, as --fp8-gemm own\n");
+        o.fp8_gemm = "own";
+    }
+}
+
 template <typename T>
 int run_stage(const Options& o, Comm* comm) {
     if (o.stage == "pretrain") return pretrain<T>(o, comm);
@@ -675,6 +692,7 @@ int main(int argc, char** argv) {
     try {
         ranks = ranks_from_environment(std::getenv);
         std::unique_ptr<Comm> comm = join_ranks(o, ranks);
+        fit_to_gpu(o);
         return o.precision == "fp32" ? run_stage<float>(o, comm.get()) : run_stage<bf16>(o, comm.get());
     } catch (const std::exception& e) {
         if (ranks.world > 1) std::fprintf(stderr, "rank %d: ", ranks.rank);

@@ -441,4 +441,66 @@ inline std::vector<double> mla_attention_forward(const MlaDims& m, const std::ve
     return o;
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// Decoding with the latent cache (sampler.cuh; V2 §2.1.2: the up-projections absorbed)
+// ---------------------------------------------------------------------------------------------------------------
+
+// Row n of a step (R rows a sequence) is sequence n / R's token at position pos + n % R, kept inside the cache.
+inline int latent_row_position(const std::vector<int>& pos, int n, int R, int max_len) {
+    return std::min(pos[n / R] + n % R, max_len - 1);
+}
+
+// Each row's c_kv [rows, d_c] and its k_rope (kva's last d_rope columns), rotated to the row's position, go to the
+// caches [S, max_len, d_c] and [S, max_len, d_rope] at that position.
+inline void latent_cache_append(std::vector<float>& cache_ckv, std::vector<float>& cache_kr,
+                                const std::vector<float>& ckv, const std::vector<float>& kva, int rows,
+                                const std::vector<int>& pos, int R, int max_len, int d_c, int d_rope, double theta) {
+    for (int n = 0; n < rows; n++) {
+        const int p = latent_row_position(pos, n, R, max_len);
+        const long slot = long(n / R) * max_len + p;
+        for (int c = 0; c < d_c; c++) cache_ckv[slot * d_c + c] = ckv[long(n) * d_c + c];
+        std::vector<double> k_rope(kva.begin() + long(n) * (d_c + d_rope) + d_c,
+                                   kva.begin() + long(n + 1) * (d_c + d_rope));
+        rope(k_rope.data(), d_rope, p, theta);
+        for (int c = 0; c < d_rope; c++) cache_kr[slot * d_rope + c] = float(k_rope[c]);
+    }
+}
+
+// ctx [rows, H, d_c]: for row n at position p and head h, sum_{j <= p} P_j c_kv_j with P = softmax_j of
+// (q_abs_h . c_kv_j + RoPE(q_rope_h, p) . k_rope_j) / sqrt(d_qk), where q_abs [rows, H, d_c] = W_uk^T q_nope and
+// q [rows, H, d_qk] holds q_rope in each head's last d_rope columns: the score of MLA's eq. 10 without forming a key.
+inline std::vector<double> latent_attention_decode(const MlaDims& m, const std::vector<float>& q_abs,
+                                                   const std::vector<float>& q, const std::vector<float>& cache_ckv,
+                                                   const std::vector<float>& cache_kr, const std::vector<int>& pos,
+                                                   int R, int max_len) {
+    const int H = m.H, dc = m.d_c, dr = m.d_rope, dqk = m.d_qk(), rows = m.N();
+    const double scale = 1.0 / std::sqrt(double(dqk));
+    std::vector<double> ctx(size_t(rows) * H * dc, 0.0);
+    for (int n = 0; n < rows; n++) {
+        const int p = latent_row_position(pos, n, R, max_len);
+        const long first = long(n / R) * max_len;
+        for (int h = 0; h < H; h++) {
+            const float* qa = &q_abs[(long(n) * H + h) * dc];
+            std::vector<double> q_rope(q.begin() + (long(n) * H + h) * dqk + m.d_nope,
+                                       q.begin() + (long(n) * H + h + 1) * dqk);
+            rope(q_rope.data(), dr, p, m.rope_theta);
+            std::vector<double> P(p + 1);
+            double largest = -INFINITY, sum = 0.0;
+            for (int j = 0; j <= p; j++) {
+                double score = 0.0;
+                for (int e = 0; e < dc; e++) score += double(qa[e]) * cache_ckv[(first + j) * dc + e];
+                for (int e = 0; e < dr; e++) score += q_rope[e] * cache_kr[(first + j) * dr + e];
+                P[j] = score * scale;
+                largest = std::max(largest, P[j]);
+            }
+            for (double& x : P) sum += (x = std::exp(x - largest));
+            for (int j = 0; j <= p; j++)
+                for (int e = 0; e < dc; e++)
+                    ctx[(long(n) * H + h) * dc + e] += P[j] / sum * cache_ckv[(first + j) * dc + e];
+        }
+    }
+    return ctx;
+}
+
 }  // namespace ref

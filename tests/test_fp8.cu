@@ -178,7 +178,10 @@ TEST_SUITE("gpu") {
                 }
             }
     }
+}
 
+// The FP8 GEMMs and the FP8 Linear need FP8 tensor cores (tests/main.cu skips this suite on GPUs without them).
+TEST_SUITE("fp8") {
     // The tensor cores sum each 128-element block in their own accumulator (V3 §3.5.2: about 14 bits kept on
     // H800), so a result may differ from the exact sum by ~1e-4 of its magnitude per block; 2e-3 leaves a margin
     // and still catches any wrong fragment, scale or tile (those give errors of order 1).

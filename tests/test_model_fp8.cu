@@ -48,7 +48,7 @@ double relative_error(const std::vector<float>& got, const std::vector<float>& w
 
 }  // namespace
 
-TEST_SUITE("gpu") {
+TEST_SUITE("fp8") {
     // E4M3 rounds each operand of every projection by up to 2^-4: a few percent per GEMM, compounded over the
     // layers. A wrong scale, tile or transpose gives errors of order 1. With more experts than a token takes, a token
     // whose router scores are close can choose differently in FP8 and in BF16, and move the logits by far more than

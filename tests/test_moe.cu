@@ -334,69 +334,6 @@ TEST_SUITE("gpu") {
         CHECK_CLOSE(ref::download(grads), dW_want, 1e-5);
     }
 
-    TEST_CASE_TEMPLATE("a Linear of several weights in FP8: every group quantized on its own, both backends", T, float,
-                       bf16) {
-        const int out = 96, in = 64, groups = 3;
-        ParamLayout layout;
-        Linear lin;
-        for (int g = 0; g < groups; g++) {
-            int w = layout.matrix("w" + std::to_string(g), out, in);
-            if (g == 0) lin = Linear{w, out, in, groups, 512};
-        }
-        layout.finalize();
-        std::vector<int> offsets = {0, 256, 256, 384};  // group 0 spans two tiles, group 1 is empty
-        DeviceBuffer<int> device_offsets(offsets.size());
-        device_offsets.upload(offsets);
-        const RowGroups rows = RowGroups::known(offsets, device_offsets.data());
-        const int R = rows.rows();
-        Rng rng(7);
-        std::vector<float> W = ref::random_uniform(rng, size_t(groups) * out * in, -0.2, 0.2);
-        ref::Tensor<T> x = ref::input<T>(rng, size_t(R) * in), dy = ref::input<T>(rng, size_t(R) * out);
-        DeviceBuffer<float> master = ref::upload<float>(W);
-        DeviceBuffer<T> copy = ref::upload<T>(W);
-        lin.enable_fp8();
-        for (Fp8Backend backend : {Fp8Backend::Own, Fp8Backend::CuBLASLt}) {
-            CAPTURE(int(backend));
-            Fp8Scratch scratch(backend, long(R) * out, fp8_operand_scales(R, out));
-            lin.w8->refresh(master.data(), scratch.weights_nonfinite.data(), stream);
-            DeviceBuffer<float> grads(W.size());
-            ref::poison(grads);
-            DeviceBuffer<T> y(size_t(R) * out), dx(size_t(R) * in);
-            ref::poison(y), ref::poison(dx);
-            Blas blas;
-            Ctx<T> cx{blas, stream, layout, master.data(), copy.data(), grads.data(), &scratch, false};
-            lin.forward(cx, y.data(), x.data(), rows);
-            lin.backward(cx, dx.data(), dy.data(), x.data(), rows);
-            CHECK(scratch.nonfinite.download()[0] == 0);
-            std::vector<double> y_want(size_t(R) * out, 0.0), dx_want(size_t(R) * in, 0.0), dW_want(W.size(), 0.0);
-            for (int g = 0; g < groups; g++) {
-                const int M = rows.size(g), first = rows.first(g);
-                if (M == 0) continue;
-                std::vector<float> xg(x.host.begin() + size_t(first) * in, x.host.begin() + size_t(first + M) * in);
-                std::vector<float> dyg(dy.host.begin() + size_t(first) * out,
-                                       dy.host.begin() + size_t(first + M) * out);
-                std::vector<float> Wg(W.begin() + size_t(g) * out * in, W.begin() + size_t(g + 1) * out * in);
-                std::vector<float> qx, sx, qW, sW, qdy, sdy, qWT, sWT, qdyT, sdyT, qxT, sxT;
-                ref::quantize_rows(xg, M, in, qx, sx);
-                ref::quantize_blocks(Wg, out, in, qW, sW);
-                ref::quantize_rows(dyg, M, out, qdy, sdy);
-                ref::quantize_blocks(ref::transpose(Wg, out, in), in, out, qWT, sWT);
-                ref::quantize_rows(ref::transpose(dyg, M, out), out, M, qdyT, sdyT);
-                ref::quantize_rows(ref::transpose(xg, M, in), in, M, qxT, sxT);
-                std::vector<double> yg = ref::fp8_gemm(qx, qW, sx, sW, M, out, in, true);
-                std::vector<double> dxg = ref::fp8_gemm(qdy, qWT, sdy, sWT, M, in, out, true);
-                std::vector<double> dWg = ref::fp8_gemm(qdyT, qxT, sdyT, sxT, out, in, M, false);
-                std::copy(yg.begin(), yg.end(), y_want.begin() + size_t(first) * out);
-                std::copy(dxg.begin(), dxg.end(), dx_want.begin() + size_t(first) * in);
-                std::copy(dWg.begin(), dWg.end(), dW_want.begin() + size_t(g) * out * in);
-            }
-            const double tol = std::is_same<T, float>::value ? 2e-3 : 1e-2;
-            CHECK_CLOSE(ref::download(y), y_want, tol);
-            CHECK_CLOSE(ref::download(dx), dx_want, tol);
-            CHECK_CLOSE(ref::download(grads), dW_want, 2e-3);
-        }
-    }
-
     TEST_CASE("MoE layer: forward against the CPU reference, backward against its finite differences") {
         Config c = model_ref::tiny_moe_config();
         const int B = 2, T_ = 6, N = B * T_, d = c.hidden_size;
@@ -493,6 +430,71 @@ TEST_SUITE("gpu") {
             CAPTURE(e);
             float step = counts[e] > 5 ? -0.01f : counts[e] < 5 ? 0.01f : 0.0f;
             CHECK(after[e] == before[e] + step);
+        }
+    }
+}
+
+TEST_SUITE("fp8") {
+    TEST_CASE_TEMPLATE("a Linear of several weights in FP8: every group quantized on its own, both backends", T, float,
+                       bf16) {
+        const int out = 96, in = 64, groups = 3;
+        ParamLayout layout;
+        Linear lin;
+        for (int g = 0; g < groups; g++) {
+            int w = layout.matrix("w" + std::to_string(g), out, in);
+            if (g == 0) lin = Linear{w, out, in, groups, 512};
+        }
+        layout.finalize();
+        std::vector<int> offsets = {0, 256, 256, 384};  // group 0 spans two tiles, group 1 is empty
+        DeviceBuffer<int> device_offsets(offsets.size());
+        device_offsets.upload(offsets);
+        const RowGroups rows = RowGroups::known(offsets, device_offsets.data());
+        const int R = rows.rows();
+        Rng rng(7);
+        std::vector<float> W = ref::random_uniform(rng, size_t(groups) * out * in, -0.2, 0.2);
+        ref::Tensor<T> x = ref::input<T>(rng, size_t(R) * in), dy = ref::input<T>(rng, size_t(R) * out);
+        DeviceBuffer<float> master = ref::upload<float>(W);
+        DeviceBuffer<T> copy = ref::upload<T>(W);
+        lin.enable_fp8();
+        for (Fp8Backend backend : {Fp8Backend::Own, Fp8Backend::CuBLASLt}) {
+            CAPTURE(int(backend));
+            Fp8Scratch scratch(backend, long(R) * out, fp8_operand_scales(R, out));
+            lin.w8->refresh(master.data(), scratch.weights_nonfinite.data(), stream);
+            DeviceBuffer<float> grads(W.size());
+            ref::poison(grads);
+            DeviceBuffer<T> y(size_t(R) * out), dx(size_t(R) * in);
+            ref::poison(y), ref::poison(dx);
+            Blas blas;
+            Ctx<T> cx{blas, stream, layout, master.data(), copy.data(), grads.data(), &scratch, false};
+            lin.forward(cx, y.data(), x.data(), rows);
+            lin.backward(cx, dx.data(), dy.data(), x.data(), rows);
+            CHECK(scratch.nonfinite.download()[0] == 0);
+            std::vector<double> y_want(size_t(R) * out, 0.0), dx_want(size_t(R) * in, 0.0), dW_want(W.size(), 0.0);
+            for (int g = 0; g < groups; g++) {
+                const int M = rows.size(g), first = rows.first(g);
+                if (M == 0) continue;
+                std::vector<float> xg(x.host.begin() + size_t(first) * in, x.host.begin() + size_t(first + M) * in);
+                std::vector<float> dyg(dy.host.begin() + size_t(first) * out,
+                                       dy.host.begin() + size_t(first + M) * out);
+                std::vector<float> Wg(W.begin() + size_t(g) * out * in, W.begin() + size_t(g + 1) * out * in);
+                std::vector<float> qx, sx, qW, sW, qdy, sdy, qWT, sWT, qdyT, sdyT, qxT, sxT;
+                ref::quantize_rows(xg, M, in, qx, sx);
+                ref::quantize_blocks(Wg, out, in, qW, sW);
+                ref::quantize_rows(dyg, M, out, qdy, sdy);
+                ref::quantize_blocks(ref::transpose(Wg, out, in), in, out, qWT, sWT);
+                ref::quantize_rows(ref::transpose(dyg, M, out), out, M, qdyT, sdyT);
+                ref::quantize_rows(ref::transpose(xg, M, in), in, M, qxT, sxT);
+                std::vector<double> yg = ref::fp8_gemm(qx, qW, sx, sW, M, out, in, true);
+                std::vector<double> dxg = ref::fp8_gemm(qdy, qWT, sdy, sWT, M, in, out, true);
+                std::vector<double> dWg = ref::fp8_gemm(qdyT, qxT, sdyT, sxT, out, in, M, false);
+                std::copy(yg.begin(), yg.end(), y_want.begin() + size_t(first) * out);
+                std::copy(dxg.begin(), dxg.end(), dx_want.begin() + size_t(first) * in);
+                std::copy(dWg.begin(), dWg.end(), dW_want.begin() + size_t(g) * out * in);
+            }
+            const double tol = std::is_same<T, float>::value ? 2e-3 : 1e-2;
+            CHECK_CLOSE(ref::download(y), y_want, tol);
+            CHECK_CLOSE(ref::download(dx), dx_want, tol);
+            CHECK_CLOSE(ref::download(grads), dW_want, 2e-3);
         }
     }
 }

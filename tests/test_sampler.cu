@@ -1,6 +1,7 @@
-// The sampler: absorbed latent-cache decoding against the full forward pass, determinism, the sampling kernel's
-// distribution against a CPU reference, and speculative decoding with the MTP draft: greedy it writes plain
-// decoding's tokens, sampling it draws from the main model's distribution.
+// The sampler: the latent cache's kernels against their CPU references, absorbed latent-cache decoding against the
+// full forward pass, determinism, the sampling kernel's distribution against a CPU reference, and speculative
+// decoding with the MTP draft: greedy it writes plain decoding's tokens, sampling it draws from the main model's
+// distribution.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -8,6 +9,7 @@
 
 #include "../sampler.cuh"
 #include "model_reference.h"
+#include "reference.h"
 
 namespace {
 
@@ -174,6 +176,48 @@ TEST_SUITE("sampler") {
 }
 
 TEST_SUITE("gpu") {
+    // Three sequences of two rows each (a speculative step), at positions 0-1 (the first token), 3-4 and 7-8 (the
+    // cache's last slot); the cache holds random earlier entries. Every slot the step does not write must come back
+    // as it was. Heads of d_c = 40 and d_rope = 36 values take more than one pass of a warp's lanes.
+    TEST_CASE_TEMPLATE("latent decode kernels: the cache append and the absorbed attention against the CPU", T, float,
+                       bf16) {
+        const int S = 3, R = 2, rows = S * R, max_len = 9;
+        const MlaDims m{rows, 1, 3, 8, 36, 40, 8, 10000.0f};
+        const int dc = m.d_c, dr = m.d_rope;
+        const std::vector<int> pos = {0, 3, 7};
+        DeviceBuffer<int> pos_device;
+        pos_device.upload(pos);
+        Rng rng(31);
+        ref::Tensor<T> cache_ckv = ref::input<T>(rng, size_t(S) * max_len * dc);
+        ref::Tensor<T> cache_kr = ref::input<T>(rng, size_t(S) * max_len * dr);
+        ref::Tensor<T> ckv = ref::input<T>(rng, size_t(rows) * dc), kva = ref::input<T>(rng, size_t(rows) * (dc + dr));
+        latent_cache_append(cache_ckv.data(), cache_kr.data(), ckv.data(), kva.data(), rows, pos_device.data(), R,
+                            max_len, dc, dr, m.rope_theta, ref::stream);
+        std::vector<float> ckv_before = cache_ckv.host, kr_before = cache_kr.host;
+        ref::latent_cache_append(cache_ckv.host, cache_kr.host, ckv.host, kva.host, rows, pos, R, max_len, dc, dr,
+                                 m.rope_theta);
+        std::vector<bool> written(size_t(S) * max_len, false);
+        for (int n = 0; n < rows; n++)
+            written[size_t(n / R) * max_len + ref::latent_row_position(pos, n, R, max_len)] = true;
+        std::vector<bool> ckv_written, kr_written;
+        for (bool w : written) ckv_written.insert(ckv_written.end(), dc, w), kr_written.insert(kr_written.end(), dr, w);
+        const std::vector<float> got_ckv = ref::download(cache_ckv.device), got_kr = ref::download(cache_kr.device);
+        CHECK(ref::where(got_ckv, ckv_written) == ref::where(cache_ckv.host, ckv_written));  // a copy is exact
+        CHECK_CLOSE(ref::where(got_kr, kr_written), ref::where(cache_kr.host, kr_written), ref::tolerance<T>());
+        CHECK(ref::where(got_ckv, ckv_written, false) == ref::where(ckv_before, ckv_written, false));
+        CHECK(ref::where(got_kr, kr_written, false) == ref::where(kr_before, kr_written, false));
+
+        // The attention reads the GPU's cache, as decoding does: the reference gets the same (rounded) values.
+        ref::Tensor<T> q_abs = ref::input<T>(rng, size_t(rows) * m.H * dc, -2.0, 2.0);
+        ref::Tensor<T> q = ref::input<T>(rng, size_t(rows) * m.H * m.d_qk(), -2.0, 2.0);
+        ref::Tensor<T> ctx = ref::output<T>(rng, size_t(rows) * m.H * dc, false);
+        latent_attention_decode(ctx.data(), q_abs.data(), q.data(), cache_ckv.data(), cache_kr.data(),
+                                pos_device.data(), R, max_len, m, ref::stream);
+        CHECK_CLOSE(ref::download(ctx.device),
+                    ref::latent_attention_decode(m, q_abs.host, q.host, got_ckv, got_kr, pos, R, max_len),
+                    ref::tolerance<T>());
+    }
+
     TEST_CASE("latent-cache decoding gives the full forward pass's logits, dense and with DeepSeekMoE") {
         for (const Config& c : {tiny_config(), model_ref::tiny_moe_config()}) {
             CAPTURE(c.first_k_dense_replace);

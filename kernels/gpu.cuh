@@ -1,0 +1,72 @@
+// gpu.cuh: what the GPU this process runs on can do, read once: its compute capability, the architecture of the
+// code that actually runs on it, its memory, and its peak dense BF16 rate (the denominator of MFU).
+//
+// The code's architecture can be older than the GPU's: a build for compute_80 runs on an sm_89 or sm_90 GPU through
+// PTX, compiled without the newer instructions (FP8 mma.sync needs code built for sm_89 or newer, wgmma code built
+// for sm_90a). So the choice between kernels asks a probe kernel what it was compiled for, not only the GPU.
+#pragma once
+
+#include <string>
+
+#include "common.cuh"
+
+struct GpuInfo {
+    std::string name;
+    int capability = 0;  // 10 * major + minor: 80 for an A100, 89 for an RTX 4090, 90 for an H100
+    int code_arch = 0;   // __CUDA_ARCH__ / 10 of the kernels running here: 90 for code built for sm_90 or sm_90a
+    bool wgmma = false;  // the running code was built for sm_90a, where wgmma exists
+    int sms = 0;
+    double clock_hz = 0.0;  // the SMs' peak clock
+    size_t memory = 0;      // bytes
+
+    // FP8 tensor cores (E4M3 mma.sync): Ada, Hopper and newer, running code built for them.
+    bool fp8_mma() const { return capability >= 89 && code_arch >= 89; }
+
+    // Dense BF16 tensor-core FLOP/s with FP32 accumulation: the data sheet's figure for the data-centre GPUs that
+    // have one, otherwise SMs x clock x the FLOPs per clock of one SM of the architecture (the GeForce rate for
+    // sm_86, sm_89 and sm_120, whose FP32 accumulation runs at half the FP16 rate).
+    double bf16_peak_flops() const {
+        if (capability == 90 && sms == 132) return 989e12;  // H100 / H200 SXM
+        if (capability == 90 && sms == 114) return 756e12;  // H100 PCIe
+        if (capability == 80 && sms == 108) return 312e12;  // A100
+        const int per_sm_clock = capability >= 100 && capability < 120 ? 8192
+                                 : capability == 90                    ? 4096
+                                 : capability == 80                    ? 2048
+                                                                       : 512;
+        return double(sms) * clock_hz * per_sm_clock;
+    }
+};
+
+static __global__ void code_arch_kernel(int* out) {
+#if defined(__CUDA_ARCH__)
+    out[0] = __CUDA_ARCH__ / 10;
+#endif
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    out[1] = 1;
+#else
+    out[1] = 0;
+#endif
+}
+
+inline const GpuInfo& gpu_info() {
+    static const GpuInfo info = [] {
+        GpuInfo g;
+        int device = 0, major = 0, minor = 0, clock_khz = 0;
+        CUDA_CHECK(cudaGetDevice(&device));
+        CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+        CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+        CUDA_CHECK(cudaDeviceGetAttribute(&g.sms, cudaDevAttrMultiProcessorCount, device));
+        CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device));
+        cudaDeviceProp prop;
+        CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+        g.name = prop.name, g.memory = prop.totalGlobalMem;
+        g.capability = 10 * major + minor, g.clock_hz = 1e3 * clock_khz;
+        DeviceBuffer<int> probe(2);
+        code_arch_kernel<<<1, 1>>>(probe.data());
+        CUDA_CHECK_LAUNCH();
+        std::vector<int> found = probe.download();
+        g.code_arch = found[0], g.wgmma = found[1] == 1;
+        return g;
+    }();
+    return info;
+}
