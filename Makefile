@@ -1,7 +1,10 @@
 # A miniature DeepSeek: `make` builds, `make test` runs the tests, `make train` runs the main job.
 NVCC ?= nvcc
-# Hopper (H100/H200) by default; e.g. ARCH="-gencode=arch=compute_80,code=sm_80" for an A100.
-ARCH ?= -gencode=arch=compute_90a,code=sm_90a
+# The GPU of this machine as nvidia-smi reports it (sm_90a on Hopper, where wgmma exists), Hopper where none is
+# found; ARCH="-gencode=arch=compute_80,code=sm_80" builds for another (README: the table of GPUs).
+GPU_SM := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .\r')
+SM = $(if $(filter-out 90,$(filter 8% 9% 1%,$(GPU_SM))),$(GPU_SM),90a)
+ARCH ?= -gencode=arch=compute_$(SM),code=sm_$(SM)
 NVCCFLAGS ?= -std=c++17 -O3 -Xcompiler -Wall
 LIBS = -lcublasLt -lnccl
 BUILD = build
@@ -42,17 +45,17 @@ EVAL_TRAINED = $(RUNS)/r1zero/checkpoint,$(RUNS)/sft/checkpoint,$(RUNS)/sft_more
 EVAL_MODELS = $(EVAL_BASE),$(EVAL_TRAINED)
 PYTHON ?= python3
 
-.PHONY: all test train demo bench fuzz sanitize clean
+.PHONY: all test train demo bench fuzz sanitize clean doctest nccl exercise arches
 all: $(BUILD)/train $(BUILD)/run_tests $(BUILD)/bench_sampler $(BUILD)/bench_fp8 $(BUILD)/bench_step \
 	$(BUILD)/bench_experts
 
-$(BUILD)/train: train.cu $(HEADERS) | $(BUILD)
+$(BUILD)/train: train.cu $(HEADERS) | $(BUILD) nccl
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -o $@ train.cu $(LIBS)
 
 $(BUILD)/bench_%: bench/bench_%.cu $(HEADERS) $(wildcard bench/*.h) | $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -o $@ $< $(LIBS)
 
-$(BUILD)/tests/%.o: tests/%.cu $(HEADERS) $(wildcard tests/*.h) | $(BUILD)
+$(BUILD)/tests/%.o: tests/%.cu $(HEADERS) $(wildcard tests/*.h) | $(BUILD) doctest
 	@mkdir -p $(BUILD)/tests
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -c -o $@ $<
 
@@ -61,6 +64,10 @@ $(BUILD)/run_tests: $(TEST_OBJS)
 
 $(BUILD):
 	@mkdir -p $(BUILD)
+
+# What a fresh machine with the CUDA toolkit lacks: found, installed where it can be, or one line saying what to run.
+doctest nccl:
+	@tools/setup.sh $@
 
 test: $(BUILD)/run_tests
 	./$(BUILD)/run_tests
@@ -121,6 +128,25 @@ sanitize: $(BUILD)/run_tests $(BUILD)/initcheck_cublaslt
 	$(SANITIZER) --tool racecheck ./$(BUILD)/run_tests -ts=gpu,fp8 $(LONG_TESTS)
 	$(SANITIZER) --tool initcheck ./$(BUILD)/run_tests -ts=gpu,fp8 $(KERNEL_TESTS)
 	-$(SANITIZER) --tool initcheck --print-limit 1 ./$(BUILD)/initcheck_cublaslt
+
+# Coursework (exercises/README.md): `make exercise 2` runs the check of exercise 2 on the learner's file,
+# `make exercise 2 SOLUTION=1` on the project's own function.
+ifeq (exercise,$(firstword $(MAKECMDGOALS)))
+EXERCISE := $(word 2,$(MAKECMDGOALS))
+$(eval $(EXERCISE):;@:)
+endif
+exercise: | $(BUILD) doctest nccl
+	@NVCC="$(NVCC)" ARCH="$(ARCH)" exercises/check.sh $(EXERCISE) $(if $(SOLUTION),--solution)
+
+# Every GPU of the README's table: the program and the FP8 code (its tests and benchmark) compiled for each, as CI
+# does without a GPU (sm_90a, the default, is built by `make`).
+ARCHES ?= 80 86 89 90 100 120
+arches: | $(BUILD) doctest nccl
+	@for f in train.cu tests/test_fp8.cu bench/bench_fp8.cu; do \
+		echo "$$f: $(foreach a,$(ARCHES),sm_$(a))"; \
+		$(NVCC) $(NVCCFLAGS) --threads 0 $(foreach a,$(ARCHES),-gencode=arch=compute_$(a),code=sm_$(a)) -I. -c \
+			-o $(BUILD)/arches.o $$f || exit 1; \
+	done
 
 clean:
 	rm -rf $(BUILD)

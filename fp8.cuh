@@ -1,7 +1,7 @@
 // fp8.cuh: FP8 training as DeepSeek-V3 §3.3 does it: E4M3 everywhere, fine-grained scales computed online.
 //
 // E4M3 has 3 mantissa bits and a range of +-448. One scale per tensor would let a single outlier push every other
-// value into E4M3's subnormals; V3 §3.3.1 scales small groups instead, each by its own absolute maximum:
+// value into E4M3's subnormals; V3 §3.3.2 scales small groups instead, each by its own absolute maximum:
 //   activations and output gradients: 1x128 tiles, 128 consecutive elements of a row along K;
 //   weights:                          128x128 blocks;
 // and the weight gradient, whose reduction runs over tokens, needs the activations and gradients quantized along the
@@ -31,7 +31,11 @@
 using fp8 = __nv_fp8_e4m3;
 
 constexpr float E4M3_MAX = 448.0f;
-constexpr int N_C = 128;  // V3 §3.3: the tile edge of the scales, and the interval of the accumulation fix
+// V3 §3.3.2: the tile edge of the scales, and the interval of the accumulation fix. One interval is four Hopper wgmma
+// instructions of K = 32; and as the scales change every 128 elements of K, each block's partial sum must be
+// multiplied by its own scales before it joins another block's: promoting it to FP32 there costs only the
+// multiply-add that the dequantization needs anyway.
+constexpr int N_C = 128;
 
 // The scale that maps a tile's largest magnitude to E4M3's largest value. An all-zero tile gets 1: its values
 // quantize to zero whatever the scale, and a zero scale would make dequantization 0 * inf. A scale is at least

@@ -6,7 +6,13 @@
 //   J_it = min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) - beta KL_it,
 //   KL_it = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1       (the k3 estimator: unbiased, always >= 0)
 // averaged per response (1/|o_i|, GRPO), over all tokens of the batch (DAPO), or with a constant normalizer
-// (Dr. GRPO). No value network: the group is the baseline.
+// (Dr. GRPO). No value network: the group's mean reward stands in for the value V(q) that PPO's critic learns, a
+// Monte Carlo estimate from G samples of the same prompt; a baseline that does not depend on the sampled response
+// leaves the gradient's expectation as it was and cuts its variance.
+//
+// Dr. GRPO's two changes remove two biases: dividing by |o_i| shrinks each token's step in a long response, which
+// favours short correct answers and lets wrong ones grow long (length bias), and dividing by the group's std gives
+// the most weight to prompts whose rewards are nearly all equal, the too easy and the too hard (difficulty bias).
 //
 // Data parallel (nccl.cuh): each rank samples, scores and trains on its own prompts, a prompt's whole group on one
 // rank, so that the advantages need nothing from the others; the normalizers count over every rank's responses, and
@@ -31,6 +37,10 @@ struct GroupAdvantages {
     int uniform_groups = 0;        // groups whose rewards are all equal: no signal (DAPO resamples or skips them)
 };
 
+// Exercise 2 (exercises/02_grpo_advantages) asks for this function's body.
+#ifdef EXERCISE_GROUP_ADVANTAGES
+#include EXERCISE_GROUP_ADVANTAGES
+#else
 // rewards: n_groups * G values, group by group. scale_by_std = false is Dr. GRPO's unbiased form.
 inline GroupAdvantages group_advantages(const std::vector<float>& rewards, int G, bool scale_by_std,
                                         float eps = 1e-4f) {
@@ -49,6 +59,7 @@ inline GroupAdvantages group_advantages(const std::vector<float>& rewards, int G
     }
     return out;
 }
+#endif
 
 // ---------------------------------------------------------------------------------------------------------------
 // Device: per-token log-probabilities, and the GRPO loss with its gradient with respect to the logits
@@ -83,6 +94,34 @@ struct GrpoConfig {
 // and 0 * inf never turns a gradient into NaN.
 constexpr float MAX_LOG_RATIO = 30.0f;
 
+// GRPO's objective at one token of a response with advantage A (R1 §2.2.1, eq. 1, per token), with
+// rho = pi_theta / pi_old from the log-probabilities, and its derivative with respect to log pi_theta.
+struct TokenObjective {
+    float J;         // min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) - beta k3
+    float dJ_dlogp;  // rho A where the plain term is the min (the clipped one is flat), - beta (1 - pi_ref / pi_theta)
+    float k3;        // pi_ref / pi_theta - log(pi_ref / pi_theta) - 1
+    bool clipped;    // the min took the clipped term
+};
+
+// Exercise 5 (exercises/05_grpo_objective) asks for this function's body.
+#ifdef EXERCISE_GRPO_TOKEN_OBJECTIVE
+#include EXERCISE_GRPO_TOKEN_OBJECTIVE
+#else
+HD TokenObjective grpo_token_objective(float logp, float logp_old, float logp_ref, float A, const GrpoConfig& cfg) {
+    const float rho = expf(fminf(logp - logp_old, MAX_LOG_RATIO));
+    const float rho_clipped = fminf(fmaxf(rho, 1.0f - cfg.eps_low), 1.0f + cfg.eps_high);
+    TokenObjective t;
+    t.clipped = rho_clipped * A < rho * A;
+    const float log_ref_ratio = fminf(fmaxf(logp_ref - logp, -MAX_LOG_RATIO), MAX_LOG_RATIO);
+    const float ref_ratio = expf(log_ref_ratio);
+    t.k3 = ref_ratio - log_ref_ratio - 1.0f;
+    const bool with_kl = cfg.beta > 0.0f;  // beta = 0: no KL term at all, whatever k3 is
+    t.J = (t.clipped ? rho_clipped * A : rho * A) - (with_kl ? cfg.beta * t.k3 : 0.0f);
+    t.dJ_dlogp = (t.clipped ? 0.0f : rho * A) - (with_kl ? cfg.beta * (1.0f - ref_ratio) : 0.0f);
+    return t;
+}
+#endif
+
 // Per token n: weight[n] (advantage-free normalizer, 0 for tokens that are not part of a response), advantage[n],
 // logp_old[n], logp_ref[n]. Writes the loss term -weight * J, the k3 KL and whether the ratio was clipped, and
 // dlogits = dL/dlogp * dlogp/dlogits = dL/dlogp (onehot(target) - softmax) / temperature.
@@ -99,21 +138,10 @@ __global__ void grpo_loss_kernel(float* loss, float* kl, float* clipped, T* dlog
     float w = target < 0 ? 0.0f : weight[n];
     float dlogp = 0.0f;
     if (w != 0.0f) {
-        float logp = row[target] * inv_t - mx - logf(sum), A = advantage[n];
-        float rho = expf(fminf(logp - logp_old[n], MAX_LOG_RATIO));
-        float rho_clipped = fminf(fmaxf(rho, 1.0f - cfg.eps_low), 1.0f + cfg.eps_high);
-        bool use_clipped = rho_clipped * A < rho * A;  // the min picks the clipped term, whose gradient is 0
-        float surrogate = use_clipped ? rho_clipped * A : rho * A;
-        float log_ref_ratio = fminf(fmaxf(logp_ref[n] - logp, -MAX_LOG_RATIO), MAX_LOG_RATIO);
-        float ref_ratio = expf(log_ref_ratio);
-        float k3 = ref_ratio - log_ref_ratio - 1.0f;
-        // dJ/dlogp: rho A through the unclipped term, and -beta (1 - pi_ref / pi_theta) through the KL.
-        float dJ = (use_clipped ? 0.0f : rho * A) - (cfg.beta > 0.0f ? cfg.beta * (1.0f - ref_ratio) : 0.0f);
-        dlogp = -w * dJ;
-        if (lane == 0) {
-            loss[n] = -w * (surrogate - (cfg.beta > 0.0f ? cfg.beta * k3 : 0.0f));
-            kl[n] = k3, clipped[n] = use_clipped;
-        }
+        const float logp = row[target] * inv_t - mx - logf(sum);
+        const TokenObjective t = grpo_token_objective(logp, logp_old[n], logp_ref[n], advantage[n], cfg);
+        dlogp = -w * t.dJ_dlogp;
+        if (lane == 0) loss[n] = -w * t.J, kl[n] = t.k3, clipped[n] = t.clipped;
     } else if (lane == 0) {
         loss[n] = 0.0f, kl[n] = 0.0f, clipped[n] = 0.0f;
     }
@@ -144,7 +172,7 @@ enum class Normalization {
 
 struct GrpoOptions {
     int group = 8;      // G samples per prompt
-    int updates = 2;    // policy updates per batch of samples (pi_old is the policy that sampled)
+    int updates = 2;    // policy updates per batch of samples (pi_old: the trainer's forward pass before the first)
     int max_new = 320;  // response tokens at most
     float temperature = 1.0f;
     GrpoConfig loss;
@@ -259,7 +287,7 @@ struct GrpoTrainer {
         std::vector<float> totals(responses.size());
         for (size_t i = 0; i < responses.size(); i++) {
             const data::Problem& p = problems[i / o.group];
-            rewards::Reward r = rewards::score(p, tok.decode(responses[i]), o.reward);
+            rewards::Reward r = rewards::score(p, tok.decode(responses[i]), o.reward, long(responses[i].size()));
             totals[i] = float(r.total);
             stats.reward += r.total, stats.accuracy += r.accuracy, stats.format += r.format;
             stats.language += r.language, stats.mixing += rewards::is_mixed(r.thinking);
@@ -306,6 +334,8 @@ struct GrpoTrainer {
         CUDA_CHECK(cudaStreamSynchronize(reference.stream));
         policy.forward(b.tokens, b.S, b.T);
         token_logprobs(logp_old.data(), policy.logits, targets.data(), int(N), V, o.loss.temperature, s);
+        // At u = 0 the logits are those logp_old came from: rho = 1, the clip never acts, and the step is the
+        // policy gradient A grad log pi. Clipping holds the policy near pi_old only from the second update on.
         for (int u = 0; u < o.updates; u++) {
             if (u > 0) policy.forward(b.tokens, b.S, b.T);
             grpo_loss(token_loss.data(), token_kl.data(), token_clipped.data(), policy.d_logits, policy.logits,

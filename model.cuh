@@ -827,7 +827,7 @@ struct Model : Architecture {
 
     // After forward() and loss() on the same rows: the D MTP modules' forward passes and losses, each module's
     // cross-entropy weighted lambda / D (eq. 25) in the gradient that backward() then takes, modules and model
-    // together (eq. 26: L_Main + lambda L_MTP).
+    // together (V3 §2.2, after eq. 25: L_Main + lambda L_MTP).
     void mtp_forward(const std::vector<int>& inputs, const std::vector<int>& targets, int B, int T_, float lambda) {
         const Config& c = cfg;
         const int N = B * T_, V = c.vocab_size, D = int(mtp.size());

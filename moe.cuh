@@ -666,7 +666,8 @@ void gather_backward(T* du, const T* dx_g, const int* dest, int N, int K, int d,
     CUDA_CHECK_LAUNCH();
 }
 
-// The balance of a layer's loads (V3 §4.5's "maximal violation"): max_i load_i / mean load - 1, 0 when even.
+// The balance of a layer's loads, MaxVio of the auxiliary-loss-free balancing paper (arXiv 2408.15664, which V3
+// §2.1.2 follows): max_i load_i / mean load - 1, 0 when even.
 inline double max_violation(const std::vector<int>& loads) {
     double total = 0.0, most = 0.0;
     for (int load : loads) total += load, most = std::max(most, double(load));

@@ -14,6 +14,10 @@
 
 #include "kernels/layers.cuh"
 
+// Exercise 3 (exercises/03_mtp_targets) asks for this function's body.
+#ifdef EXERCISE_MTP_SHIFT
+#include EXERCISE_MTP_SHIFT
+#else
 // Module k's tokens and targets for rows [B, T] of inputs t_0..t_{T-1} and targets t_1..t_T (a negative target
 // has no loss): at position i, the token t_{i+k} to embed and the target t_{i+k+1}. The last k positions of a row
 // have no target (their t_{i+k+1} lies past the row) and embed token 0.
@@ -27,6 +31,7 @@ inline void mtp_shift(const std::vector<int>& inputs, const std::vector<int>& ta
             shifted[n] = targets[n + k];
         }
 }
+#endif
 
 // lambda by training progress: V3 weighs the MTP loss 0.3 for its first 10T tokens and 0.1 for the last 4.8T.
 struct MtpWeight {

@@ -1,4 +1,4 @@
-// sampler.cuh: batched autoregressive sampling with MLA's latent KV cache (V2 §2.1.1-2.1.2, V3 §2.1.1), and
+// sampler.cuh: batched autoregressive sampling with MLA's latent KV cache (V2 §2.1.2-2.1.3, V3 §2.1.1), and
 // speculative decoding with the MTP module's draft (V3 §5.4.3).
 //
 // Only c_kv (after its RMSNorm) and the rotated k_rope are cached: (d_c + d_rope) values per token and layer,
@@ -7,7 +7,9 @@
 // W_uv_i [d_v, d_c],
 //   score_ij = (W_uk_i^T q_nope_i) . c_kv_j + q_rope_i . k_rope_j      (q_abs_i = W_uk_i^T q_nope_i, one GEMM)
 //   o_i      = W_uv_i (sum_j p_ij c_kv_j)                             (attention runs in the latent space)
-// so no per-head key or value is ever materialized.
+// so no per-head key or value is ever materialized. This is why RoPE acts on a separate shared key k_rope (decoupled
+// RoPE, V2 §2.1.3): a rotation R_j of position j between W_uk_i and c_kv_j would make q_i^T R_i^T R_j W_uk_i depend on
+// j, and W_uk_i could no longer be folded into the query once for every position. k_rope is cached rotated.
 //
 // A decode step feeds R rows per sequence through the model: sequence s's row r sits at position pos[s] + r. A
 // prompt goes through the same step, its tokens forced, so prefill and decode share one code path (prompts are

@@ -21,6 +21,12 @@
 
 namespace fs = std::filesystem;
 
+// The GPU memory in use after a step (its buffers are all allocated by then), and the run's peak so far.
+inline void record_memory(Json& record) {
+    const double now = gpu_memory_in_use_gb();
+    record["memory_gb"] = now, record["peak_memory_gb"] = gpu_memory_peak_gb(now);
+}
+
 // The corpus of a run: the default mix, drawn from the run's seed.
 inline data::CorpusConfig corpus_for(const Options& o) {
     data::CorpusConfig corpus;
@@ -137,6 +143,8 @@ inline std::string schedule_flags(const Options& o) {
           << " temperature=" << o.temperature << " kl=" << o.kl << " clip_low=" << o.clip_low
           << " clip_high=" << o.clip_high << " w_format=" << o.w_format << " w_language=" << o.w_language
           << " dr_grpo=" << o.dr_grpo << " token_norm=" << o.token_norm << " skip_uniform=" << o.skip_uniform;
+    if ((o.stage == "r1zero" || o.stage == "grpo") && o.w_overlong > 0.0f)  // checkpoints from before it resume
+        s << " w_overlong=" << o.w_overlong << " overlong_cache=" << o.overlong_cache;
     return s.str();
 }
 
@@ -297,7 +305,7 @@ int pretrain(const Options& o, Comm* comm) {
         double seconds = step_clock.seconds();
         if (step > start + 1) timed_seconds += seconds;  // the first step pays for cuBLAS planning
         double tokens_per_s = tokens_per_step / seconds;
-        double mfu = flops_per_step / seconds / (gpu_info().bf16_peak_flops() * (comm ? comm->ranks.world : 1));
+        double mfu = flops_per_step / seconds / (gpu_info().bf16_peak_flops * (comm ? comm->ranks.world : 1));
 
         Json record = Json::object();
         record["step"] = step;
@@ -306,6 +314,7 @@ int pretrain(const Options& o, Comm* comm) {
         record["grad_norm"] = double(grad_norm), record["tokens_per_s"] = tokens_per_s, record["mfu"] = mfu;
         record["ms"] = seconds * 1e3, record["skipped"] = skipped;
         const double violation = record_expert_balance(model, scalars, record);
+        record_memory(record);
         log.write(record);
         if (step % o.log_every == 0 || step == start + 1 || step == o.steps) {
             double per_step = step > start + 1 ? timed_seconds / (step - start - 1) : seconds;
@@ -448,6 +457,7 @@ int cold_start(const Options& given, Comm* comm) {
         record["grad_norm"] = double(grad_norm), record["train_flops"] = flops_per_step * step;
         record["skipped"] = skipped;
         record_expert_balance(model, scalars, record);
+        record_memory(record);
         log.write(record);
         if (step % o.log_every == 0 || step == 1 || step == o.steps)
             std::printf("sft step %5d/%d | loss %.4f%s | lr %.2e | %s\n", step, o.steps, loss, mtp_line.c_str(), lr,
@@ -486,7 +496,8 @@ int reinforce(const Options& o, Comm* comm) {
     g.norm = o.dr_grpo ? Normalization::Constant : o.token_norm ? Normalization::Token : Normalization::Sequence;
     g.skip_uniform_groups = o.skip_uniform, g.r1zero_template = o.stage == "r1zero";
     g.speculative = !o.no_speculative, g.speculative_max_batch = o.speculative_max_batch;
-    g.reward.w_format = o.w_format, g.reward.w_language = o.w_language;
+    g.reward.w_format = o.w_format, g.reward.w_language = o.w_language, g.reward.w_overlong = o.w_overlong;
+    g.reward.max_tokens = o.max_new, g.reward.overlong_cache = o.overlong_cache;
     const data::ProblemMix mix = problem_mix(o);
     const double flops_per_forward_token = forward_flops_per_token(policy.cfg, o.seq);
 
@@ -528,6 +539,7 @@ int reinforce(const Options& o, Comm* comm) {
             std::snprintf(drafts, sizeof drafts, " | drafts kept %.2f", st.drafts.rate());
         }
         record_expert_balance(policy, scalars, record);
+        record_memory(record);
         log.write(record);
         if (step % o.log_every == 0 || step == 1 || step == o.steps)
             std::printf(
@@ -648,9 +660,11 @@ std::unique_ptr<Comm> join_ranks(const Options& o, const Ranks& ranks) {
 // measured against the GPU's own BF16 peak, in every precision.
 void fit_to_gpu(Options& o) {
     const GpuInfo& g = gpu_info();
-    std::printf("GPU: %s (sm_%d, running code built for sm_%d%s), %d SMs, %.0f GB, dense BF16 peak %.0f TFLOP/s\n",
-                g.name.c_str(), g.capability, g.code_arch, g.wgmma ? "a" : "", g.sms, g.memory / 1e9,
-                g.bf16_peak_flops() / 1e12);
+    std::printf("GPU: %s (sm_%d%s, running code built for sm_%d%s), %d SMs, %.0f GB%s, dense BF16 peak %.0f TFLOP/s\n",
+                g.name.c_str(), g.capability, g.as_sm ? " by MINI_DEEPSEEK_AS_SM" : "", g.code_arch,
+                g.wgmma ? "a" : "", g.sms, g.memory / 1e9,
+                std::getenv("MINI_DEEPSEEK_GPU_MEMORY_GB") ? " by MINI_DEEPSEEK_GPU_MEMORY_GB" : "",
+                g.bf16_peak_flops / 1e12);
     if (o.precision == "fp8" && !g.fp8_mma()) {
         std::printf("note: no FP8 tensor cores here (they need an sm_89 or newer GPU and a build for it): "
                     "training in BF16, as --precision bf16\n");
@@ -693,7 +707,10 @@ int main(int argc, char** argv) {
         ranks = ranks_from_environment(std::getenv);
         std::unique_ptr<Comm> comm = join_ranks(o, ranks);
         fit_to_gpu(o);
-        return o.precision == "fp32" ? run_stage<float>(o, comm.get()) : run_stage<bf16>(o, comm.get());
+        const int status = o.precision == "fp32" ? run_stage<float>(o, comm.get()) : run_stage<bf16>(o, comm.get());
+        if (gpu_memory_peak_gb() > 0.0)
+            std::printf("peak GPU memory in use: %.2f GB of %.0f GB\n", gpu_memory_peak_gb(), gpu_info().memory / 1e9);
+        return status;
     } catch (const std::exception& e) {
         if (ranks.world > 1) std::fprintf(stderr, "rank %d: ", ranks.rank);
         std::fprintf(stderr, "error: %s\n", e.what());

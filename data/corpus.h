@@ -7,8 +7,8 @@
 //
 // Like a web corpus, the pretraining stream holds the material in two languages (language.h) and mixes them: some
 // reasoning is written in the other language than its question, and some switches language midway. The base model
-// can then think in either language, and mix them, before any RL (R1 §2.3.2: R1-Zero's chains of thought mixed
-// languages). The cold-start data (R1 §2.3.2) is the opposite: readable single-language reasoning with a summary.
+// can then think in either language, and mix them, before any RL (R1 §2.2.4: R1-Zero's chains of thought mixed
+// languages). The cold-start data (R1 §2.3.1) is the opposite: readable single-language reasoning with a summary.
 #pragma once
 
 #include <cstdint>
@@ -185,7 +185,7 @@ inline std::vector<Problem> eval_set(TaskKind kind, int difficulty, int n, uint6
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Cold start (R1 §2.3.2): a few thousand long, readable chains of thought, all in the question's language, each
+// Cold start (R1 §2.3.1): a few thousand long, readable chains of thought, all in the question's language, each
 // closed by a summary, for supervised fine-tuning before RL.
 // ---------------------------------------------------------------------------------------------------------------
 

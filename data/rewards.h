@@ -23,10 +23,15 @@ struct RewardConfig {
     // R1 adds language consistency only in the RL stage after the cold start (§2.3.2), directly summed with the
     // accuracy reward; 0 leaves it out, as in R1-Zero.
     double w_language = 0.0;
+    // DAPO §3.4's soft overlong punishment, added to the rule-based rewards: 0 leaves it out. A response cut off at
+    // the sampler's max_tokens has no answer and earns nothing already; this adds a penalty that grows over the last
+    // overlong_cache tokens before the cut, so that GRPO also learns which long responses came close to it.
+    double w_overlong = 0.0;
+    long max_tokens = 0, overlong_cache = 0;
 };
 
 struct Reward {
-    double accuracy = 0, format = 0, language = 0, total = 0;
+    double accuracy = 0, format = 0, language = 0, overlong = 0, total = 0;
     bool has_answer = false;  // exactly one <answer> and one </answer>, in that order
     std::string answer;       // the text between them
     std::string thinking;     // the text between the one <think> and the one </think>, if there are exactly those
@@ -90,9 +95,24 @@ inline bool well_formed(const std::string& response, const Block& think, const B
     return !only_whitespace(response, answer.begin, answer.end);
 }
 
+// Exercise 6 (exercises/06_overlong_penalty) asks for this function's body.
+#ifdef EXERCISE_OVERLONG_PENALTY
+#include EXERCISE_OVERLONG_PENALTY
+#else
+// DAPO §3.4, eq. 13: 0 up to max_tokens - cache tokens, then linear down to -1 at max_tokens, and -1 beyond.
+inline double overlong_penalty(long tokens, long max_tokens, long cache) {
+    const long free_tokens = max_tokens - cache;
+    if (tokens <= free_tokens) return 0.0;
+    if (tokens >= max_tokens) return -1.0;
+    return double(free_tokens - tokens) / double(cache);
+}
+#endif
+
 // Accuracy needs only the answer block, whatever the rest looks like: the format reward judges the rest, and one
 // unambiguous answer is all the verifier needs. Two answer blocks count as none, so that hedging never pays.
-inline Reward score(const data::Problem& p, const std::string& response, const RewardConfig& cfg = {}) {
+// tokens: the response's length in tokens, for the overlong penalty (where cfg weighs it).
+inline Reward score(const data::Problem& p, const std::string& response, const RewardConfig& cfg = {},
+                    long tokens = 0) {
     Reward r;
     if (response.size() > kMaxResponseBytes) return r;
     const Block think = only_block(response, "<think>", "</think>");
@@ -108,7 +128,9 @@ inline Reward score(const data::Problem& p, const std::string& response, const R
     // than a wrong answer (and an empty think block, with no words, earns nothing either).
     if (think.found && answer.found) r.language = data::language_share(r.thinking, p.language);
     r.format = well_formed(response, think, answer) ? 1.0 : 0.0;
-    r.total = cfg.w_accuracy * r.accuracy + cfg.w_format * r.format + cfg.w_language * r.language;
+    if (cfg.w_overlong > 0.0) r.overlong = overlong_penalty(tokens, cfg.max_tokens, cfg.overlong_cache);
+    r.total = cfg.w_accuracy * r.accuracy + cfg.w_format * r.format + cfg.w_language * r.language +
+              cfg.w_overlong * r.overlong;
     return r;
 }
 

@@ -86,6 +86,7 @@ std::vector<EvalRow> evaluate_tasks(Model<T>& model, const data::Tokenizer& tok,
     sampling.stop_a = data::ANSWER_END, sampling.stop_b = data::EOS, sampling.max_new = data::kMaxExampleTokens;
     sampling.speculative = e.speculative, sampling.speculative_max_batch = e.speculative_max_batch;
     std::vector<std::vector<int>> responses = sampler.generate(prompts, sampling);
+    gpu_memory_peak_gb(gpu_memory_in_use_gb());  // the sampler's buffers are the largest of an evaluation
     const std::vector<DraftCounts> drafts = sampler.draft_counts(int(prompts.size()));
     for (size_t i = 0; i < responses.size(); i++) {
         size_t problem = i / e.k;

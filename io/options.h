@@ -111,6 +111,8 @@ struct Options {
     std::string task = "mix", template_name = "auto";
     float replay = 0.0f, eval_temperature = 0.6f;
     float temperature = 1.0f, kl = 0.0f, clip_low = 0.2f, clip_high = 0.2f, w_format = 0.1f, w_language = 0.0f;
+    float w_overlong = 0.0f;
+    int overlong_cache = 64;
     bool dr_grpo = false, token_norm = false, skip_uniform = false;
 
     static const std::vector<std::string>& stages() {
@@ -125,7 +127,8 @@ struct Options {
         f.add("config", &config_path, "config.json with the model shape (default: the demo model)");
         f.add("precision", &precision, "fp8 (bf16 with every projection's GEMMs in FP8) | bf16 | fp32");
         f.add("fp8-gemm", &fp8_gemm,
-              "the FP8 GEMMs of --precision fp8 outside the routed experts (ours, grouped): cublaslt (the faster) | own");
+              "the FP8 GEMMs of --precision fp8 outside the routed experts (ours, grouped): "
+              "cublaslt (the faster) | own");
         f.add("steps", &steps, "optimizer steps");
         f.add("batch", &batch, "sequences per step");
         f.add("seq", &seq, "tokens per sequence");
@@ -184,6 +187,8 @@ struct Options {
         f.add("clip-high", &clip_high, "r1zero/grpo: ratio clip above 1 (DAPO's clip-higher: 0.28)");
         f.add("w-format", &w_format, "r1zero/grpo: weight of the format reward");
         f.add("w-language", &w_language, "r1zero/grpo: weight of the language-consistency reward");
+        f.add("w-overlong", &w_overlong, "r1zero/grpo: weight of DAPO's soft overlong penalty (0: none)");
+        f.add("overlong-cache", &overlong_cache, "r1zero/grpo: the last tokens before --max-new that it penalizes");
         f.add("template", &template_name, "prompt template of eval and chat: auto (the checkpoint's) | chat | r1zero");
         f.add_switch("dr-grpo", &dr_grpo, "r1zero/grpo: Dr. GRPO (no std scaling, constant normalizer)");
         f.add_switch("token-norm", &token_norm, "r1zero/grpo: DAPO's token-level normalization");
@@ -270,9 +275,11 @@ struct Options {
                                    std::pair{aux_alpha, "aux-alpha"}, std::pair{mtp_lambda, "mtp-lambda"},
                                    std::pair{mtp_lambda_late, "mtp-lambda-late"}, std::pair{kl, "kl"},
                                    std::pair{grad_clip, "grad-clip"}, std::pair{w_format, "w-format"},
-                                   std::pair{w_language, "w-language"}})
+                                   std::pair{w_language, "w-language"}, std::pair{w_overlong, "w-overlong"}})
             if (!(value >= 0.0f && std::isfinite(value)))
                 throw std::invalid_argument(std::string("--") + name + " must be a finite number >= 0");
+        if (w_overlong > 0.0f && !(overlong_cache >= 1 && overlong_cache <= max_new))
+            throw std::invalid_argument("--overlong-cache must be between 1 and --max-new");
         if (!(mtp_late_from >= 0.0f && mtp_late_from <= 1.0f))
             throw std::invalid_argument("--mtp-late-from must be in [0, 1]");
     }

@@ -1,11 +1,19 @@
 // gpu.cuh: what the GPU this process runs on can do, read once: its compute capability, the architecture of the
 // code that actually runs on it, its memory, and its peak dense BF16 rate (the denominator of MFU).
 //
+// Two environment variables make a large GPU behave as a smaller one, to try the paths a student's GPU takes:
+//   MINI_DEEPSEEK_AS_SM=80         the capabilities of that architecture at most (80: an A100, no FP8 tensor cores);
+//   MINI_DEEPSEEK_GPU_MEMORY_GB=24 the memory of a 24 GB card: the rest is taken at start and held.
+//
 // The code's architecture can be older than the GPU's: a build for compute_80 runs on an sm_89 or sm_90 GPU through
 // PTX, compiled without the newer instructions (FP8 mma.sync needs code built for sm_89 or newer, wgmma code built
 // for sm_90a). So the choice between kernels asks a probe kernel what it was compiled for, not only the GPU.
 #pragma once
 
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "common.cuh"
@@ -17,25 +25,28 @@ struct GpuInfo {
     bool wgmma = false;  // the running code was built for sm_90a, where wgmma exists
     int sms = 0;
     double clock_hz = 0.0;  // the SMs' peak clock
-    size_t memory = 0;      // bytes
+    size_t memory = 0;      // bytes: the card's, or MINI_DEEPSEEK_GPU_MEMORY_GB's
+    int as_sm = 0;          // MINI_DEEPSEEK_AS_SM, 0 where unset
 
     // FP8 tensor cores (E4M3 mma.sync): Ada, Hopper and newer, running code built for them.
     bool fp8_mma() const { return capability >= 89 && code_arch >= 89; }
 
-    // Dense BF16 tensor-core FLOP/s with FP32 accumulation: the data sheet's figure for the data-centre GPUs that
-    // have one, otherwise SMs x clock x the FLOPs per clock of one SM of the architecture (the GeForce rate for
-    // sm_86, sm_89 and sm_120, whose FP32 accumulation runs at half the FP16 rate).
-    double bf16_peak_flops() const {
-        if (capability == 90 && sms == 132) return 989e12;  // H100 / H200 SXM
-        if (capability == 90 && sms == 114) return 756e12;  // H100 PCIe
-        if (capability == 80 && sms == 108) return 312e12;  // A100
-        const int per_sm_clock = capability >= 100 && capability < 120 ? 8192
-                                 : capability == 90                    ? 4096
-                                 : capability == 80                    ? 2048
-                                                                       : 512;
-        return double(sms) * clock_hz * per_sm_clock;
-    }
+    double bf16_peak_flops = 0.0;  // the card's own, whatever MINI_DEEPSEEK_AS_SM says
 };
+
+// Dense BF16 tensor-core FLOP/s with FP32 accumulation: the data sheet's figure for the data-centre GPUs that have
+// one, otherwise SMs x clock x the FLOPs per clock of one SM of the architecture (the GeForce rate for sm_86, sm_89
+// and sm_120, whose FP32 accumulation runs at half the FP16 rate).
+inline double bf16_peak_flops(int capability, int sms, double clock_hz) {
+    if (capability == 90 && sms == 132) return 989e12;  // H100 / H200 SXM
+    if (capability == 90 && sms == 114) return 756e12;  // H100 PCIe
+    if (capability == 80 && sms == 108) return 312e12;  // A100
+    const int per_sm_clock = capability >= 100 && capability < 120 ? 8192
+                             : capability == 90                    ? 4096
+                             : capability == 80                    ? 2048
+                                                                   : 512;
+    return double(sms) * clock_hz * per_sm_clock;
+}
 
 static __global__ void code_arch_kernel(int* out) {
 #if defined(__CUDA_ARCH__)
@@ -46,6 +57,32 @@ static __global__ void code_arch_kernel(int* out) {
 #else
     out[1] = 0;
 #endif
+}
+
+// A positive number from the environment variable `name`, 0 where it is unset; anything else is refused.
+inline double positive_from_environment(const char* name) {
+    const char* text = std::getenv(name);
+    if (!text) return 0.0;
+    char* end = nullptr;
+    const double value = std::strtod(text, &end);
+    if (end == text || *end != '\0' || std::isspace(static_cast<unsigned char>(*text)) || !(value > 0.0) ||
+        !std::isfinite(value))
+        throw std::invalid_argument(std::string(name) + " must be a positive number, got '" + text + "'");
+    return value;
+}
+
+// The memory beyond MINI_DEEPSEEK_GPU_MEMORY_GB, taken once and held for the life of the process.
+inline size_t hold_memory_beyond(double gigabytes, size_t total) {
+    static DeviceBuffer<uint8_t> held;
+    const size_t keep = size_t(gigabytes * 1e9);
+    if (keep >= total) return 0;
+    size_t free = 0, all = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free, &all));
+    if (free < total - keep)
+        throw std::runtime_error("MINI_DEEPSEEK_GPU_MEMORY_GB: other processes use this GPU; cannot leave exactly " +
+                                 std::to_string(gigabytes) + " GB");
+    held.resize(total - keep);
+    return total - keep;
 }
 
 inline const GpuInfo& gpu_info() {
@@ -61,12 +98,33 @@ inline const GpuInfo& gpu_info() {
         CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
         g.name = prop.name, g.memory = prop.totalGlobalMem;
         g.capability = 10 * major + minor, g.clock_hz = 1e3 * clock_khz;
+        g.bf16_peak_flops = bf16_peak_flops(g.capability, g.sms, g.clock_hz);
         DeviceBuffer<int> probe(2);
         code_arch_kernel<<<1, 1>>>(probe.data());
         CUDA_CHECK_LAUNCH();
         std::vector<int> found = probe.download();
         g.code_arch = found[0], g.wgmma = found[1] == 1;
+        g.as_sm = int(positive_from_environment("MINI_DEEPSEEK_AS_SM"));
+        if (g.as_sm > 0) {
+            g.capability = std::min(g.capability, g.as_sm), g.code_arch = std::min(g.code_arch, g.as_sm);
+            g.wgmma = g.wgmma && g.capability >= 90;
+        }
+        g.memory -= hold_memory_beyond(positive_from_environment("MINI_DEEPSEEK_GPU_MEMORY_GB"), g.memory);
         return g;
     }();
     return info;
+}
+
+// The memory in use on this GPU now, by this process and any other (the held memory of a smaller card left out),
+// and the most seen by any call: sampled after every training step, whose buffers are all allocated by then.
+inline double gpu_memory_in_use_gb() {
+    const GpuInfo& g = gpu_info();
+    size_t free = 0, total = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free, &total));
+    return double(g.memory - std::min(free, g.memory)) / 1e9;
+}
+
+inline double gpu_memory_peak_gb(double now = 0.0) {
+    static double peak = 0.0;
+    return peak = std::max(peak, now);
 }

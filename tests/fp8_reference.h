@@ -1,5 +1,5 @@
 // tests/fp8_reference.h: plain CPU references for fp8.cuh. A reference scales a tile by its own absolute maximum,
-// written out from V3 §3.3.1's definition; it shares with the code under test only the E4M3 rounding of
+// written out from V3 §3.3.2's definition; it shares with the code under test only the E4M3 rounding of
 // cuda_fp8.h (the FP8 counterpart of common.cuh's BF16 rounding).
 #pragma once
 

@@ -376,7 +376,7 @@ inline void rope(double* x, int d_rope, int pos, double theta) {
 
 // The heads as batched matrices: Q, K [B*H, T, d_qk], V [B*H, T, d_v]. Head h of token (b, t) has the query
 // [q_nope | RoPE(q_rope)] from q, the key [k_nope | RoPE(k_rope)] with k_nope from kvb and the token's one k_rope
-// from kva (shared by every head, eq. 8), and the value v from kvb.
+// from kva (shared by every head, eqs. 3-4), and the value v from kvb.
 struct MlaHeads {
     std::vector<double> Q, K, V;
 };

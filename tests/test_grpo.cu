@@ -9,16 +9,21 @@
 
 namespace {
 
-// -w J for one token, in double, straight from the formula in grpo.cuh.
+// J for one token, in double, straight from the formula in grpo.cuh.
+double reference_objective(double logp, double logp_old, double logp_ref, double A, const GrpoConfig& cfg) {
+    double rho = std::exp(logp - logp_old);
+    double clipped = std::min(std::max(rho, 1.0 - cfg.eps_low), 1.0 + cfg.eps_high);
+    double k3 = std::exp(logp_ref - logp) - (logp_ref - logp) - 1.0;
+    return std::min(rho * A, clipped * A) - cfg.beta * k3;
+}
+
+// -w J for one token whose policy is softmax(logits / temperature).
 double reference_token_loss(const std::vector<double>& logits, int target, double w, double A, double logp_old,
                             double logp_ref, const GrpoConfig& cfg) {
     double inv_t = 1.0 / cfg.temperature, mx = *std::max_element(logits.begin(), logits.end()) * inv_t, sum = 0.0;
     for (double x : logits) sum += std::exp(x * inv_t - mx);
     double logp = logits[target] * inv_t - mx - std::log(sum);
-    double rho = std::exp(logp - logp_old);
-    double clipped = std::min(std::max(rho, 1.0 - cfg.eps_low), 1.0 + cfg.eps_high);
-    double k3 = std::exp(logp_ref - logp) - (logp_ref - logp) - 1.0;
-    return -w * (std::min(rho * A, clipped * A) - cfg.beta * k3);
+    return -w * reference_objective(logp, logp_old, logp_ref, A, cfg);
 }
 
 }  // namespace
@@ -41,6 +46,45 @@ TEST_SUITE("grpo") {
         CHECK(dr.advantage[0] == doctest::Approx(0.5));
         CHECK(dr.advantage[11] == doctest::Approx(2.25));
         CHECK_THROWS_AS(group_advantages(rewards, 5, true), std::invalid_argument);
+    }
+
+    // Ratios from e^-0.6 to e^0.6 (inside the clip range and past it on both sides), advantages of both signs,
+    // pi_ref above and below pi_theta; the derivative against central differences of the reference, away from the
+    // clip's corners where J has none.
+    TEST_CASE("grpo token objective: the clipped surrogate, the k3 KL and the derivative, against the reference") {
+        GrpoConfig cfg;
+        cfg.eps_high = 0.28f, cfg.beta = 0.04f;
+        const float logp = -1.5f;
+        int clipped = 0, plain = 0;
+        for (float log_ratio = -0.6f; log_ratio <= 0.61f; log_ratio += 0.05f)
+            for (float A : {-1.3f, -0.2f, 0.7f, 1.5f})
+                for (float ref_offset : {-0.4f, 0.0f, 0.3f}) {
+                    CAPTURE(log_ratio);
+                    CAPTURE(A);
+                    CAPTURE(ref_offset);
+                    const float logp_old = logp - log_ratio, logp_ref = logp + ref_offset;
+                    const TokenObjective t = grpo_token_objective(logp, logp_old, logp_ref, A, cfg);
+                    CHECK(t.J == doctest::Approx(reference_objective(logp, logp_old, logp_ref, A, cfg)).epsilon(1e-5));
+                    const double k3 = std::exp(double(ref_offset)) - ref_offset - 1.0;
+                    CHECK(t.k3 == doctest::Approx(k3).epsilon(1e-5).scale(1.0));
+                    const double rho = std::exp(double(log_ratio));
+                    const bool past_clip = A > 0 ? rho > 1.0 + cfg.eps_high : rho < 1.0 - cfg.eps_low;
+                    CHECK(t.clipped == past_clip);
+                    (past_clip ? clipped : plain)++;
+                    if (std::fabs(rho - (1.0 + cfg.eps_high)) < 1e-3 || std::fabs(rho - (1.0 - cfg.eps_low)) < 1e-3)
+                        continue;
+                    const double h = 1e-6;
+                    const double fd = (reference_objective(logp + h, logp_old, logp_ref, A, cfg) -
+                                       reference_objective(logp - h, logp_old, logp_ref, A, cfg)) /
+                                      (2 * h);
+                    CHECK(t.dJ_dlogp == doctest::Approx(fd).epsilon(1e-4).scale(1.0));
+                }
+        CHECK(clipped > 0);
+        CHECK(plain > 0);
+        cfg.beta = 0.0f;  // no KL term: J is the surrogate alone
+        const TokenObjective t = grpo_token_objective(-1.0f, -1.0f, -40.0f, 0.5f, cfg);
+        CHECK(t.J == doctest::Approx(0.5));
+        CHECK(t.dJ_dlogp == doctest::Approx(0.5));
     }
 }
 

@@ -275,6 +275,20 @@ TEST_SUITE("checkpoint") {
 }
 
 TEST_SUITE("options") {
+    TEST_CASE("the environment variables that shrink the GPU take positive numbers only") {
+        const char* name = "MINI_DEEPSEEK_TEST_NUMBER";
+        unsetenv(name);
+        CHECK(positive_from_environment(name) == 0.0);
+        setenv(name, "24", 1);
+        CHECK(positive_from_environment(name) == 24.0);
+        for (const char* bad : {"", "0", "-8", "24GB", " 24", "nan", "inf"}) {
+            CAPTURE(bad);
+            setenv(name, bad, 1);
+            CHECK_THROWS_AS(positive_from_environment(name), std::invalid_argument);
+        }
+        unsetenv(name);
+    }
+
     TEST_CASE("each stage writes to its own folder unless told otherwise, and RL flags that cannot learn are refused") {
         CHECK(parse({"pretrain"}).out == "runs/pretrain");
         CHECK(parse({"sft", "--init", "runs/pretrain/checkpoint"}).out == "runs/sft");

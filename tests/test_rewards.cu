@@ -348,3 +348,27 @@ TEST_SUITE("rewards") {
         CHECK(score_checked(kAdd, repeated("</", 100000) + repeated("<|", 100000)).total == 0.0);
     }
 }
+
+TEST_SUITE("rewards") {
+    // DAPO §3.4 with L_max = 100 and L_cache = 20, worked out by hand; and in the total only where it is weighed.
+    TEST_CASE("overlong penalty: 0 up to L_max - L_cache tokens, then down to -1 at L_max, -1 beyond") {
+        CHECK(overlong_penalty(0, 100, 20) == 0.0);
+        CHECK(overlong_penalty(80, 100, 20) == 0.0);
+        CHECK(overlong_penalty(81, 100, 20) == doctest::Approx(-0.05));
+        CHECK(overlong_penalty(90, 100, 20) == doctest::Approx(-0.5));
+        CHECK(overlong_penalty(99, 100, 20) == doctest::Approx(-0.95));
+        CHECK(overlong_penalty(100, 100, 20) == -1.0);
+        CHECK(overlong_penalty(250, 100, 20) == -1.0);
+        CHECK(overlong_penalty(100, 100, 100) == -1.0);  // the whole length penalized
+        CHECK(overlong_penalty(50, 100, 100) == doctest::Approx(-0.5));
+
+        const std::string response = respond("2+4+0=6 -> 6\n1+3+0=4 -> 46", "46");
+        RewardConfig cfg;
+        CHECK(score(kAdd, response, cfg, 95).total == doctest::Approx(1.1));  // not weighed: no penalty
+        cfg.w_overlong = 0.5, cfg.max_tokens = 100, cfg.overlong_cache = 20;
+        const Reward r = score(kAdd, response, cfg, 95);
+        CHECK(r.overlong == doctest::Approx(-0.75));
+        CHECK(r.total == doctest::Approx(1.1 - 0.5 * 0.75));
+        CHECK(score(kAdd, response, cfg, 60).total == doctest::Approx(1.1));
+    }
+}

@@ -1,4 +1,4 @@
-"""Two runs' log.jsonl compared record for record, the clock fields aside (tools/determinism.sh, kill_resume.sh).
+"""Two runs' log.jsonl compared record for record, the clock and memory fields aside (tools/determinism.sh, kill_resume.sh).
 
   python3 tools/compare_logs.py same A B      B's records are A's, in the same order
   python3 tools/compare_logs.py resumed A B   every record of B equals a record of A at its step, and B has every
@@ -8,12 +8,12 @@ Exit status 0 when that holds; the first differences are printed.
 import json
 import sys
 
-CLOCK = {"seconds", "ms", "tokens_per_s", "mfu"}
+MEASURED = {"seconds", "ms", "tokens_per_s", "mfu", "memory_gb", "peak_memory_gb"}
 
 
 def records(path):
     with open(path) as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in CLOCK} for line in f]
+        return [{k: v for k, v in json.loads(line).items() if k not in MEASURED} for line in f]
 
 
 def same(a, b):
