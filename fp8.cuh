@@ -826,7 +826,8 @@ void fp8_gemm_cublaslt(Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const 
 // asked once, for a GEMM of one tile. Hopper has it; elsewhere the project's own FP8 kernels run instead.
 inline bool cublaslt_block_scaled_fp8() {
     static const bool available = [] {
-        if (!gpu_info().fp8_mma()) return false;
+        const GpuInfo& g = gpu_info();
+        if (!g.fp8_mma() || (g.as_sm > 0 && g.capability < 90)) return false;  // as an older GPU: not Hopper's library
         Blas blas;
         DeviceBuffer<fp8> A(128 * 128), B(128 * 128);
         DeviceBuffer<bf16> C(128 * 128);

@@ -255,10 +255,14 @@ inline SampleBatch grpo_batch(const std::vector<std::vector<int>>& prompts,
     return b;
 }
 
+// The reference model's forward passes take the batch this many sequences at a time: it needs no more activations
+// than that (an eighth of the policy's at the default 256 sequences), and its log-probabilities are the same.
+constexpr int REFERENCE_ROWS = 32;
+
 template <typename T>
 struct GrpoTrainer {
     Model<T>& policy;
-    Model<T>& reference;  // frozen: the KL anchor
+    Model<T>& reference;  // frozen: the KL anchor, built for up to REFERENCE_ROWS sequences
     Sampler<T> sampler;
     data::Tokenizer tok;
     DeviceBuffer<int> targets;
@@ -328,9 +332,13 @@ struct GrpoTrainer {
         targets.upload(b.targets), weight.upload(b.weight), advantage.upload(b.advantage);
         for (DeviceBuffer<float>* buf : {&logp_old, &logp_ref, &token_loss, &token_kl, &token_clipped})
             if (long(buf->count) < N) buf->resize(N);
-        reference.forward(b.tokens, b.S, b.T);
-        token_logprobs(logp_ref.data(), reference.logits, targets.data(), int(N), V, o.loss.temperature,
-                       reference.stream);
+        for (int first = 0; first < b.S; first += reference.max_B) {
+            const int rows = std::min(reference.max_B, b.S - first);
+            const long at = long(first) * b.T, count = long(rows) * b.T;
+            reference.forward(std::vector<int>(b.tokens.begin() + at, b.tokens.begin() + at + count), rows, b.T);
+            token_logprobs(logp_ref.data() + at, reference.logits, targets.data() + at, int(count), V,
+                           o.loss.temperature, reference.stream);
+        }
         CUDA_CHECK(cudaStreamSynchronize(reference.stream));
         policy.forward(b.tokens, b.S, b.T);
         token_logprobs(logp_old.data(), policy.logits, targets.data(), int(N), V, o.loss.temperature, s);

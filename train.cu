@@ -482,7 +482,7 @@ int reinforce(const Options& o, Comm* comm) {
     const int S = prompts_mine.count() * o.group;
     const std::string ckpt = o.out + "/checkpoint";
     auto loaded_policy = load_model<T>(o.resume ? ckpt : o.init, S, o.seq);
-    auto reference = load_model<T>(o.init, S, o.seq);
+    auto reference = load_model<T>(o.init, std::min(S, REFERENCE_ROWS), o.seq);
     Model<T>& policy = *loaded_policy;
     if (comm) policy.distribute(*comm, S, o.prompts * o.group, o.expert_parallel);
     const TrainerState resumed = o.resume ? resume_state(o, ckpt, policy) : TrainerState{};

@@ -59,10 +59,10 @@ static __global__ void code_arch_kernel(int* out) {
 #endif
 }
 
-// A positive number from the environment variable `name`, 0 where it is unset; anything else is refused.
+// A positive number from the environment variable `name`, 0 where it is unset or empty; anything else is refused.
 inline double positive_from_environment(const char* name) {
     const char* text = std::getenv(name);
-    if (!text) return 0.0;
+    if (!text || !*text) return 0.0;
     char* end = nullptr;
     const double value = std::strtod(text, &end);
     if (end == text || *end != '\0' || std::isspace(static_cast<unsigned char>(*text)) || !(value > 0.0) ||

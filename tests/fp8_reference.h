@@ -28,6 +28,10 @@ inline float scale_of(double amax) {
 // The E4M3 value (as a float) of x in units of scale, as x times the FP32 inverse of the scale.
 inline float e4m3(float x, float scale) { return float(__nv_fp8_e4m3(x * (1.0f / scale))); }
 
+// Exercise 7 (exercises/07_quantizer) asks for this function's body.
+#ifdef EXERCISE_QUANTIZE_ROWS
+#include EXERCISE_QUANTIZE_ROWS
+#else
 // x [M, K] in 1x128 tiles along each row: q [M, K] (E4M3 values as floats), scales [tiles(K), M].
 inline void quantize_rows(const std::vector<float>& x, int M, int K, std::vector<float>& q,
                           std::vector<float>& scales) {
@@ -43,6 +47,7 @@ inline void quantize_rows(const std::vector<float>& x, int M, int K, std::vector
                 q[size_t(m) * K + k] = e4m3(x[size_t(m) * K + k], scale);
         }
 }
+#endif
 
 inline std::vector<float> transpose(const std::vector<float>& x, int R, int C) {
     std::vector<float> t(x.size());
@@ -69,6 +74,10 @@ inline void quantize_blocks(const std::vector<float>& W, int N, int K, std::vect
         }
 }
 
+// Exercise 8 (exercises/08_fp8_gemm) asks for this function's body.
+#ifdef EXERCISE_FP8_GEMM
+#include EXERCISE_FP8_GEMM
+#else
 // C [M, N] = sum over K-blocks b of (sum over k in b of qA[m][k] qB[n][k]) * sA[b][m] * sB(n, b), in double;
 // sB is [tiles(N), padded_tiles(K)] for a weight (block_scales) or [tiles(K), N] like sA.
 inline std::vector<double> fp8_gemm(const std::vector<float>& qA, const std::vector<float>& qB,
@@ -86,5 +95,6 @@ inline std::vector<double> fp8_gemm(const std::vector<float>& qA, const std::vec
             }
     return C;
 }
+#endif
 
 }  // namespace ref

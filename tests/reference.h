@@ -467,6 +467,10 @@ inline void latent_cache_append(std::vector<float>& cache_ckv, std::vector<float
     }
 }
 
+// Exercise 9 (exercises/09_latent_decode) asks for this function's body.
+#ifdef EXERCISE_LATENT_DECODE
+#include EXERCISE_LATENT_DECODE
+#else
 // ctx [rows, H, d_c]: for row n at position p and head h, sum_{j <= p} P_j c_kv_j with P = softmax_j of
 // (q_abs_h . c_kv_j + RoPE(q_rope_h, p) . k_rope_j) / sqrt(d_qk), where q_abs [rows, H, d_c] = W_uk^T q_nope and
 // q [rows, H, d_qk] holds q_rope in each head's last d_rope columns: the score of MLA's eq. 10 without forming a key.
@@ -502,5 +506,6 @@ inline std::vector<double> latent_attention_decode(const MlaDims& m, const std::
     }
     return ctx;
 }
+#endif
 
 }  // namespace ref

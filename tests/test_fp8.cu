@@ -93,6 +93,99 @@ void check_round_trip(const std::vector<float>& x, const std::vector<float>& q, 
 
 }  // namespace
 
+// The CPU references that the kernels are held to, held in turn to cases worked out by hand and to what V3 §3.3.2's
+// definitions imply (exercises 7 and 8 ask for them).
+TEST_SUITE("fp8-reference") {
+    // Row 0: a tile of multiples of 64 whose amax is 896 (scale 2: every value lands on an E4M3 value), then a tile
+    // of two values; row 1: an all-zero tile, then a lone -3.
+    TEST_CASE("quantize_rows (CPU): each 1x128 tile scaled by its own amax / 448, worked out by hand") {
+        const int M = 2, K = 130;
+        std::vector<float> x(size_t(M) * K, 0.0f);
+        for (int k = 0; k < 128; k++) x[k] = float(k % 9 - 4) * 64.0f;
+        x[17] = -896.0f, x[128] = 1e-3f, x[129] = -5e-4f, x[K + 129] = -3.0f;
+        std::vector<float> q, scales;
+        ref::quantize_rows(x, M, K, q, scales);
+        REQUIRE(q.size() == x.size());
+        REQUIRE(scales.size() == size_t(2 * M));  // [tiles(K), M]
+        CHECK(scales[0] == 2.0f);
+        CHECK(scales[1] == 1.0f);  // an all-zero tile
+        CHECK(scales[M] == float(double(1e-3f) / 448.0));
+        CHECK(scales[M + 1] == float(3.0 / 448.0));
+        CHECK(q[0] == -128.0f);
+        CHECK(q[17] == -448.0f);
+        CHECK(q[8] == 128.0f);
+        CHECK(q[128] == 448.0f);
+        CHECK(q[129] == -224.0f);
+        CHECK(q[K + 129] == -448.0f);
+        CHECK(std::all_of(q.begin() + K, q.begin() + K + 128, [](float v) { return v == 0.0f; }));
+    }
+
+    TEST_CASE("quantize_rows (CPU): values over six decades come back within half an E4M3 step") {
+        Rng rng(90);
+        const int M = 5, K = 300;
+        const std::vector<float> x = spread_values(rng, M, K);
+        std::vector<float> q, scales;
+        ref::quantize_rows(x, M, K, q, scales);
+        REQUIRE(scales.size() == size_t(ref::tiles(K)) * M);
+        std::vector<float> scale_of(x.size());
+        for (int m = 0; m < M; m++)
+            for (int k = 0; k < K; k++) scale_of[size_t(m) * K + k] = scales[size_t(k / ref::TILE) * M + m];
+        check_round_trip(x, q, scale_of);
+        // A tile's largest magnitude maps to E4M3's largest value, 448; unless the tile is all zero (scale 1), or so
+        // small that amax / 448 would fall below the smallest normal float (row 2's first tile), the scale's floor.
+        for (int m = 0; m < M; m++)
+            for (int t = 0; t < ref::tiles(K); t++) {
+                float largest = 0.0f;
+                for (int k = t * ref::TILE; k < std::min(K, (t + 1) * ref::TILE); k++)
+                    largest = std::max(largest, std::fabs(q[size_t(m) * K + k]));
+                const float scale = scales[size_t(t) * M + m];
+                CHECK((largest == 448.0f || (largest == 0.0f && scale == 1.0f) ||
+                       (largest < 448.0f && scale == std::numeric_limits<float>::min())));
+            }
+    }
+
+    // K = 256: two blocks of ones, the second row of B twos. A's tile scales 2 and 3; B's block scales 5 and 7 (one
+    // block of rows), or B's row scales per K-block.
+    TEST_CASE("fp8_gemm (CPU): each 128-block's partial sum times its two scales, worked out by hand") {
+        const int M = 1, N = 2, K = 256;
+        std::vector<float> qA(size_t(M) * K, 1.0f), qB(size_t(N) * K, 1.0f);
+        std::fill(qB.begin() + K, qB.end(), 2.0f);
+        const std::vector<float> sA = {2.0f, 3.0f};  // [tiles(K), M]
+        const std::vector<float> blocks = {5.0f, 7.0f, 0.0f, 0.0f};  // [tiles(N), padded_tiles(K)]
+        const std::vector<double> C = ref::fp8_gemm(qA, qB, sA, blocks, M, N, K, true);
+        CHECK(C == std::vector<double>{128 * 2 * 5 + 128 * 3 * 7, 2 * (128 * 2 * 5 + 128 * 3 * 7)});
+        const std::vector<float> rows = {5.0f, 11.0f, 7.0f, 13.0f};  // [tiles(K), N]
+        CHECK(ref::fp8_gemm(qA, qB, sA, rows, M, N, K, false) ==
+              std::vector<double>{128 * 2 * 5 + 128 * 3 * 7, 128 * 2 * 2 * 11 + 128 * 2 * 3 * 13});
+        // K = 130: the second block holds two elements
+        const std::vector<double> partial =
+            ref::fp8_gemm(std::vector<float>(130, 1.0f), std::vector<float>(130, 1.0f), sA, blocks, 1, 1, 130, true);
+        CHECK(partial == std::vector<double>{128 * 2 * 5 + 2 * 3 * 7});
+    }
+
+    TEST_CASE("fp8_gemm (CPU): the sum of the dequantized products, for random codes and scales") {
+        Rng rng(91);
+        for (bool block_scales : {true, false}) {
+            CAPTURE(block_scales);
+            const int M = 3, N = 130, K = 300;
+            const Fp8Problem p = fp8_problem(M, N, K, block_scales, rng);
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < N; n++) {
+                    double want = 0.0, magnitude = 0.0;  // the sum, and that of its terms' magnitudes
+                    for (int k = 0; k < K; k++) {
+                        const int b = k / ref::TILE;
+                        const double sb = block_scales ? p.sB[size_t(n / ref::TILE) * ref::padded_tiles(K) + b]
+                                                       : p.sB[size_t(b) * N + n];
+                        const double term = double(p.qA[size_t(m) * K + k]) * p.sA[size_t(b) * M + m] *
+                                            p.qB[size_t(n) * K + k] * sb;
+                        want += term, magnitude += std::fabs(term);
+                    }
+                    CHECK(std::fabs(p.C[size_t(m) * N + n] - want) <= 1e-12 * magnitude);
+                }
+        }
+    }
+}
+
 TEST_SUITE("gpu") {
     // Shapes: a partial last tile each way with 4-element vectors (300 x 300), none (256 x 128), and rows or
     // columns not a multiple of 4, which take the scalar path (37 x 300, 300 x 45).

@@ -110,6 +110,24 @@ Grouping group_on_cpu(const std::vector<int>& expert, int E) {
 }  // namespace
 
 TEST_SUITE("moe") {
+    // Eight experts in four groups of two, the best two groups, two experts (exercise 10 asks for this reference).
+    // Expert 4 has the third best score, but its group's two best sum to less than groups 0's and 1's, so group
+    // limiting leaves it out; experts 2 and 3 tie, and the lower index wins. A bias of 0.5 on expert 4 makes its
+    // group the best and the expert the first choice; a bias never changes what the others' scores are.
+    TEST_CASE("router (CPU): group-limited top-K on s + b, worked out by hand") {
+        const MoeConfig m{8, 1, 2, 4, 2, 16, 1.0f, true};
+        const std::vector<double> s = {0.9, 0.1, 0.5, 0.5, 0.6, 0.0, 0.2, 0.3};
+        std::vector<double> b(8, 0.0);
+        CHECK(model_ref::route(m, s, b.data()) == std::vector<int>{0, 2});
+        b[4] = 0.5;
+        CHECK(model_ref::route(m, s, b.data()) == std::vector<int>{4, 0});
+        b.assign(8, 0.0);
+        b[7] = 0.45;  // group 3 now sums 0.2 + 0.75 = 0.95: still below groups 0 and 1 (1.0 each)
+        CHECK(model_ref::route(m, s, b.data()) == std::vector<int>{0, 2});
+        const MoeConfig all_groups{8, 1, 3, 4, 4, 16, 1.0f, true};  // no limit: the best three of all eight
+        CHECK(model_ref::route(all_groups, s, std::vector<double>(8, 0.0).data()) == std::vector<int>{0, 4, 2});
+    }
+
     TEST_CASE("max violation: 0 for even loads, max / mean - 1 otherwise") {
         CHECK(max_violation({5, 5, 5, 5}) == 0.0);
         CHECK(max_violation({8, 4, 4, 0}) == doctest::Approx(1.0));

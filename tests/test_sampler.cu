@@ -161,6 +161,56 @@ double chi_square(const std::vector<long>& counts, const std::vector<double>& p,
 }  // namespace
 
 TEST_SUITE("sampler") {
+    // V2 §2.1.2's absorption, in double (exercise 9 asks for the reference): scores of the absorbed query
+    // q_abs = W_uk^T q_nope against the cached c_kv, then W_uv applied to the probability-weighted c_kv, give what
+    // attention over explicit keys k = [W_uk c_kv ; k_rope] and values v = W_uv c_kv gives. One sequence at
+    // position 3 (four cached positions), two heads.
+    TEST_CASE("latent attention decode (CPU): absorbed scores and values equal attention over explicit keys") {
+        const int max_len = 6, p = 3, dn = 3, dr = 4, dc = 5, dv = 2, H = 2;
+        const MlaDims m{1, 1, H, dn, dr, dc, dv, 10000.0f};
+        Rng rng(41);
+        const std::vector<float> cache_ckv = ref::random_uniform(rng, size_t(max_len) * dc);
+        const std::vector<float> cache_kr = ref::random_uniform(rng, size_t(max_len) * dr);  // rotated already
+        const std::vector<float> W_uk = ref::random_uniform(rng, size_t(H) * dn * dc);       // [H, dn, dc]
+        const std::vector<float> W_uv = ref::random_uniform(rng, size_t(H) * dv * dc);       // [H, dv, dc]
+        const std::vector<float> q = ref::random_uniform(rng, size_t(H) * (dn + dr));        // [H, dn + dr]
+        std::vector<float> q_abs(size_t(H) * dc, 0.0f);
+        for (int h = 0; h < H; h++)
+            for (int e = 0; e < dc; e++) {
+                double sum = 0.0;
+                for (int i = 0; i < dn; i++) sum += double(q[h * (dn + dr) + i]) * W_uk[(h * dn + i) * dc + e];
+                q_abs[h * dc + e] = float(sum);
+            }
+        const std::vector<double> ctx =
+            ref::latent_attention_decode(m, q_abs, q, cache_ckv, cache_kr, std::vector<int>{p}, 1, max_len);
+        REQUIRE(ctx.size() == size_t(H) * dc);
+        for (int h = 0; h < H; h++) {
+            std::vector<double> q_rope(q.begin() + h * (dn + dr) + dn, q.begin() + (h + 1) * (dn + dr));
+            ref::rope(q_rope.data(), dr, p, m.rope_theta);
+            std::vector<double> P(p + 1), o_explicit(dv, 0.0);
+            double sum = 0.0;
+            for (int j = 0; j <= p; j++) {
+                double score = 0.0;
+                for (int i = 0; i < dn; i++) {
+                    double k = 0.0;  // the explicit key's nope part: W_uk c_kv_j
+                    for (int e = 0; e < dc; e++) k += double(W_uk[(h * dn + i) * dc + e]) * cache_ckv[j * dc + e];
+                    score += double(q[h * (dn + dr) + i]) * k;
+                }
+                for (int i = 0; i < dr; i++) score += q_rope[i] * cache_kr[j * dr + i];
+                sum += P[j] = std::exp(score / std::sqrt(double(dn + dr)));
+            }
+            for (int j = 0; j <= p; j++)
+                for (int i = 0; i < dv; i++)
+                    for (int e = 0; e < dc; e++)
+                        o_explicit[i] += P[j] / sum * W_uv[(h * dv + i) * dc + e] * cache_ckv[j * dc + e];
+            for (int i = 0; i < dv; i++) {
+                double o_absorbed = 0.0;
+                for (int e = 0; e < dc; e++) o_absorbed += W_uv[(h * dv + i) * dc + e] * ctx[h * dc + e];
+                CHECK(o_absorbed == doctest::Approx(o_explicit[i]).epsilon(1e-6));
+            }
+        }
+    }
+
     TEST_CASE("speculative decoding drafts for batches up to 4 sequences per SM, or up to the batch limit given") {
         SamplingOptions opt;
         CHECK(speculates(528, opt, 132));
