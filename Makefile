@@ -45,17 +45,17 @@ EVAL_TRAINED = $(RUNS)/r1zero/checkpoint,$(RUNS)/sft/checkpoint,$(RUNS)/sft_more
 EVAL_MODELS = $(EVAL_BASE),$(EVAL_TRAINED)
 PYTHON ?= python3
 
-.PHONY: all test train demo bench fuzz sanitize clean doctest nccl exercise arches
+.PHONY: all test train demo bench fuzz sanitize clean doctest nccl exercise arches print-arch
 all: $(BUILD)/train $(BUILD)/run_tests $(BUILD)/bench_sampler $(BUILD)/bench_fp8 $(BUILD)/bench_step \
 	$(BUILD)/bench_experts
 
 $(BUILD)/train: train.cu $(HEADERS) | $(BUILD) nccl
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -o $@ train.cu $(LIBS)
 
-$(BUILD)/bench_%: bench/bench_%.cu $(HEADERS) $(wildcard bench/*.h) | $(BUILD)
+$(BUILD)/bench_%: bench/bench_%.cu $(HEADERS) $(wildcard bench/*.h) | $(BUILD) nccl
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -o $@ $< $(LIBS)
 
-$(BUILD)/tests/%.o: tests/%.cu $(HEADERS) $(wildcard tests/*.h) | $(BUILD) doctest
+$(BUILD)/tests/%.o: tests/%.cu $(HEADERS) $(wildcard tests/*.h) | $(BUILD) doctest nccl
 	@mkdir -p $(BUILD)/tests
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -c -o $@ $<
 
@@ -123,10 +123,10 @@ $(BUILD)/initcheck_cublaslt: tools/initcheck_cublaslt.cu $(HEADERS) | $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $(ARCH) -I. -o $@ $< $(LIBS)
 
 sanitize: $(BUILD)/run_tests $(BUILD)/initcheck_cublaslt
-	$(SANITIZER) --tool memcheck ./$(BUILD)/run_tests -ts=gpu,fp8 $(LONG_TESTS)
-	$(SANITIZER) --tool synccheck ./$(BUILD)/run_tests -ts=gpu,fp8 $(LONG_TESTS)
-	$(SANITIZER) --tool racecheck ./$(BUILD)/run_tests -ts=gpu,fp8 $(LONG_TESTS)
-	$(SANITIZER) --tool initcheck ./$(BUILD)/run_tests -ts=gpu,fp8 $(KERNEL_TESTS)
+	$(SANITIZER) --tool memcheck ./$(BUILD)/run_tests -ts=gpu,fp8,fp8-cublaslt $(LONG_TESTS)
+	$(SANITIZER) --tool synccheck ./$(BUILD)/run_tests -ts=gpu,fp8,fp8-cublaslt $(LONG_TESTS)
+	$(SANITIZER) --tool racecheck ./$(BUILD)/run_tests -ts=gpu,fp8,fp8-cublaslt $(LONG_TESTS)
+	$(SANITIZER) --tool initcheck ./$(BUILD)/run_tests -ts=gpu,fp8,fp8-cublaslt $(KERNEL_TESTS)
 	-$(SANITIZER) --tool initcheck --print-limit 1 ./$(BUILD)/initcheck_cublaslt
 
 # Coursework (exercises/README.md): `make exercise 2` runs the check of exercise 2 on the learner's file,
@@ -138,8 +138,11 @@ endif
 exercise: | $(BUILD) doctest nccl
 	@NVCC="$(NVCC)" ARCH="$(ARCH)" exercises/check.sh $(EXERCISE) $(if $(SOLUTION),--solution)
 
+print-arch:
+	@echo "$(ARCH)"
+
 # Every GPU of the README's table: the program and the FP8 code (its tests and benchmark) compiled for each, as CI
-# does without a GPU (sm_90a, the default, is built by `make`).
+# does without a GPU (`make` builds for this machine's GPU, or sm_90a).
 ARCHES ?= 80 86 89 90 100 120
 arches: | $(BUILD) doctest nccl
 	@for f in train.cu tests/test_fp8.cu bench/bench_fp8.cu; do \

@@ -848,6 +848,12 @@ inline bool cublaslt_block_scaled_fp8() {
 // always run as our grouped launch, which cuBLASLt has no counterpart of.
 enum class Fp8Backend { Own, CuBLASLt };
 
+// The backends this GPU runs: cuBLASLt's where it has the block-scaled FP8 GEMM.
+inline std::vector<Fp8Backend> fp8_backends() {
+    if (cublaslt_block_scaled_fp8()) return {Fp8Backend::Own, Fp8Backend::CuBLASLt};
+    return {Fp8Backend::Own};
+}
+
 template <typename OutT>
 void fp8_matmul(Fp8Backend backend, Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const fp8* B,
                 const float* scale_a, const float* scale_b, int M, int N, int K, BScales b_scales, bool accumulate) {

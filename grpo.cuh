@@ -256,7 +256,8 @@ inline SampleBatch grpo_batch(const std::vector<std::vector<int>>& prompts,
 }
 
 // The reference model's forward passes take the batch this many sequences at a time: it needs no more activations
-// than that (an eighth of the policy's at the default 256 sequences), and its log-probabilities are the same.
+// than that (an eighth of the policy's at the default 256 sequences), and its log-probabilities are the same up to
+// rounding (cuBLASLt may take another algorithm for fewer rows).
 constexpr int REFERENCE_ROWS = 32;
 
 template <typename T>

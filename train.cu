@@ -663,7 +663,7 @@ void fit_to_gpu(Options& o) {
     std::printf("GPU: %s (sm_%d%s, running code built for sm_%d%s), %d SMs, %.0f GB%s, dense BF16 peak %.0f TFLOP/s\n",
                 g.name.c_str(), g.capability, g.as_sm ? " by MINI_DEEPSEEK_AS_SM" : "", g.code_arch,
                 g.wgmma ? "a" : "", g.sms, g.memory / 1e9,
-                std::getenv("MINI_DEEPSEEK_GPU_MEMORY_GB") ? " by MINI_DEEPSEEK_GPU_MEMORY_GB" : "",
+                g.memory_limited ? " by MINI_DEEPSEEK_GPU_MEMORY_GB" : "",
                 g.bf16_peak_flops / 1e12);
     if (o.precision == "fp8" && !g.fp8_mma()) {
         std::printf("note: no FP8 tensor cores here (they need an sm_89 or newer GPU and a build for it): "

@@ -24,7 +24,7 @@ if [ "${2:-}" = --solution ]; then
 fi
 
 nvcc=${NVCC:-nvcc}
-arch=${ARCH:--gencode=arch=compute_90a,code=sm_90a}
+arch=${ARCH:-$(make -s print-arch)}  # the Makefile's: this machine's GPU, or Hopper
 mkdir -p build/exercises
 binary=build/exercises/$name
 echo "exercise $1 ($folder): building the tests of $CASES with $what"

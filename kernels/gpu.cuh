@@ -26,7 +26,8 @@ struct GpuInfo {
     int sms = 0;
     double clock_hz = 0.0;  // the SMs' peak clock
     size_t memory = 0;      // bytes: the card's, or MINI_DEEPSEEK_GPU_MEMORY_GB's
-    int as_sm = 0;          // MINI_DEEPSEEK_AS_SM, 0 where unset
+    bool memory_limited = false;  // by MINI_DEEPSEEK_GPU_MEMORY_GB
+    int as_sm = 0;                // MINI_DEEPSEEK_AS_SM, 0 where unset
 
     // FP8 tensor cores (E4M3 mma.sync): Ada, Hopper and newer, running code built for them.
     bool fp8_mma() const { return capability >= 89 && code_arch >= 89; }
@@ -35,16 +36,17 @@ struct GpuInfo {
 };
 
 // Dense BF16 tensor-core FLOP/s with FP32 accumulation: the data sheet's figure for the data-centre GPUs that have
-// one, otherwise SMs x clock x the FLOPs per clock of one SM of the architecture (the GeForce rate for sm_86, sm_89
-// and sm_120, whose FP32 accumulation runs at half the FP16 rate).
-inline double bf16_peak_flops(int capability, int sms, double clock_hz) {
+// one, otherwise SMs x clock x the FLOPs per clock of one SM of the architecture. On sm_86, sm_89 and sm_120 a
+// GeForce card accumulates in FP32 at half the rate of the workstation and data-centre cards (A6000, L40S).
+inline double bf16_peak_flops(int capability, int sms, double clock_hz, bool geforce) {
     if (capability == 90 && sms == 132) return 989e12;  // H100 / H200 SXM
     if (capability == 90 && sms == 114) return 756e12;  // H100 PCIe
     if (capability == 80 && sms == 108) return 312e12;  // A100
     const int per_sm_clock = capability >= 100 && capability < 120 ? 8192
                              : capability == 90                    ? 4096
                              : capability == 80                    ? 2048
-                                                                   : 512;
+                             : geforce                             ? 512
+                                                                   : 1024;
     return double(sms) * clock_hz * per_sm_clock;
 }
 
@@ -71,16 +73,17 @@ inline double positive_from_environment(const char* name) {
     return value;
 }
 
-// The memory beyond MINI_DEEPSEEK_GPU_MEMORY_GB, taken once and held for the life of the process.
+// The memory beyond `gigabytes` of a GPU of `total` bytes, taken once and held for the life of the process; 0 (and
+// nothing held) for 0 gigabytes or as many as the GPU has.
 inline size_t hold_memory_beyond(double gigabytes, size_t total) {
     static DeviceBuffer<uint8_t> held;
     const size_t keep = size_t(gigabytes * 1e9);
-    if (keep >= total) return 0;
+    if (gigabytes <= 0.0 || keep >= total) return 0;
     size_t free = 0, all = 0;
     CUDA_CHECK(cudaMemGetInfo(&free, &all));
     if (free < total - keep)
-        throw std::runtime_error("MINI_DEEPSEEK_GPU_MEMORY_GB: other processes use this GPU; cannot leave exactly " +
-                                 std::to_string(gigabytes) + " GB");
+        throw std::runtime_error("MINI_DEEPSEEK_GPU_MEMORY_GB=" + std::to_string(gigabytes) + ": " +
+                                 std::to_string(double(all - free) / 1e9) + " GB of this GPU are in use already");
     held.resize(total - keep);
     return total - keep;
 }
@@ -98,18 +101,27 @@ inline const GpuInfo& gpu_info() {
         CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
         g.name = prop.name, g.memory = prop.totalGlobalMem;
         g.capability = 10 * major + minor, g.clock_hz = 1e3 * clock_khz;
-        g.bf16_peak_flops = bf16_peak_flops(g.capability, g.sms, g.clock_hz);
+        const bool geforce = g.name.find("GeForce") != std::string::npos;
+        g.bf16_peak_flops = bf16_peak_flops(g.capability, g.sms, g.clock_hz, geforce);
         DeviceBuffer<int> probe(2);
         code_arch_kernel<<<1, 1>>>(probe.data());
-        CUDA_CHECK_LAUNCH();
+        const cudaError_t launched = cudaGetLastError();
+        if (launched == cudaErrorNoKernelImageForDevice)
+            throw std::runtime_error("this build has no code for " + g.name + " (sm_" + std::to_string(g.capability) +
+                                     "): `make clean && make` builds for the GPU of this machine");
+        cuda_check(launched, "code_arch_kernel<<<1, 1>>>", __FILE__, __LINE__);
         std::vector<int> found = probe.download();
         g.code_arch = found[0], g.wgmma = found[1] == 1;
-        g.as_sm = int(positive_from_environment("MINI_DEEPSEEK_AS_SM"));
+        const double as_sm = positive_from_environment("MINI_DEEPSEEK_AS_SM");
+        if (as_sm != std::floor(as_sm))
+            throw std::invalid_argument("MINI_DEEPSEEK_AS_SM must be an architecture such as 80 or 89");
+        g.as_sm = int(as_sm);
         if (g.as_sm > 0) {
             g.capability = std::min(g.capability, g.as_sm), g.code_arch = std::min(g.code_arch, g.as_sm);
             g.wgmma = g.wgmma && g.capability >= 90;
         }
-        g.memory -= hold_memory_beyond(positive_from_environment("MINI_DEEPSEEK_GPU_MEMORY_GB"), g.memory);
+        const size_t held = hold_memory_beyond(positive_from_environment("MINI_DEEPSEEK_GPU_MEMORY_GB"), g.memory);
+        g.memory -= held, g.memory_limited = held > 0;
         return g;
     }();
     return info;
