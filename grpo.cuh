@@ -255,23 +255,30 @@ inline SampleBatch grpo_batch(const std::vector<std::vector<int>>& prompts,
     return b;
 }
 
-// The reference model's forward passes take the batch this many sequences at a time: it needs no more activations
-// than that (an eighth of the policy's at the default 256 sequences), and its log-probabilities are the same up to
-// rounding (cuBLASLt may take another algorithm for fewer rows).
-constexpr int REFERENCE_ROWS = 32;
+// The batch of a step, max_sequences samples, goes through the policy and the reference in passes of at most
+// micro_batch sequences (gradient accumulation): their buffers, the activations of every layer for each token, are
+// then a pass's and not a batch's (256 sequences of 512 tokens would take tens of GB). Every rank takes as many passes
+// as the rank with the most sequences, which expert parallelism's exchanges need.
+struct GrpoPasses {
+    int passes, rows;  // per step; the most sequences in a pass
+
+    GrpoPasses(int max_sequences, int most_sequences_of_a_rank, int micro_batch)
+        : passes(ceil_div(most_sequences_of_a_rank, micro_batch)), rows(ceil_div(max_sequences, passes)) {}
+};
 
 template <typename T>
 struct GrpoTrainer {
     Model<T>& policy;
-    Model<T>& reference;  // frozen: the KL anchor, built for up to REFERENCE_ROWS sequences
+    Model<T>& reference;  // frozen, forward passes alone: the KL anchor
     Sampler<T> sampler;
+    const int passes;
     data::Tokenizer tok;
     DeviceBuffer<int> targets;
     DeviceBuffer<float> weight, advantage, logp_old, logp_ref, token_loss, token_kl, token_clipped, sums{3};
 
-    // policy and reference hold max_sequences x max_len tokens (prompt and response).
-    GrpoTrainer(Model<T>& p, Model<T>& ref, int max_sequences, int max_len)
-        : policy(p), reference(ref), sampler(p, max_sequences, max_len) {}
+    // The sampler holds max_sequences x max_len tokens (prompt and response); policy and reference a pass's rows.
+    GrpoTrainer(Model<T>& p, Model<T>& ref, int max_sequences, int max_len, int passes_)
+        : policy(p), reference(ref), sampler(p, max_sequences, max_len), passes(passes_) {}
 
     // Samples G responses per problem, scores them, updates the policy `updates` times on them. Data parallel: the
     // problems are this rank's, the statistics every rank's.
@@ -325,6 +332,10 @@ struct GrpoTrainer {
         for (int i = 0; i < 6; i++) *rates[i] = v[i] / st.samples;
     }
 
+    static std::vector<int> pass_tokens(const SampleBatch& b, RowRange rows) {
+        return std::vector<int>(b.tokens.begin() + long(rows.begin) * b.T, b.tokens.begin() + long(rows.end) * b.T);
+    }
+
     void update(const SampleBatch& b, const GrpoOptions& o, const AdamW& opt, float max_grad_norm, int& optimizer_step,
                 uint64_t seed, GrpoStats& stats) {
         long N = long(b.S) * b.T;
@@ -333,24 +344,32 @@ struct GrpoTrainer {
         targets.upload(b.targets), weight.upload(b.weight), advantage.upload(b.advantage);
         for (DeviceBuffer<float>* buf : {&logp_old, &logp_ref, &token_loss, &token_kl, &token_clipped})
             if (long(buf->count) < N) buf->resize(N);
-        for (int first = 0; first < b.S; first += reference.max_B) {
-            const int rows = std::min(reference.max_B, b.S - first);
-            const long at = long(first) * b.T, count = long(rows) * b.T;
-            reference.forward(std::vector<int>(b.tokens.begin() + at, b.tokens.begin() + at + count), rows, b.T);
+        for (int p = 0; p < passes; p++) {
+            const RowRange rows = part_of(b.S, p, passes);
+            const long at = long(rows.begin) * b.T, count = long(rows.count()) * b.T;
+            reference.forward(pass_tokens(b, rows), rows.count(), b.T);
             token_logprobs(logp_ref.data() + at, reference.logits, targets.data() + at, int(count), V,
                            o.loss.temperature, reference.stream);
         }
         CUDA_CHECK(cudaStreamSynchronize(reference.stream));
-        policy.forward(b.tokens, b.S, b.T);
-        token_logprobs(logp_old.data(), policy.logits, targets.data(), int(N), V, o.loss.temperature, s);
-        // At u = 0 the logits are those logp_old came from: rho = 1, the clip never acts, and the step is the
-        // policy gradient A grad log pi. Clipping holds the policy near pi_old only from the second update on.
+        // In the first update logp_old comes from the same forward pass as the loss: rho = 1, the clip never acts,
+        // and the step is the policy gradient A grad log pi. Clipping holds the policy near pi_old only from the
+        // second update on.
         for (int u = 0; u < o.updates; u++) {
-            if (u > 0) policy.forward(b.tokens, b.S, b.T);
-            grpo_loss(token_loss.data(), token_kl.data(), token_clipped.data(), policy.d_logits, policy.logits,
-                      targets.data(), weight.data(), advantage.data(), logp_old.data(), logp_ref.data(), int(N), V,
-                      o.loss, s);
-            policy.backward(b.S, b.T);
+            for (int p = 0; p < passes; p++) {
+                const RowRange rows = part_of(b.S, p, passes);
+                const long at = long(rows.begin) * b.T, count = long(rows.count()) * b.T;
+                policy.begin_pass(rows.count(), b.S);
+                policy.forward(pass_tokens(b, rows), rows.count(), b.T);
+                if (u == 0)
+                    token_logprobs(logp_old.data() + at, policy.logits, targets.data() + at, int(count), V,
+                                   o.loss.temperature, s);
+                grpo_loss(token_loss.data() + at, token_kl.data() + at, token_clipped.data() + at, policy.d_logits,
+                          policy.logits, targets.data() + at, weight.data() + at, advantage.data() + at,
+                          logp_old.data() + at, logp_ref.data() + at, int(count), V, o.loss, s);
+                policy.backward(rows.count(), b.T);
+                policy.accumulate_pass(p, passes);
+            }
             policy.optimizer_step(opt, max_grad_norm, ++optimizer_step, seed);
         }
         sum_reduce(sums.data(), policy.reduce_scratch, token_loss.data(), N, false, s);

@@ -376,11 +376,13 @@ struct StepScalars {
 };
 
 // T is the storage type of weights and activations: float (precision fp32) or bf16 (precision bf16). Master
-// weights and gradients are FP32 in both; the Adam moments are BF16.
+// weights and gradients are FP32 in both; the Adam moments are BF16. A model that does not train (GRPO's reference)
+// runs forward passes alone: it holds no gradients, no optimizer state, and one set of activations for every layer.
 template <typename T>
 struct Model : Architecture {
     Config cfg;
     int max_B, max_T;
+    bool trains;
     Blas blas;
     cudaStream_t stream = 0;
     Balancing balancing;  // of the MoE layers' experts
@@ -412,15 +414,19 @@ struct Model : Architecture {
     Comm* comm = nullptr;
     Shards shards{};
     int rows_mine = 1, rows_total = 1;  // data parallel: this rank's rows of the global batch's
+    // Gradient accumulation (accumulate_pass): the share of its batch's rows that a pass takes, and the sums of the
+    // passes so far (the gradients, the scalars, the MoE layers' loads).
+    float pass_share = 1.0f;
+    DeviceBuffer<float> grad_sum, scalar_sum;
+    DeviceBuffer<int> load_sum;
 
-    Model(const Config& c, int B, int T_) : Architecture(c, B * T_), cfg(c), max_B(B), max_T(T_) {
+    Model(const Config& c, int B, int T_, bool trains_ = true)
+        : Architecture(c, B * T_), cfg(c), max_B(B), max_T(T_), trains(trains_) {
         if (T_ > cfg.max_position_embeddings)
             throw std::invalid_argument("sequence length " + std::to_string(T_) + " exceeds max_position_embeddings " +
                                         std::to_string(cfg.max_position_embeddings));
         master.resize(layout.total);
-        grads.resize(layout.trained);
-        adam_m.resize(layout.trained);
-        adam_v.resize(layout.trained);
+        if (trains) grads.resize(layout.trained), adam_m.resize(layout.trained), adam_v.resize(layout.trained);
         if constexpr (std::is_same_v<T, float>) {
             weights = master.data();
         } else {
@@ -490,10 +496,14 @@ struct Model : Architecture {
         const long N = long(max_B) * max_T, d = c.hidden_size, H = c.num_attention_heads;
         const long q_w = H * c.qk_head_dim(), kva_w = c.kv_lora_rank + c.qk_rope_head_dim, o_w = H * c.v_head_dim;
         const long kvb_w = H * (c.qk_nope_head_dim + c.v_head_dim), tt = long(max_B) * H * max_T * max_T;
-        for (int l = 0; l < c.num_hidden_layers; l++)
-            acts.push_back(allocate_block(arena, int(N), false, !c.is_moe(l), c.is_moe(l)));
-        for (int k = 0; k < c.num_nextn_predict_layers; k++) mtp_acts.push_back(allocate_mtp(int(N)));
-        if (!mtp.empty()) d_cat = arena.take<T>(N * 2 * d), d_e_n = arena.take<T>(N * d), d_h_n = arena.take<T>(N * d);
+        if (trains) {
+            for (int l = 0; l < c.num_hidden_layers; l++)
+                acts.push_back(allocate_block(arena, int(N), false, !c.is_moe(l), c.is_moe(l)));
+            for (int k = 0; k < c.num_nextn_predict_layers; k++) mtp_acts.push_back(allocate_mtp(int(N)));
+        } else {  // each layer's output is the next one's input, in place (ffn)
+            acts.assign(c.num_hidden_layers,
+                        allocate_block(arena, int(N), false, c.first_k_dense_replace > 0, c.has_moe()));
+        }
         x_final = arena.take<T>(N * d), xf = arena.take<T>(N * d), rstd_final = arena.take<float>(N);
         logits = arena.take<float>(N * c.vocab_size), losses = arena.take<float>(N);
         scalars = arena.take<float>(scalar_count());
@@ -502,6 +512,10 @@ struct Model : Architecture {
         CUDA_CHECK(cudaMemset(scalars, 0, sizeof(float) * scalar_count()));
         mla_scratch = {arena.take<float>(tt),  arena.take<T>(N * o_w), arena.take<T>(tt),
                        arena.take<T>(N * q_w), arena.take<T>(N * q_w), arena.take<T>(N * o_w)};
+        reduce_scratch = arena.take<float>(REDUCE_BLOCKS);
+        tokens_buf = arena.take<int>(N), targets_buf = arena.take<int>(N);
+        if (!trains) return;
+        if (!mtp.empty()) d_cat = arena.take<T>(N * 2 * d), d_e_n = arena.take<T>(N * d), d_h_n = arena.take<T>(N * d);
         long widest = std::max({d, long(c.q_lora_rank), long(c.kv_lora_rank)});
         d_resid = arena.take<T>(N * d), d_h = arena.take<T>(N * d);
         d_o = arena.take<T>(N * o_w), d_q = arena.take<T>(N * q_w), d_cq = arena.take<T>(N * c.q_lora_rank);
@@ -511,8 +525,11 @@ struct Model : Architecture {
         if (c.first_k_dense_replace > 0) d_mlp = layers[0].mlp.template allocate<T>(arena, N);
         if (c.has_moe()) d_moe = layers[c.first_k_dense_replace].routed.template allocate_grads<T>(arena, int(N));
         norm_scratch = arena.take<float>(partial_scratch_size(int(N), int(widest)));
-        reduce_scratch = arena.take<float>(REDUCE_BLOCKS);
-        tokens_buf = arena.take<int>(N), targets_buf = arena.take<int>(N);
+    }
+
+    // Training calls on a model that does not train are the caller's mistake.
+    void check_trains(const char* what) const {
+        if (!trains) throw std::logic_error(std::string(what) + " on a model built for forward passes alone");
     }
 
     // ----- parameters -----------------------------------------------------------------------------------------
@@ -541,6 +558,7 @@ struct Model : Architecture {
     // of the global batch (its rows over all rows) weighs its sequence-wise balance loss, so that the ranks' sum is
     // the loss of the global batch. With expert_parallel, the routed experts spread over the ranks too.
     void distribute(Comm& c, int rows, int all_rows, bool expert_parallel = false) {
+        check_trains("distribute");
         if (expert_parallel) spread_experts(c, long(all_rows) * max_T);
         comm = &c, shards = shards_of(layout.total, c.ranks.world);
         DeviceBuffer<float> padded(size_t(shards.padded()));
@@ -570,11 +588,11 @@ struct Model : Architecture {
         if (cfg.has_moe()) layers[cfg.first_k_dense_replace].routed.allocate_expert_side(arena, d_moe, all_tokens);
     }
 
-    // The balancing of this rank's rows: its sequence-wise loss weighed by its share of the batch, so that the ranks'
-    // losses add up to the global batch's.
+    // The balancing of this pass's rows: its sequence-wise loss weighed by its share of the batch, so that the ranks'
+    // and the passes' losses add up to the global batch's.
     Balancing rank_balancing() const {
         Balancing b = balancing;
-        if (comm) b.alpha *= float(rows_mine) / float(rows_total);
+        b.alpha *= pass_share * float(rows_mine) / float(rows_total);
         return b;
     }
 
@@ -632,6 +650,7 @@ struct Model : Architecture {
 
     // Zero Adam moments: a new optimizer, for fresh weights or a new stage on loaded ones.
     void reset_optimizer() {
+        if (!trains) return;
         CUDA_CHECK(cudaMemsetAsync(adam_m.data(), 0, adam_m.bytes(), stream));
         CUDA_CHECK(cudaMemsetAsync(adam_v.data(), 0, adam_v.bytes(), stream));
     }
@@ -776,6 +795,7 @@ struct Model : Architecture {
 
     // Gradients of the mean loss (plus the balance loss) into grads (overwritten), after forward() and loss().
     void backward(int B, int T_) {
+        check_trains("backward");
         const Config& c = cfg;
         int N = B * T_, d = c.hidden_size;
         Ctx<T> cx = ctx(stream, false);
@@ -829,6 +849,7 @@ struct Model : Architecture {
     // cross-entropy weighted lambda / D (eq. 25) in the gradient that backward() then takes, modules and model
     // together (V3 §2.2, after eq. 25: L_Main + lambda L_MTP).
     void mtp_forward(const std::vector<int>& inputs, const std::vector<int>& targets, int B, int T_, float lambda) {
+        check_trains("mtp_forward");
         const Config& c = cfg;
         const int N = B * T_, V = c.vocab_size, D = int(mtp.size());
         Ctx<T> cx = ctx(stream, false);
@@ -912,6 +933,7 @@ struct Model : Architecture {
     // rank skipped on all, each rank updates its shard, every rank moves the biases by the global loads, and the
     // updated shards are gathered.
     void optimizer_step(const AdamW& opt, float max_grad_norm, int step, uint64_t seed) {
+        check_trains("optimizer_step");
         int* skip = fp8 ? fp8->nonfinite.data() : nullptr;
         const auto [first, count] = own_parameters();
         if (comm) {
@@ -938,6 +960,42 @@ struct Model : Architecture {
             refresh_weights();
         } else {
             refresh_fp8_weights();
+        }
+    }
+
+    // Gradient accumulation, for a batch larger than the buffers: its rows in `passes` passes of forward() and
+    // backward(), each pass's balance loss weighed by its rows (begin_pass). After pass `pass`'s backward(), the
+    // gradients, the scalars and the MoE layers' loads of the passes so far are summed; after the last, they are the
+    // whole batch's, for optimizer_step (up to the order of the sums).
+    void begin_pass(int rows, int batch_rows) { pass_share = float(rows) / float(batch_rows); }
+
+    void accumulate_pass(int pass, int passes) {
+        check_trains("accumulate_pass");
+        if (passes == 1) return;
+        const bool last = pass + 1 == passes;
+        auto sum = [&](auto* live, auto* kept, long n) {
+            if (pass == 0)
+                CUDA_CHECK(cudaMemcpyAsync(kept, live, sizeof(*live) * n, cudaMemcpyDeviceToDevice, stream));
+            else if (!last)
+                add_into(kept, live, n, stream);
+            else
+                add_into(live, kept, n, stream);
+        };
+        std::vector<std::pair<const Moe*, MoeActs<T>*>> moe_layers;
+        for (int l = 0; l < cfg.num_hidden_layers; l++)
+            if (layers[l].moe) moe_layers.push_back({&layers[l].routed, &acts[l].moe});
+        if (mtp_ran)
+            for (size_t k = 0; k < mtp.size(); k++)
+                if (mtp[k].block.moe) moe_layers.push_back({&mtp[k].block.routed, &mtp_acts[k].block.moe});
+        const int E = cfg.n_routed_experts;
+        if (grad_sum.count != grads.count) grad_sum.resize(grads.count);
+        if (scalar_sum.count == 0) scalar_sum.resize(size_t(scalar_count()));
+        if (load_sum.count < moe_layers.size() * E) load_sum.resize(moe_layers.size() * E);
+        sum(grads.data(), grad_sum.data(), long(grads.count));
+        sum(scalars, scalar_sum.data(), scalar_count());
+        for (size_t i = 0; i < moe_layers.size(); i++) {
+            sum(moe_layers[i].second->counts, load_sum.data() + i * E, E);
+            if (last) moe_layers[i].first->loads_to_host(*moe_layers[i].second, stream);
         }
     }
 

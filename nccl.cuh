@@ -134,11 +134,16 @@ struct RowRange {
     int count() const { return end - begin; }
 };
 
+// Part `part` of n rows cut into `parts` near-even parts, in order.
+inline RowRange part_of(int n, int part, int parts) {
+    return {int(long(n) * part / parts), int(long(n) * (part + 1) / parts)};
+}
+
 inline RowRange rows_of_rank(int B, const Ranks& r) {
     if (B < r.world)
         throw std::invalid_argument("a batch of " + std::to_string(B) + " rows cannot give each of " +
                                     std::to_string(r.world) + " GPUs a row");
-    return {int(long(B) * r.rank / r.world), int(long(B) * (r.rank + 1) / r.world)};
+    return part_of(B, r.rank, r.world);
 }
 
 // ZeRO-1's shards of n values: R equal shards of `per_rank` values (NCCL's reduce-scatter and all-gather move equal

@@ -45,11 +45,11 @@ inline void check_vocabulary(const Config& cfg, const std::string& source) {
 // template it was trained with goes to *prompt_template.
 template <typename T>
 std::unique_ptr<Model<T>> load_model(const std::string& checkpoint_dir, int B, int T_,
-                                     std::string* prompt_template = nullptr) {
+                                     std::string* prompt_template = nullptr, bool trains = true) {
     std::string dir = open_checkpoint(checkpoint_dir);
     Config cfg = load_config(dir + "/config.json");
     check_vocabulary(cfg, dir + "/config.json");
-    auto model = std::make_unique<Model<T>>(cfg, B, T_);
+    auto model = std::make_unique<Model<T>>(cfg, B, T_, trains);
     std::string trained_with = load_weights(dir, *model);
     if (prompt_template) *prompt_template = trained_with;
     return model;
@@ -478,17 +478,19 @@ template <typename T>
 int reinforce(const Options& o, Comm* comm) {
     data::Tokenizer tok;
     data::CorpusConfig corpus = corpus_for(o);
-    const RowRange prompts_mine = rows_of_rank(o.prompts, comm ? comm->ranks : Ranks{});
+    const Ranks ranks = comm ? comm->ranks : Ranks{};
+    const RowRange prompts_mine = rows_of_rank(o.prompts, ranks);
     const int S = prompts_mine.count() * o.group;
+    const GrpoPasses split(S, rows_of_rank(o.prompts, Ranks{0, ranks.world, 0}).count() * o.group, o.micro_batch);
     const std::string ckpt = o.out + "/checkpoint";
-    auto loaded_policy = load_model<T>(o.resume ? ckpt : o.init, S, o.seq);
-    auto reference = load_model<T>(o.init, std::min(S, REFERENCE_ROWS), o.seq);
+    auto loaded_policy = load_model<T>(o.resume ? ckpt : o.init, split.rows, o.seq);
+    auto reference = load_model<T>(o.init, split.rows, o.seq, nullptr, false);
     Model<T>& policy = *loaded_policy;
     if (comm) policy.distribute(*comm, S, o.prompts * o.group, o.expert_parallel);
     const TrainerState resumed = o.resume ? resume_state(o, ckpt, policy) : TrainerState{};
     if (!o.resume) policy.reset_optimizer();
     configure(o, policy);
-    GrpoTrainer<T> trainer(policy, *reference, S, o.seq);
+    GrpoTrainer<T> trainer(policy, *reference, S, o.seq, split.passes);
     GrpoOptions g;
     g.group = o.group, g.updates = o.updates, g.max_new = o.max_new, g.temperature = o.temperature;
     g.loss = GrpoConfig{o.clip_low, o.clip_high, o.kl, o.temperature};

@@ -107,7 +107,7 @@ struct Options {
     float nccl_timeout = 300.0f;
     bool expert_parallel = false;
     // Cold start and reinforcement learning
-    int sft_examples = 4000, prompts = 32, group = 8, updates = 2, max_new = 320, difficulty = 2;
+    int sft_examples = 4000, prompts = 32, group = 8, updates = 2, max_new = 320, difficulty = 2, micro_batch = 32;
     std::string task = "mix", template_name = "auto";
     float replay = 0.0f, eval_temperature = 0.6f;
     float temperature = 1.0f, kl = 0.0f, clip_low = 0.2f, clip_high = 0.2f, w_format = 0.1f, w_language = 0.0f;
@@ -179,6 +179,9 @@ struct Options {
               "sft/r1zero/grpo: the share of problems drawn from the whole mix beside a named --task");
         f.add("prompts", &prompts, "r1zero/grpo: prompts per step");
         f.add("group", &group, "r1zero/grpo: samples per prompt (G)");
+        f.add("micro-batch", &micro_batch,
+              "r1zero/grpo: the most sequences per forward and backward pass; a step's samples take as many passes "
+              "as they need, their gradients summed (the same update up to rounding, in less memory)");
         f.add("updates", &updates, "r1zero/grpo: policy updates per batch of samples");
         f.add("max-new", &max_new, "r1zero/grpo: response tokens at most");
         f.add("temperature", &temperature, "r1zero/grpo: sampling temperature");
@@ -242,6 +245,7 @@ struct Options {
         if (stage != "pretrain" && init.empty())
             throw std::invalid_argument("stage " + stage + " needs --init CHECKPOINT");
         positive(sft_examples, "sft-examples"), positive(prompts, "prompts"), positive(group, "group");
+        positive(micro_batch, "micro-batch");
         if (samples < 0 || (stage == "eval" && samples == 0))
             throw std::invalid_argument("--samples must be positive (0 skips the scoring after training)");
         bool rl = stage == "r1zero" || stage == "grpo";

@@ -487,6 +487,19 @@ inline void sum_reduce(float* out, float* scratch, const float* x, long n, bool 
     CUDA_CHECK_LAUNCH();
 }
 
+template <typename U>
+__global__ void add_kernel(U* y, const U* x, long n) {
+    const long i = long(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += x[i];
+}
+
+// y += x, elementwise (gradient accumulation: the sums of several passes).
+template <typename U>
+void add_into(U* y, const U* x, long n, cudaStream_t s) {
+    add_kernel<<<elementwise_blocks(n), 256, 0, s>>>(y, x, n);
+    CUDA_CHECK_LAUNCH();
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // AdamW on FP32 master weights with BF16 moments (V3 §3.3.3). The moments are rounded stochastically, so small
 // updates are kept on average rather than lost to BF16's 8-bit mantissa. Weight decay applies to the first

@@ -6,6 +6,8 @@
 #include <cmath>
 
 #include "../grpo.cuh"
+#include "model_reference.h"
+#include "reference.h"
 
 namespace {
 
@@ -214,5 +216,71 @@ TEST_SUITE("gpu") {
         CHECK(n_clipped > 0);  // both branches of the min were exercised
         CHECK(n_clipped < N / 2);
         CHECK(std::sqrt(grad_num / grad_den) < 1e-4);  // FP32 kernel against double finite differences
+    }
+
+    // S sequences of T tokens: a prompt of 3 to 5 tokens, then a response whose tokens carry weight 1/(|o| S) and
+    // their sequence's advantage.
+    SampleBatch random_batch(int S, int T_, int V, Rng& rng) {
+        SampleBatch b;
+        b.S = S, b.T = T_;
+        b.tokens.resize(size_t(S) * T_), b.targets.assign(size_t(S) * T_, -1);
+        b.weight.assign(size_t(S) * T_, 0.0f), b.advantage.assign(size_t(S) * T_, 0.0f);
+        for (int& t : b.tokens) t = int(rng.range(0, V - 1));
+        for (int s = 0; s < S; s++) {
+            const int prompt = 3 + s % 3, response = T_ - prompt;
+            const float advantage = float(2.0 * (rng.uniform() - 0.5));
+            for (int t = prompt - 1; t + 1 < T_; t++) {
+                const size_t n = size_t(s) * T_ + t;
+                b.targets[n] = b.tokens[n + 1], b.weight[n] = 1.0f / float(response * S), b.advantage[n] = advantage;
+                b.weighted_tokens++;
+            }
+        }
+        b.all_weighted_tokens = b.weighted_tokens;
+        return b;
+    }
+
+    // One update of a batch of 6 sequences in `passes` passes, on DeepSeekMoE with a balance loss strong enough
+    // (alpha 0.5) that a pass weighed wrongly shows in the gradients: the gradients, every MoE layer's loads, the
+    // objective and the KL.
+    struct UpdateResult {
+        std::vector<float> grads;
+        std::vector<std::vector<int>> loads;
+        double objective, kl;
+    };
+
+    UpdateResult update_in_passes(int passes) {
+        const Config c = model_ref::tiny_moe_config();
+        const int S = 6, T_ = 16;
+        Rng rng(41);
+        const SampleBatch batch = random_batch(S, T_, c.vocab_size, rng);
+        const GrpoPasses split(S, S, ceil_div(S, passes));
+        REQUIRE(split.passes == passes);
+        Model<float> policy(c, split.rows, T_), reference(c, split.rows, T_, false);
+        policy.init_weights(7), reference.init_weights(8);  // unequal: the KL term is not zero
+        policy.balancing.alpha = 0.5f;
+        GrpoTrainer<float> trainer(policy, reference, S, T_, split.passes);
+        GrpoOptions o;
+        o.updates = 1, o.loss.beta = 0.04f;
+        GrpoStats stats;
+        int optimizer_step = 0;
+        trainer.update(batch, o, AdamW{1e-3f}, 1.0f, optimizer_step, 5, stats);
+        UpdateResult r{policy.grads.download(), {}, stats.objective, stats.kl};
+        for (int l = 0; l < c.num_hidden_layers; l++)
+            if (policy.layers[l].moe) r.loads.push_back(policy.layers[l].routed.loads(policy.acts[l].moe));
+        return r;
+    }
+
+    TEST_CASE("GRPO's update in passes: the gradients, loads and statistics of one pass over the batch") {
+        const UpdateResult one = update_in_passes(1);
+        REQUIRE(ref::max_abs(one.grads) > 0.0);
+        REQUIRE(one.loads.size() == 1);
+        for (int passes : {2, 3}) {
+            CAPTURE(passes);
+            const UpdateResult split = update_in_passes(passes);
+            CHECK(ref::rel_error(split.grads, one.grads) <= 1e-5);  // FP32, the passes' sums in another order
+            CHECK(split.loads == one.loads);
+            CHECK(split.objective == doctest::Approx(one.objective).epsilon(1e-5));
+            CHECK(split.kl == doctest::Approx(one.kl).epsilon(1e-5));
+        }
     }
 }

@@ -502,4 +502,22 @@ TEST_SUITE("gpu") {
             CHECK(ref::rel_error(ref::download(dlogits), numerical_gradient_float(loss, logits)) <= fd_tolerance);
         }
     }
+
+    TEST_CASE("add_into: y += x elementwise, in FP32 and in integers") {
+        const long n = 1000;  // four blocks, the last in part
+        Rng rng(13);
+        std::vector<float> y = ref::random_uniform(rng, n), x = ref::random_uniform(rng, n), want_f(n);
+        std::vector<int> yi(n), xi(n), want_i(n);
+        for (long i = 0; i < n; i++) {
+            yi[i] = int(rng.range(-50, 50)), xi[i] = int(rng.range(-50, 50));
+            want_f[i] = y[i] + x[i], want_i[i] = yi[i] + xi[i];
+        }
+        DeviceBuffer<float> y_d, x_d;
+        DeviceBuffer<int> yi_d, xi_d;
+        y_d.upload(y), x_d.upload(x), yi_d.upload(yi), xi_d.upload(xi);
+        add_into(y_d.data(), x_d.data(), n, stream);
+        add_into(yi_d.data(), xi_d.data(), n, stream);
+        CHECK(y_d.download() == want_f);  // one rounding each, the same as the host's
+        CHECK(yi_d.download() == want_i);
+    }
 }

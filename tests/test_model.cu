@@ -31,8 +31,8 @@ std::vector<int> random_tokens(int n, int vocab, uint64_t seed) {
 // Norm weights drawn around 1 rather than set to 1, so their gradients are checked on a generic point; router
 // biases in +-0.2, so that they change choices.
 template <typename T_>
-std::unique_ptr<Model<T_>> make_model(const Config& c, uint64_t seed) {
-    auto model = std::make_unique<Model<T_>>(c, B, T);
+std::unique_ptr<Model<T_>> make_model(const Config& c, uint64_t seed, bool trains = true) {
+    auto model = std::make_unique<Model<T_>>(c, B, T, trains);
     model->init_weights(seed);
     std::vector<float> w = model->master.download();
     Rng rng(seed, 7);
@@ -121,7 +121,14 @@ TEST_SUITE("gpu") {
             std::vector<float> w = model->master.download();
             model_ref::Vec want = model_ref::forward(c, model_ref::Vec(w.begin(), w.end()), tokens, B, T);
             // FP32 storage and FP32 GEMMs: only summation order differs from the double reference.
-            CHECK(relative_error(logits_of(*model, tokens), want) < 1e-5);
+            const std::vector<float> logits = logits_of(*model, tokens);
+            CHECK(relative_error(logits, want) < 1e-5);
+            // A model for forward passes alone (GRPO's reference), its layers on one set of buffers: the same
+            // logits, and no training state.
+            auto forward_only = make_model<float>(c, 11, false);
+            CHECK(logits_of(*forward_only, tokens) == logits);
+            CHECK(forward_only->grads.count + forward_only->adam_m.count + forward_only->adam_v.count == 0);
+            CHECK_THROWS_AS(forward_only->backward(B, T), std::logic_error);
 
             auto model16 = make_model<bf16>(c, 11);
             // BF16 storage keeps 8 bits of mantissa at every activation: a few 1e-3 per layer, compounded. A token
