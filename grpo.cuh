@@ -257,13 +257,15 @@ inline SampleBatch grpo_batch(const std::vector<std::vector<int>>& prompts,
 
 // The batch of a step, max_sequences samples, goes through the policy and the reference in passes of at most
 // micro_batch sequences (gradient accumulation): their buffers, the activations of every layer for each token, are
-// then a pass's and not a batch's (256 sequences of 512 tokens would take tens of GB). Every rank takes as many passes
-// as the rank with the most sequences, which expert parallelism's exchanges need.
+// then a pass's and not a batch's (256 sequences of 512 tokens would take tens of GB). Every rank takes the same
+// number of passes, which expert parallelism's exchanges need: as many as the rank with the most sequences needs, but
+// no more than the rank with the fewest has sequences (no pass is empty).
 struct GrpoPasses {
-    int passes, rows;  // per step; the most sequences in a pass
+    int passes, rows;  // per step; the most sequences in a pass of this rank
 
-    GrpoPasses(int max_sequences, int most_sequences_of_a_rank, int micro_batch)
-        : passes(ceil_div(most_sequences_of_a_rank, micro_batch)), rows(ceil_div(max_sequences, passes)) {}
+    GrpoPasses(int max_sequences, int fewest_of_a_rank, int most_of_a_rank, int micro_batch)
+        : passes(std::min(ceil_div(most_of_a_rank, micro_batch), fewest_of_a_rank)),
+          rows(ceil_div(max_sequences, passes)) {}
 };
 
 template <typename T>

@@ -481,7 +481,9 @@ int reinforce(const Options& o, Comm* comm) {
     const Ranks ranks = comm ? comm->ranks : Ranks{};
     const RowRange prompts_mine = rows_of_rank(o.prompts, ranks);
     const int S = prompts_mine.count() * o.group;
-    const GrpoPasses split(S, rows_of_rank(o.prompts, Ranks{0, ranks.world, 0}).count() * o.group, o.micro_batch);
+    const int fewest = rows_of_rank(o.prompts, Ranks{0, ranks.world, 0}).count() * o.group;  // the first rank's
+    const int most = rows_of_rank(o.prompts, Ranks{ranks.world - 1, ranks.world, 0}).count() * o.group;  // the last's
+    const GrpoPasses split(S, fewest, most, o.micro_batch);
     const std::string ckpt = o.out + "/checkpoint";
     auto loaded_policy = load_model<T>(o.resume ? ckpt : o.init, split.rows, o.seq);
     auto reference = load_model<T>(o.init, split.rows, o.seq, nullptr, false);

@@ -151,6 +151,29 @@ TEST_SUITE("grpo") {
             CHECK(b.weight[1 * b.T + 2] == doctest::Approx(want));
         }
     }
+
+    TEST_CASE("GRPO's passes: at most micro-batch sequences, the same number on every rank, none empty") {
+        const GrpoPasses one_gpu(256, 256, 256, 32), uneven(256, 256, 256, 100);
+        CHECK((one_gpu.passes == 8 && one_gpu.rows == 32));
+        CHECK((uneven.passes == 3 && uneven.rows == 86));
+        // 5 prompts of 8 samples over 2 ranks: 16 and 24 sequences
+        for (int micro_batch : {1, 4, 7, 24, 64}) {
+            CAPTURE(micro_batch);
+            const int fewest = rows_of_rank(5, Ranks{0, 2, 0}).count() * 8;
+            const int most = rows_of_rank(5, Ranks{1, 2, 1}).count() * 8;
+            REQUIRE((fewest == 16 && most == 24));
+            for (int sequences : {fewest, most}) {
+                const GrpoPasses split(sequences, fewest, most, micro_batch);
+                CHECK(split.passes == GrpoPasses(fewest, fewest, most, micro_batch).passes);
+                if (micro_batch >= 2) CHECK(split.rows <= micro_batch);  // 1: 16 passes for the 24 sequences
+                for (int p = 0; p < split.passes; p++) {
+                    const RowRange rows = part_of(sequences, p, split.passes);
+                    CHECK(rows.count() >= 1);
+                    CHECK(rows.count() <= split.rows);
+                }
+            }
+        }
+    }
 }
 
 TEST_SUITE("gpu") {
@@ -253,7 +276,7 @@ TEST_SUITE("gpu") {
         const int S = 6, T_ = 16;
         Rng rng(41);
         const SampleBatch batch = random_batch(S, T_, c.vocab_size, rng);
-        const GrpoPasses split(S, S, ceil_div(S, passes));
+        const GrpoPasses split(S, S, S, ceil_div(S, passes));
         REQUIRE(split.passes == passes);
         Model<float> policy(c, split.rows, T_), reference(c, split.rows, T_, false);
         policy.init_weights(7), reference.init_weights(8);  // unequal: the KL term is not zero
