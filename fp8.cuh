@@ -854,6 +854,21 @@ inline std::vector<Fp8Backend> fp8_backends() {
     return {Fp8Backend::Own};
 }
 
+// What this GPU runs of the precision and FP8 GEMMs asked for ("fp8" | "bf16" | "fp32", "cublaslt" | "own"), with a
+// one-line note where it differs: BF16 without FP8 tensor cores, the project's FP8 kernels without cuBLASLt's
+// block-scaled GEMM.
+inline void fit_precision_to_gpu(std::string& precision, std::string& fp8_gemm) {
+    if (precision == "fp8" && !gpu_info().fp8_mma()) {
+        std::printf("note: no FP8 tensor cores here (they need an sm_89 or newer GPU and a build for it): "
+                    "training in BF16, as --precision bf16\n");
+        precision = "bf16";
+    } else if (precision == "fp8" && fp8_gemm == "cublaslt" && !cublaslt_block_scaled_fp8()) {
+        std::printf("note: cuBLASLt has no block-scaled FP8 GEMM for this GPU: the project's FP8 kernels run every "
+                    "FP8 GEMM, as --fp8-gemm own\n");
+        fp8_gemm = "own";
+    }
+}
+
 template <typename OutT>
 void fp8_matmul(Fp8Backend backend, Blas& blas, cudaStream_t s, OutT* C, const fp8* A, const fp8* B,
                 const float* scale_a, const float* scale_b, int M, int N, int K, BScales b_scales, bool accumulate) {

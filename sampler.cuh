@@ -378,7 +378,7 @@ struct Sampler {
     SamplingOptions graph_opt;
 
     Sampler(Model<T>& m, int S, int len)
-        : model(m), max_S(S), max_len(len), max_rows(m.mtp.empty() ? 1 : 2), sm_count(multiprocessor_count()) {
+        : model(m), max_S(S), max_len(len), max_rows(m.mtp.empty() ? 1 : 2), sm_count(gpu_info().sms) {
         const Config& c = m.cfg;
         if (len > c.max_position_embeddings)
             throw std::invalid_argument("sampler length " + std::to_string(len) + " exceeds max_position_embeddings");

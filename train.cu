@@ -669,15 +669,7 @@ void fit_to_gpu(Options& o) {
                 g.wgmma ? "a" : "", g.sms, g.memory / 1e9,
                 g.memory_limited ? " by MINI_DEEPSEEK_GPU_MEMORY_GB" : "",
                 g.bf16_peak_flops / 1e12);
-    if (o.precision == "fp8" && !g.fp8_mma()) {
-        std::printf("note: no FP8 tensor cores here (they need an sm_89 or newer GPU and a build for it): "
-                    "training in BF16, as --precision bf16\n");
-        o.precision = "bf16";
-    } else if (o.precision == "fp8" && o.fp8_gemm == "cublaslt" && !cublaslt_block_scaled_fp8()) {
-        std::printf("note: cuBLASLt has no block-scaled FP8 GEMM for this GPU: the project's FP8 kernels run every "
-                    "FP8 GEMM, as --fp8-gemm own\n");
-        o.fp8_gemm = "own";
-    }
+    fit_precision_to_gpu(o.precision, o.fp8_gemm);
 }
 
 template <typename T>

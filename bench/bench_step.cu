@@ -4,8 +4,9 @@
 // launches and waits, and shorter kernels do not shorten it. With
 // --profile, one more step runs between cudaProfilerStart and cudaProfilerStop, for
 //   ncu --profile-from-start off --metrics gpu__time_duration.sum --csv ./build/bench_step --profile
-//   ./build/bench_step [--config FILE.json] [--precision fp8|bf16|fp32] [--batch 64] [--seq 512] [--steps 20]
-//                      [--warmup 3] [--mtp-lambda 0.3]
+//   ./build/bench_step [--config FILE.json] [--precision fp8|bf16|fp32] [--fp8-gemm cublaslt|own] [--batch 64]
+//                      [--seq 512] [--steps 20] [--warmup 3] [--mtp-lambda 0.3]
+// As in train, a GPU without FP8 tensor cores runs in BF16, and one without cuBLASLt's block-scaled GEMM runs ours.
 // The MTP modules train as in `make train` (--mtp-lambda 0: the main model alone, as the PyTorch twin has it).
 // The routed experts' GEMMs change shape with the expert loads, and each new shape costs a cuBLASLt heuristic query
 // on the host; a long run has met its shapes, so many warm-up steps time the steady state of training.
@@ -20,7 +21,7 @@
 #include "command_line.h"
 
 struct BenchOptions {
-    std::string config, precision = "fp8";
+    std::string config, precision = "fp8", fp8_gemm = "cublaslt";
     int batch = 64, seq = 512, steps = 20, warmup = 3;
     float mtp_lambda = 0.3f;
     bool profile = false;
@@ -30,8 +31,7 @@ template <typename T>
 void run(const Config& c, const BenchOptions& o) {
     Model<T> model(c, o.batch, o.seq);
     model.init_weights(1);
-    if (o.precision == "fp8")  // cuBLASLt's block-scaled GEMMs where this GPU has them (Hopper), ours elsewhere
-        model.enable_fp8(cublaslt_block_scaled_fp8() ? Fp8Backend::CuBLASLt : Fp8Backend::Own);
+    if (o.precision == "fp8") model.enable_fp8(o.fp8_gemm == "cublaslt" ? Fp8Backend::CuBLASLt : Fp8Backend::Own);
     Rng rng(2);
     std::vector<int> rows(size_t(o.batch) * (o.seq + 1)), inputs, targets;
     for (int& t : rows) t = int(rng.range(16, c.vocab_size - 1));
@@ -69,6 +69,7 @@ int main(int argc, char** argv) {
     FlagSet flags;
     flags.add("config", &o.config, "config.json of the model (default: the V3-shaped MoE model)");
     flags.add("precision", &o.precision, "fp8 | bf16 | fp32");
+    flags.add("fp8-gemm", &o.fp8_gemm, "the FP8 GEMMs outside the routed experts: cublaslt | own");
     flags.add("batch", &o.batch, "sequences per step");
     flags.add("seq", &o.seq, "tokens per sequence");
     flags.add("steps", &o.steps, "timed steps");
@@ -78,11 +79,14 @@ int main(int argc, char** argv) {
     auto check = [&] {
         if (o.precision != "fp8" && o.precision != "bf16" && o.precision != "fp32")
             throw std::invalid_argument("--precision must be fp8, bf16 or fp32");
+        if (o.fp8_gemm != "cublaslt" && o.fp8_gemm != "own")
+            throw std::invalid_argument("--fp8-gemm must be cublaslt or own");
         if (o.steps < 1 || o.batch < 1 || o.seq < 1 || o.warmup < 1)
             throw std::invalid_argument("--steps, --batch, --seq, --warmup: >= 1");
     };
     return benchmark_main(argc, argv, flags, check, [&] {
         Config c = o.config.empty() ? Config() : load_config(o.config);
+        fit_precision_to_gpu(o.precision, o.fp8_gemm);
         if (o.precision == "fp32")
             run<float>(c, o);
         else

@@ -64,14 +64,6 @@ inline bool require_gpu() {
     return false;
 }
 
-// The current GPU's streaming multiprocessors.
-inline int multiprocessor_count() {
-    int device = 0, count = 0;
-    CUDA_CHECK(cudaGetDevice(&device));
-    CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    return count;
-}
-
 inline int ceil_div(long a, long b) { return int((a + b - 1) / b); }
 
 // ---------------------------------------------------------------------------------------------------------------
