@@ -997,6 +997,7 @@ struct Model : Architecture {
             sum(moe_layers[i].second->counts, load_sum.data() + i * E, E);
             if (last) moe_layers[i].first->loads_to_host(*moe_layers[i].second, stream);
         }
+        if (last) pass_share = 1.0f;  // the next batch is one pass unless begin_pass says otherwise
     }
 
     // One optimizer step on inputs [B, T] and targets [B*T] (negative: no loss), with the MTP modules' loss
