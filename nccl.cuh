@@ -291,11 +291,47 @@ struct Watchdog {
     ~Watchdog() { halt(); }
 };
 
+// The time a rank's stream spends in collectives, waiting for its peers included: a timing event before and after
+// each, summed when read. Collectives run on the compute stream, so over a step this is the step's communication
+// time, what a profile's NCCL kernels add up to.
+struct CommClock {
+    std::vector<cudaEvent_t> marks;  // each collective's start and end, in turn
+    size_t used = 0;
+
+    CommClock() = default;
+    CommClock(const CommClock&) = delete;
+    CommClock& operator=(const CommClock&) = delete;
+    ~CommClock() {
+        for (cudaEvent_t e : marks) cudaEventDestroy(e);
+    }
+    void mark(cudaStream_t s) {
+        if (used == marks.size()) {
+            marks.emplace_back();
+            CUDA_CHECK(cudaEventCreate(&marks.back()));
+        }
+        CUDA_CHECK(cudaEventRecord(marks[used++], s));
+    }
+    size_t intervals() const { return used / 2; }
+    // Milliseconds in collectives since the last read (waits for the last one to end).
+    double read_ms() {
+        double ms = 0.0;
+        if (used > 0) CUDA_CHECK(cudaEventSynchronize(marks[used - 1]));
+        for (size_t i = 0; i + 1 < used; i += 2) {
+            float interval = 0.0f;
+            CUDA_CHECK(cudaEventElapsedTime(&interval, marks[i], marks[i + 1]));
+            ms += interval;
+        }
+        used = 0;
+        return ms;
+    }
+};
+
 // One NCCL communicator over every rank, its GPU chosen by the local rank. Collectives run on the caller's stream.
 struct Comm {
     Ranks ranks;
     ncclComm_t comm = nullptr;
     Watchdog watchdog;
+    CommClock clock;
     static constexpr int HOST_SUMS = 32;
     DeviceBuffer<double> host_sums;  // sum()'s, on this rank's GPU
 
@@ -336,13 +372,20 @@ struct Comm {
             ncclCommDestroy(comm);
     }
 
+    // A collective launched on s, inside the clock's marks.
+    template <typename Launch>
+    void timed(cudaStream_t s, Launch launch) {
+        clock.mark(s);
+        launch();
+        clock.mark(s);
+    }
     template <typename T>
     void all_reduce_sum(T* values, long n, cudaStream_t s) {
-        NCCL_CHECK(ncclAllReduce(values, values, size_t(n), nccl_type<T>(), ncclSum, comm, s));
+        timed(s, [&] { NCCL_CHECK(ncclAllReduce(values, values, size_t(n), nccl_type<T>(), ncclSum, comm, s)); });
     }
     template <typename T>
     void all_reduce_max(T* values, long n, cudaStream_t s) {
-        NCCL_CHECK(ncclAllReduce(values, values, size_t(n), nccl_type<T>(), ncclMax, comm, s));
+        timed(s, [&] { NCCL_CHECK(ncclAllReduce(values, values, size_t(n), nccl_type<T>(), ncclMax, comm, s)); });
     }
     // The sums over the ranks of n host values in place (a count of targets, a step's statistics; counts stay exact
     // below 2^53): waits for the stream. Every step makes one, so its return is the watchdog's sign of progress.
@@ -361,19 +404,23 @@ struct Comm {
     }
     // In place, over a buffer of shards.padded() values: this rank's shard becomes the sum of every rank's.
     void reduce_scatter_sum(float* values, const Shards& sh, cudaStream_t s) {
-        NCCL_CHECK(ncclReduceScatter(values, values + sh.per_rank * ranks.rank, size_t(sh.per_rank), ncclFloat32,
-                                     ncclSum, comm, s));
+        timed(s, [&] {
+            NCCL_CHECK(ncclReduceScatter(values, values + sh.per_rank * ranks.rank, size_t(sh.per_rank), ncclFloat32,
+                                         ncclSum, comm, s));
+        });
     }
     // In place: every rank's shard into every rank's buffer.
     template <typename T>
     void all_gather(T* values, const Shards& sh, cudaStream_t s) {
-        NCCL_CHECK(ncclAllGather(values + sh.per_rank * ranks.rank, values, size_t(sh.per_rank), nccl_type<T>(), comm,
-                                 s));
+        timed(s, [&] {
+            NCCL_CHECK(ncclAllGather(values + sh.per_rank * ranks.rank, values, size_t(sh.per_rank), nccl_type<T>(),
+                                     comm, s));
+        });
     }
     // Every rank's n values, rank after rank, into all [R * n].
     template <typename T>
     void all_gather(const T* mine, T* all, long n, cudaStream_t s) {
-        NCCL_CHECK(ncclAllGather(mine, all, size_t(n), nccl_type<T>(), comm, s));
+        timed(s, [&] { NCCL_CHECK(ncclAllGather(mine, all, size_t(n), nccl_type<T>(), comm, s)); });
     }
     // Rows of `width` values: send_count[p] rows from send + send_offset[p] to each peer p, recv_count[p] rows from
     // each into recv + recv_offset[p]; grouped, so that no pair of ranks waits on the other's order.
@@ -381,16 +428,18 @@ struct Comm {
     void exchange(const T* send, const std::vector<long>& send_count, const std::vector<long>& send_offset, T* recv,
                   const std::vector<long>& recv_count, const std::vector<long>& recv_offset, long width,
                   cudaStream_t s) {
-        NCCL_CHECK(ncclGroupStart());
-        for (int p = 0; p < ranks.world; p++) {
-            if (send_count[p] > 0)
-                NCCL_CHECK(ncclSend(send + send_offset[p] * width, size_t(send_count[p] * width), nccl_type<T>(), p,
-                                    comm, s));
-            if (recv_count[p] > 0)
-                NCCL_CHECK(ncclRecv(recv + recv_offset[p] * width, size_t(recv_count[p] * width), nccl_type<T>(), p,
-                                    comm, s));
-        }
-        NCCL_CHECK(ncclGroupEnd());
+        timed(s, [&] {
+            NCCL_CHECK(ncclGroupStart());
+            for (int p = 0; p < ranks.world; p++) {
+                if (send_count[p] > 0)
+                    NCCL_CHECK(ncclSend(send + send_offset[p] * width, size_t(send_count[p] * width), nccl_type<T>(),
+                                        p, comm, s));
+                if (recv_count[p] > 0)
+                    NCCL_CHECK(ncclRecv(recv + recv_offset[p] * width, size_t(recv_count[p] * width), nccl_type<T>(),
+                                        p, comm, s));
+            }
+            NCCL_CHECK(ncclGroupEnd());
+        });
     }
 };
 

@@ -27,6 +27,15 @@ inline void record_memory(Json& record) {
     record["memory_gb"] = now, record["peak_memory_gb"] = gpu_memory_peak_gb(now);
 }
 
+// Several GPUs: the milliseconds this rank's stream spent in collectives since the previous record (a step's
+// communication, waits for the other ranks included).
+inline double record_comm(Comm* comm, Json& record) {
+    if (!comm) return 0.0;
+    const double ms = comm->clock.read_ms();
+    record["comm_ms"] = ms;
+    return ms;
+}
+
 // The corpus of a run: the default mix, drawn from the run's seed.
 inline data::CorpusConfig corpus_for(const Options& o) {
     data::CorpusConfig corpus;
@@ -315,12 +324,14 @@ int pretrain(const Options& o, Comm* comm) {
         record["ms"] = seconds * 1e3, record["skipped"] = skipped;
         const double violation = record_expert_balance(model, scalars, record);
         record_memory(record);
+        const double comm_ms = record_comm(comm, record);
         log.write(record);
         if (step % o.log_every == 0 || step == start + 1 || step == o.steps) {
             double per_step = step > start + 1 ? timed_seconds / (step - start - 1) : seconds;
             std::printf("step %5d/%d | loss %.4f%s | lr %.2e | grad norm %.3f | %7.0fk tok/s | MFU %4.1f%% | ", step,
                         o.steps, loss, mtp_line.c_str(), lr, grad_norm, tokens_per_s / 1e3, 100.0 * mfu);
             if (cfg.has_moe()) std::printf("max violation %.2f | ", violation);
+            if (comm) std::printf("comm %4.1f%% | ", 100.0 * comm_ms / (seconds * 1e3));
             std::printf("ETA %s\n", format_duration(per_step * (o.steps - step)).c_str());
             std::fflush(stdout);
         }
@@ -458,6 +469,7 @@ int cold_start(const Options& given, Comm* comm) {
         record["skipped"] = skipped;
         record_expert_balance(model, scalars, record);
         record_memory(record);
+        record_comm(comm, record);
         log.write(record);
         if (step % o.log_every == 0 || step == 1 || step == o.steps)
             std::printf("sft step %5d/%d | loss %.4f%s | lr %.2e | %s\n", step, o.steps, loss, mtp_line.c_str(), lr,
@@ -544,6 +556,7 @@ int reinforce(const Options& o, Comm* comm) {
         }
         record_expert_balance(policy, scalars, record);
         record_memory(record);
+        record_comm(comm, record);
         log.write(record);
         if (step % o.log_every == 0 || step == 1 || step == o.steps)
             std::printf(

@@ -101,6 +101,15 @@ std::vector<std::string> collectives_on_rank(Comm& comm) {
     cudaStream_t s;
     CUDA_CHECK(cudaStreamCreate(&s));
     const int R = ranks.world, r = ranks.rank, E = 2 * R;
+    // the clock has timed every collective since its last read, and starts again
+    auto expect_timed = [&](size_t collectives, const std::string& what) {
+        expect(comm.clock.intervals() == collectives, what + ": " + std::to_string(comm.clock.intervals()) +
+                                                          " collectives timed, not " + std::to_string(collectives));
+        const double ms = comm.clock.read_ms();
+        expect(R == 1 ? ms >= 0.0 : ms > 0.0, what + ": " + std::to_string(ms) + " ms in collectives");
+        expect(comm.clock.intervals() == 0 && comm.clock.read_ms() == 0.0, what + ": the clock starts again");
+    };
+    comm.clock.read_ms();
 
     // ZeRO-1: reduce-scatter sums each shard into its owner, all-gather hands every shard to every rank
     const Shards sh = shards_of(1000, R);
@@ -135,6 +144,7 @@ std::vector<std::string> collectives_on_rank(Comm& comm) {
     expect(host == std::vector<double>{R * (R - 1) / 2.0, 0.25 * R, double(R) * double(1L << 40) + R * (R - 1) / 2.0},
            "the host values' sums");
     expect(comm.sum(long(r + 1), s) == R * (R + 1) / 2, "a host count's sum");
+    expect_timed(6, "the shards' collectives and the sums");
 
     // Expert parallel: the counts all-gathered, the rows dispatched and regrouped, then combined back
     const std::vector<long> all_counts = random_counts(R, E, 17);
@@ -168,6 +178,7 @@ std::vector<std::string> collectives_on_rank(Comm& comm) {
     std::vector<float> back = download_vector(send.data(), sent.size());
     for (float& x : back) x = -x;
     expect(back == sent, "the combine brings every row back in place");
+    expect_timed(3, "expert parallel's counts, dispatch and combine");
     CUDA_CHECK(cudaStreamDestroy(s));
     return failures;
 }
@@ -268,7 +279,7 @@ double relative_change_error(const std::vector<float>& got, const std::vector<fl
 }  // namespace
 
 TEST_SUITE("gpu") {
-    TEST_CASE("NCCL with one rank: the shards' collectives, the counts' all-gather, dispatch and combine") {
+    TEST_CASE("NCCL with one rank: the shards' collectives, the counts' all-gather, dispatch and combine, each timed") {
         check_collectives(1);
     }
 
@@ -292,7 +303,8 @@ TEST_SUITE("fp8") {
 }
 
 TEST_SUITE("multi-gpu") {
-    TEST_CASE("NCCL with a rank per GPU: the shards' collectives, the counts' all-gather, dispatch and combine") {
+    TEST_CASE("NCCL with a rank per GPU: the shards' collectives, the counts' all-gather, dispatch and combine, "
+              "each timed") {
         int gpus = 0;
         CUDA_CHECK(cudaGetDeviceCount(&gpus));
         check_collectives(gpus);

@@ -8,7 +8,7 @@ Exit status 0 when that holds; the first differences are printed.
 import json
 import sys
 
-MEASURED = {"seconds", "ms", "tokens_per_s", "mfu", "memory_gb", "peak_memory_gb"}
+MEASURED = {"seconds", "ms", "tokens_per_s", "mfu", "memory_gb", "peak_memory_gb", "comm_ms"}
 
 
 def records(path):
