@@ -295,8 +295,10 @@ struct Watchdog {
 // each, summed when read. Collectives run on the compute stream, so over a step this is the step's communication
 // time, what a profile's NCCL kernels add up to.
 struct CommClock {
-    std::vector<cudaEvent_t> marks;  // each collective's start and end, in turn
-    size_t used = 0;
+    static constexpr size_t MAX_MARKS = 1024;  // past these, for a caller that seldom reads, the sum so far is kept
+    std::vector<cudaEvent_t> marks;            // each collective's start and end, in turn
+    size_t used = 0, folded_intervals = 0;
+    double folded_ms = 0.0;
 
     CommClock() = default;
     CommClock(const CommClock&) = delete;
@@ -305,24 +307,30 @@ struct CommClock {
         for (cudaEvent_t e : marks) cudaEventDestroy(e);
     }
     void mark(cudaStream_t s) {
+        if (used == MAX_MARKS) fold();
         if (used == marks.size()) {
             marks.emplace_back();
             CUDA_CHECK(cudaEventCreate(&marks.back()));
         }
         CUDA_CHECK(cudaEventRecord(marks[used++], s));
     }
-    size_t intervals() const { return used / 2; }
+    size_t intervals() const { return folded_intervals + used / 2; }
     // Milliseconds in collectives since the last read (waits for the last one to end).
     double read_ms() {
-        double ms = 0.0;
+        fold();
+        const double ms = folded_ms;
+        folded_ms = 0.0, folded_intervals = 0;
+        return ms;
+    }
+    // The marked intervals into folded_ms, and the marks free again.
+    void fold() {
         if (used > 0) CUDA_CHECK(cudaEventSynchronize(marks[used - 1]));
         for (size_t i = 0; i + 1 < used; i += 2) {
             float interval = 0.0f;
             CUDA_CHECK(cudaEventElapsedTime(&interval, marks[i], marks[i + 1]));
-            ms += interval;
+            folded_ms += interval;
         }
-        used = 0;
-        return ms;
+        folded_intervals += used / 2, used = 0;
     }
 };
 

@@ -145,6 +145,10 @@ std::vector<std::string> collectives_on_rank(Comm& comm) {
            "the host values' sums");
     expect(comm.sum(long(r + 1), s) == R * (R + 1) / 2, "a host count's sum");
     expect_timed(6, "the shards' collectives and the sums");
+    const size_t many = CommClock::MAX_MARKS;  // twice as many marks as the clock holds before it sums
+    for (size_t i = 0; i < many; i++) comm.all_reduce_sum(flag.data(), 1, s);
+    expect(comm.clock.marks.size() <= CommClock::MAX_MARKS, "the clock reuses its marks");
+    expect_timed(many, "many collectives between two reads");
 
     // Expert parallel: the counts all-gathered, the rows dispatched and regrouped, then combined back
     const std::vector<long> all_counts = random_counts(R, E, 17);
