@@ -854,6 +854,11 @@ inline std::vector<Fp8Backend> fp8_backends() {
     return {Fp8Backend::Own};
 }
 
+// The FP8 GEMMs a --fp8-gemm name picks: "cublaslt" or "own".
+inline Fp8Backend fp8_backend_named(const std::string& name) {
+    return name == "cublaslt" ? Fp8Backend::CuBLASLt : Fp8Backend::Own;
+}
+
 // What this GPU runs of the precision and FP8 GEMMs asked for ("fp8" | "bf16" | "fp32", "cublaslt" | "own"), with a
 // one-line note where it differs: BF16 without FP8 tensor cores, the project's FP8 kernels without cuBLASLt's
 // block-scaled GEMM.

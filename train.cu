@@ -93,7 +93,7 @@ inline Balancing balancing_for(const Options& o) {
 // How the training model runs: --precision fp8 puts the projections' GEMMs in FP8 (V3 §3.3); --balancing.
 template <typename T>
 void configure(const Options& o, Model<T>& model) {
-    if (o.precision == "fp8") model.enable_fp8(o.fp8_gemm == "cublaslt" ? Fp8Backend::CuBLASLt : Fp8Backend::Own);
+    if (o.precision == "fp8") model.enable_fp8(fp8_backend_named(o.fp8_gemm));
     model.balancing = balancing_for(o);
 }
 

@@ -31,7 +31,7 @@ template <typename T>
 void run(const Config& c, const BenchOptions& o) {
     Model<T> model(c, o.batch, o.seq);
     model.init_weights(1);
-    if (o.precision == "fp8") model.enable_fp8(o.fp8_gemm == "cublaslt" ? Fp8Backend::CuBLASLt : Fp8Backend::Own);
+    if (o.precision == "fp8") model.enable_fp8(fp8_backend_named(o.fp8_gemm));
     Rng rng(2);
     std::vector<int> rows(size_t(o.batch) * (o.seq + 1)), inputs, targets;
     for (int& t : rows) t = int(rng.range(16, c.vocab_size - 1));
